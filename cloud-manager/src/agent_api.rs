@@ -1,0 +1,212 @@
+//! `AgentService`: enrollment and the per-agent stream (the hub).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgepool_common::identity::Identity;
+use edgepool_common::proto as pb;
+use futures::Stream;
+use pb::agent_message::Msg as Up;
+use pb::agent_service_server::AgentService;
+use pb::manager_message::Msg as Down;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::caller;
+use crate::errors::to_status;
+use crate::manager::{LiveNode, Manager};
+use crate::model::{Hello, Sample};
+
+/// The agent must send its hello this soon after opening the stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stream silent for this many heartbeat intervals is closed (catches
+/// half-open TCP connections the kernel has not noticed yet).
+const SILENT_INTERVALS: u32 = 5;
+/// Largest CSR accepted, in bytes.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
+pub struct AgentApi {
+    manager: Arc<Manager>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl AgentApi {
+    pub fn new(manager: Arc<Manager>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        AgentApi {
+            manager,
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+type DownStream = Pin<Box<dyn Stream<Item = Result<pb::ManagerMessage, Status>> + Send>>;
+
+fn down(msg: Down) -> Result<pb::ManagerMessage, Status> {
+    Ok(pb::ManagerMessage { msg: Some(msg) })
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    #[tracing::instrument(skip_all, fields(node_id))]
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let req = request.into_inner();
+        tracing::Span::current().record("node_id", req.node_id.as_str());
+        if req.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(Status::invalid_argument("csr_pem is too large"));
+        }
+        let manager = self.manager.clone();
+        // Signing and the fsync'd state write are blocking work.
+        let grant = tokio::task::spawn_blocking(move || {
+            manager.enroll(&req.token, &req.node_id, &req.csr_pem, req.force)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?
+        .map_err(|e| {
+            tracing::info!(error = %e, "enrollment refused");
+            to_status(e)
+        })?;
+        Ok(Response::new(pb::EnrollResponse {
+            node_id: grant.node_id,
+            tenant: grant.tenant,
+            trust_domain: grant.trust_domain,
+            cert_pem: grant.cert_pem,
+            ca_pem: grant.ca_pem,
+            labels: grant.labels.into_iter().collect(),
+        }))
+    }
+
+    type ConnectStream = DownStream;
+
+    #[tracing::instrument(skip_all, fields(node_id))]
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let caller = caller(&request, self.manager.trust_domain())?;
+        let Identity::Node {
+            tenant, node_id, ..
+        } = caller.identity
+        else {
+            return Err(Status::permission_denied(
+                "Connect needs a node certificate (from edge-agent join)",
+            ));
+        };
+        tracing::Span::current().record("node_id", node_id.as_str());
+        self.manager
+            .authorize_node(&tenant, &node_id, &caller.serial)
+            .map_err(to_status)?;
+
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let hello = match first.and_then(|m| m.msg) {
+            Some(Up::Hello(h)) => Hello::from(h),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on Connect must be a hello",
+                ));
+            }
+        };
+        let (conn_id, live) = self
+            .manager
+            .open_stream(&node_id, &hello)
+            .map_err(to_status)?;
+
+        let config = self.manager.config();
+        let (tx, rx) = mpsc::channel(32);
+        let welcome = Down::Welcome(pb::Welcome {
+            node_id: node_id.clone(),
+            tenant,
+            telemetry_interval_ms: config.telemetry_interval_ms,
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+        });
+        // The channel is fresh, so this cannot be full.
+        let _ = tx.try_send(down(welcome));
+        let silent_limit = Duration::from_millis(
+            u64::from(
+                config
+                    .heartbeat_interval_ms
+                    .max(config.telemetry_interval_ms),
+            ) * u64::from(SILENT_INTERVALS),
+        );
+        let session = Session {
+            manager: self.manager.clone(),
+            node_id,
+            conn_id,
+            live,
+            tx,
+            silent_limit,
+        };
+        self.tracker
+            .spawn(session.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One agent's open stream, driven by a tracked task until the agent goes
+/// away, falls silent, is replaced by a newer stream, or the manager stops.
+struct Session {
+    manager: Arc<Manager>,
+    node_id: String,
+    conn_id: u64,
+    live: Arc<LiveNode>,
+    tx: mpsc::Sender<Result<pb::ManagerMessage, Status>>,
+    silent_limit: Duration,
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.tx.closed() => break,
+                n = tokio::time::timeout(self.silent_limit, inbound.message()) => n,
+            };
+            let msg = match next {
+                Err(_) => {
+                    tracing::warn!(node = %self.node_id, "agent stream silent; closing it");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %self.node_id, error = %e, "agent stream error");
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(m))) => m,
+            };
+            if !self.live.is_current(self.conn_id) {
+                tracing::info!(node = %self.node_id, "stream replaced by a newer one");
+                break;
+            }
+            match msg.msg {
+                Some(Up::Telemetry(t)) => self.live.record_sample(Sample::from(t)),
+                Some(Up::Heartbeat(h)) => {
+                    self.live.seen();
+                    // Acks are advisory: if the agent is not reading, drop them.
+                    let _ = self
+                        .tx
+                        .try_send(down(Down::HeartbeatAck(pb::HeartbeatAck { seq: h.seq })));
+                }
+                Some(Up::Hello(_)) => {
+                    let _ = self
+                        .tx
+                        .try_send(Err(Status::invalid_argument("hello sent twice")));
+                    break;
+                }
+                None => {}
+            }
+        }
+        self.manager
+            .close_stream(&self.node_id, &self.live, self.conn_id);
+    }
+}

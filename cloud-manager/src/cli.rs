@@ -1,0 +1,191 @@
+//! Command line of `cloud-manager`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use edgepool_common::logging::LogFormat;
+
+use crate::config::ManagerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloud-manager",
+    version,
+    about = "edgepool cloud manager: the certificate authority, enrollment, agent streams and the tenant API",
+    after_help = "New here? `cloud-manager dev` starts a manager and 4 local agents and prints what to try."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the manager daemon (creates the CA in the data dir on first start).
+    Serve(ServeArgs),
+    /// Create the root CA, the server certificate and the first tenant
+    /// client bundle (tenant.pem, tenant.key) in a directory.
+    Init(InitArgs),
+    /// Issue another tenant client bundle from an existing CA.
+    TenantBundle(TenantBundleArgs),
+    /// Run a manager and K local agents in one command, for trying things
+    /// out; Ctrl-C stops every process it started.
+    Dev(DevArgs),
+    /// Run the edge agent built into this binary (same commands as the
+    /// `edge-agent` binary; `dev` uses it for its local agents).
+    Agent {
+        #[command(subcommand)]
+        command: edge_agent::cli::Command,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see manager.example.toml); flags and env override it.
+    #[arg(long, short, env = "EDGEPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address (default 127.0.0.1:7443; port 0 = any free port).
+    #[arg(long, env = "EDGEPOOL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory: CA, server certificate, state (default ./edgepool-data).
+    #[arg(long, env = "EDGEPOOL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// SPIFFE trust domain (default edgepool.local).
+    #[arg(long, env = "EDGEPOOL_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Host name or IP for the server certificate (repeat; used when the CA is created).
+    #[arg(
+        long = "server-name",
+        env = "EDGEPOOL_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    pub server_names: Vec<String>,
+    /// Tenant of the first client bundle (default `default`).
+    #[arg(long, env = "EDGEPOOL_DEFAULT_TENANT")]
+    pub default_tenant: Option<String>,
+    /// Join token lifetime when a request does not say (seconds).
+    #[arg(long, env = "EDGEPOOL_TOKEN_DEFAULT_TTL_SECONDS")]
+    pub token_default_ttl_seconds: Option<u32>,
+    /// Longest join token lifetime a request may ask for (seconds).
+    #[arg(long, env = "EDGEPOOL_TOKEN_MAX_TTL_SECONDS")]
+    pub token_max_ttl_seconds: Option<u32>,
+    /// Lifetime of node identity certificates (hours).
+    #[arg(long, env = "EDGEPOOL_NODE_CERT_VALIDITY_HOURS")]
+    pub node_cert_validity_hours: Option<u32>,
+    /// Telemetry period agents are told to use (ms).
+    #[arg(long, env = "EDGEPOOL_TELEMETRY_INTERVAL_MS")]
+    pub telemetry_interval_ms: Option<u32>,
+    /// Heartbeat period agents are told to use (ms).
+    #[arg(long, env = "EDGEPOOL_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u32>,
+    /// Log format: plain or json (RUST_LOG sets the filter).
+    #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults) with flags and env applied, validated.
+    pub fn resolve(&self) -> anyhow::Result<ManagerConfig> {
+        let mut c = match &self.config {
+            Some(p) => ManagerConfig::from_file(p)?,
+            None => ManagerConfig::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.trust_domain {
+            c.trust_domain = v.clone();
+        }
+        if !self.server_names.is_empty() {
+            c.server_names = self.server_names.clone();
+        }
+        if let Some(v) = &self.default_tenant {
+            c.default_tenant = v.clone();
+        }
+        for (flag, field) in [
+            (
+                self.token_default_ttl_seconds,
+                &mut c.token_default_ttl_seconds,
+            ),
+            (self.token_max_ttl_seconds, &mut c.token_max_ttl_seconds),
+            (
+                self.node_cert_validity_hours,
+                &mut c.node_cert_validity_hours,
+            ),
+            (self.telemetry_interval_ms, &mut c.telemetry_interval_ms),
+            (self.heartbeat_interval_ms, &mut c.heartbeat_interval_ms),
+        ] {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to create the CA in (the manager's data dir).
+    #[arg(long, env = "EDGEPOOL_DATA_DIR", default_value = "./edgepool-data")]
+    pub dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "edgepool.local")]
+    pub trust_domain: String,
+    /// Host names and IPs for the server certificate (repeat or comma-separate).
+    #[arg(long = "server-name", value_delimiter = ',', default_values = ["localhost", "127.0.0.1", "::1"])]
+    pub server_names: Vec<String>,
+    /// Tenant of the first client bundle.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Replace an existing CA. Every certificate issued by the old one stops
+    /// working: agents must join again.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TenantBundleArgs {
+    /// The manager's data dir holding ca.pem and ca.key.
+    #[arg(long, env = "EDGEPOOL_DATA_DIR", default_value = "./edgepool-data")]
+    pub dir: PathBuf,
+    /// Trust domain of the CA.
+    #[arg(long, default_value = "edgepool.local")]
+    pub trust_domain: String,
+    /// Tenant the bundle acts for.
+    #[arg(long)]
+    pub tenant: String,
+    /// User name inside the tenant.
+    #[arg(long, default_value = "admin")]
+    pub user: String,
+    /// Where to write <tenant>.pem and <tenant>.key.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Directory for the CA, the state and the agents' data.
+    #[arg(long, default_value = "./edgepool-dev")]
+    pub dir: PathBuf,
+    /// Number of local agents (dev-1 .. dev-K), 1 to 250.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=250))]
+    pub agents: u8,
+    /// Manager listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Peer port of the agents (agent N listens on 127.0.1.N:PORT; 0 = any free port).
+    #[arg(long, default_value_t = 7444)]
+    pub peer_port: u16,
+    /// Do not create the demo pool (pools are not implemented yet, so
+    /// today this changes nothing).
+    #[arg(long)]
+    pub no_demo: bool,
+}

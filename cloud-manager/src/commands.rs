@@ -1,0 +1,95 @@
+//! What each `cloud-manager` subcommand does.
+
+use anyhow::Context;
+use edgepool_common::logging::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{self, Ca, CaFiles};
+use crate::cli::{Command, InitArgs, TenantBundleArgs};
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => {
+            // Bad config exits here, before anything binds.
+            let config = args.resolve()?;
+            logging::init(config.log_format, "info");
+            runtime()?.block_on(async move {
+                let shutdown = CancellationToken::new();
+                edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
+                let server = crate::server::build(config).await?;
+                server.run(shutdown).await
+            })
+        }
+        Command::Init(args) => init(args),
+        Command::TenantBundle(args) => tenant_bundle(args),
+        Command::Dev(args) => {
+            logging::init(LogFormat::Plain, "warn,cloud_manager::dev=info");
+            runtime()?.block_on(crate::dev::run(args))
+        }
+        Command::Agent { .. } => anyhow::bail!("handled in main"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    edgepool_common::identity::validate_domain(&args.trust_domain)?;
+    edgepool_common::identity::validate_name("tenant", &args.tenant)?;
+    let report = ca::init(
+        &args.dir,
+        &args.trust_domain,
+        &args.server_names,
+        &args.tenant,
+        args.force,
+    )?;
+    let f = &report.files;
+    println!("created in {}:", args.dir.display());
+    println!(
+        "  root CA          {} (key {}, mode 0600)",
+        f.ca_cert().display(),
+        f.ca_key().display()
+    );
+    println!(
+        "  server cert      {} for {}",
+        f.server_cert().display(),
+        args.server_names.join(", ")
+    );
+    println!(
+        "  tenant bundle    {} + {} (tenant {:?})",
+        f.tenant_cert().display(),
+        f.tenant_key().display(),
+        args.tenant
+    );
+    println!(
+        "CA fingerprint (for edge-agent join --ca-fingerprint): {}",
+        report.fingerprint
+    );
+    Ok(())
+}
+
+fn tenant_bundle(args: TenantBundleArgs) -> anyhow::Result<()> {
+    edgepool_common::identity::validate_name("tenant", &args.tenant)?;
+    edgepool_common::identity::validate_name("user", &args.user)?;
+    let ca = Ca::load(&CaFiles::new(&args.dir), &args.trust_domain)?;
+    let bundle = ca.issue_tenant_client(&args.tenant, &args.user)?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let cert = args.out_dir.join(format!("{}.pem", args.tenant));
+    let key = args.out_dir.join(format!("{}.key", args.tenant));
+    edgepool_common::fsutil::write_private(&key, bundle.key_pem.as_bytes())
+        .with_context(|| format!("writing {}", key.display()))?;
+    edgepool_common::fsutil::write_public(&cert, bundle.cert_pem.as_bytes())
+        .with_context(|| format!("writing {}", cert.display()))?;
+    println!(
+        "wrote {} and {} (tenant {:?}, user {:?})",
+        cert.display(),
+        key.display(),
+        args.tenant,
+        args.user
+    );
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Manager configuration: a TOML file (every field optional, with the
+//! default shown in `manager.example.toml`), then flags and environment
+//! variables on top (see `cloud-manager serve --help`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgepool_common::logging::LogFormat;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Address of the gRPC server (TLS always). Port 0 picks a free port.
+    /// Default `127.0.0.1:7443`.
+    pub listen: SocketAddr,
+    /// Directory for the CA, the server certificate and the state file.
+    /// Default `./edgepool-data`.
+    pub data_dir: PathBuf,
+    /// SPIFFE trust domain in every certificate's URI SAN.
+    /// Default `edgepool.local`.
+    pub trust_domain: String,
+    /// DNS names and IP addresses put in the server certificate when it is
+    /// created; agents and grpcurl must dial one of them.
+    /// Default `["localhost", "127.0.0.1", "::1"]`.
+    pub server_names: Vec<String>,
+    /// Tenant of the client bundle (`tenant.pem`/`tenant.key`) created with
+    /// the CA. Default `default`.
+    pub default_tenant: String,
+    /// Lifetime of a join token when the request does not say. Default 3600.
+    pub token_default_ttl_seconds: u32,
+    /// Longest lifetime a join token may ask for. Default 604800 (7 days).
+    pub token_max_ttl_seconds: u32,
+    /// Lifetime of a node identity certificate. Default 8760 (one year).
+    pub node_cert_validity_hours: u32,
+    /// How often agents send telemetry (told to them in the Welcome).
+    /// Default 1000.
+    pub telemetry_interval_ms: u32,
+    /// How often agents send heartbeats on the stream. Default 1000.
+    pub heartbeat_interval_ms: u32,
+    /// Log output: `plain` or `json`. Default `plain`.
+    pub log_format: LogFormat,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            data_dir: PathBuf::from("./edgepool-data"),
+            trust_domain: "edgepool.local".into(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            default_tenant: "default".into(),
+            token_default_ttl_seconds: 3600,
+            token_max_ttl_seconds: 7 * 24 * 3600,
+            node_cert_validity_hours: 24 * 365,
+            telemetry_interval_ms: 1000,
+            heartbeat_interval_ms: 1000,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+impl ManagerConfig {
+    /// Reads a TOML file. Unknown fields and wrong types are errors that
+    /// name the field.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, why: &str| ConfigError::Invalid {
+            field,
+            why: why.to_string(),
+        };
+        edgepool_common::identity::validate_domain(&self.trust_domain)
+            .map_err(|e| invalid("trust_domain", &e.to_string()))?;
+        edgepool_common::identity::validate_name("tenant", &self.default_tenant)
+            .map_err(|e| invalid("default_tenant", &e.to_string()))?;
+        if self.server_names.is_empty() {
+            return Err(invalid("server_names", "must name at least one host or IP"));
+        }
+        if self.token_default_ttl_seconds == 0 {
+            return Err(invalid("token_default_ttl_seconds", "must be > 0"));
+        }
+        if self.token_max_ttl_seconds < self.token_default_ttl_seconds {
+            return Err(invalid(
+                "token_max_ttl_seconds",
+                "must be >= token_default_ttl_seconds",
+            ));
+        }
+        if self.node_cert_validity_hours == 0 {
+            return Err(invalid("node_cert_validity_hours", "must be > 0"));
+        }
+        for (field, v) in [
+            ("telemetry_interval_ms", self.telemetry_interval_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if !(100..=60_000).contains(&v) {
+                return Err(invalid(field, "must be between 100 and 60000"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            ManagerConfig::from_toml("").unwrap(),
+            ManagerConfig::default()
+        );
+    }
+
+    #[test]
+    fn example_file_parses_and_matches_defaults() {
+        let text = include_str!("../manager.example.toml");
+        let c = ManagerConfig::from_toml(text).unwrap();
+        assert_eq!(c, ManagerConfig::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = ManagerConfig::from_toml("listne = \"1.2.3.4:5\"").unwrap_err();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = ManagerConfig::from_toml("telemetry_interval_ms = \"fast\"").unwrap_err();
+        assert!(err.contains("telemetry_interval_ms"), "{err}");
+        let err = ManagerConfig::from_toml("listen = \"nowhere\"").unwrap_err();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let mut c = ManagerConfig {
+            telemetry_interval_ms: 5,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("telemetry_interval_ms")
+        );
+        c = ManagerConfig {
+            trust_domain: "Bad Domain".into(),
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("trust_domain")
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! The edgepool cloud manager: certificate authority, enrollment, the
+//! per-agent streams and the tenant API. See ARCHITECTURE.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod dev;
+pub mod manager;
+pub mod model;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+mod agent_api;
+mod api;
+mod auth;
+mod convert;
+mod errors;
+mod random;

@@ -1,0 +1,345 @@
+//! The manager's core: durable registry + live connection state, with the
+//! operations the transport handlers call. No tonic or prost here.
+//!
+//! Locking: the registry sits behind one mutex taken only for durable
+//! changes and listings; per-message work (telemetry, heartbeats) touches
+//! only the sending node's own `LiveNode`, found once when its stream opens.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use edgepool_common::identity::Identity;
+
+use crate::ca::{Ca, CaError};
+use crate::config::ManagerConfig;
+use crate::model::{Hello, Sample, now_ms};
+use crate::registry::{EnrollError, NodeRecord, Registry, TOKEN_BYTES, TOKEN_PREFIX, TokenRecord};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("invalid {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("internal state lock poisoned")]
+    Poisoned,
+}
+
+/// What a successful enrollment returns to the node.
+#[derive(Clone, Debug)]
+pub struct EnrollGrant {
+    pub node_id: String,
+    pub tenant: String,
+    pub trust_domain: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Live (not persisted) state of one node's connection.
+#[derive(Debug, Default)]
+pub struct LiveNode {
+    inner: Mutex<LiveData>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LiveData {
+    /// The open stream, if any; a newer stream replaces an older one.
+    pub conn_id: Option<u64>,
+    pub last_seen_ms: u64,
+    pub sample: Option<Sample>,
+}
+
+impl LiveNode {
+    fn lock(&self) -> MutexGuard<'_, LiveData> {
+        // A panic while holding this lock cannot leave LiveData inconsistent
+        // (plain field writes), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `conn_id` is still the node's current stream.
+    pub fn is_current(&self, conn_id: u64) -> bool {
+        self.lock().conn_id == Some(conn_id)
+    }
+
+    pub fn seen(&self) {
+        self.lock().last_seen_ms = now_ms();
+    }
+
+    pub fn record_sample(&self, sample: Sample) {
+        let mut l = self.lock();
+        l.last_seen_ms = now_ms();
+        l.sample = Some(sample);
+    }
+
+    pub fn snapshot(&self) -> LiveData {
+        self.lock().clone()
+    }
+}
+
+/// A node as the tenant API shows it: durable record + live data.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    pub record: NodeRecord,
+    pub live: LiveData,
+}
+
+pub struct Manager {
+    config: ManagerConfig,
+    ca: Ca,
+    registry: Mutex<Registry>,
+    store: Box<dyn Store>,
+    live: RwLock<HashMap<String, Arc<LiveNode>>>,
+    next_conn: AtomicU64,
+}
+
+impl Manager {
+    pub fn new(config: ManagerConfig, ca: Ca, store: Box<dyn Store>) -> Result<Self, ManagerError> {
+        let registry = store.load()?;
+        Ok(Manager {
+            config,
+            ca,
+            registry: Mutex::new(registry),
+            store,
+            live: RwLock::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    fn registry(&self) -> Result<MutexGuard<'_, Registry>, ManagerError> {
+        self.registry.lock().map_err(|_| ManagerError::Poisoned)
+    }
+
+    /// Applies `f` to a copy of the registry, persists the copy, then makes
+    /// it current. If `f` or the store fails, nothing changes.
+    fn mutate<T>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> Result<T, ManagerError>,
+    ) -> Result<T, ManagerError> {
+        let mut current = self.registry()?;
+        let mut next = current.clone();
+        let out = f(&mut next)?;
+        self.store.save(&next)?;
+        *current = next;
+        Ok(out)
+    }
+
+    /// Creates a single-use join token for `tenant`. Returns the token and
+    /// its expiry (ms since the epoch).
+    pub fn create_token(
+        &self,
+        tenant: &str,
+        ttl_seconds: u32,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(String, u64), ManagerError> {
+        let ttl = match ttl_seconds {
+            0 => self.config.token_default_ttl_seconds,
+            t if t > self.config.token_max_ttl_seconds => {
+                return Err(ManagerError::Invalid {
+                    field: "ttl_seconds",
+                    why: format!(
+                        "{t} is more than the maximum {}",
+                        self.config.token_max_ttl_seconds
+                    ),
+                });
+            }
+            t => t,
+        };
+        validate_labels(&labels)?;
+        let token = format!("{TOKEN_PREFIX}{}", crate::random::hex_token(TOKEN_BYTES));
+        let now = now_ms();
+        let expires = now + u64::from(ttl) * 1000;
+        let record = TokenRecord {
+            tenant: tenant.to_string(),
+            labels,
+            created_at_ms: now,
+            expires_at_ms: expires,
+            used_by: None,
+        };
+        self.mutate(|r| {
+            r.add_token(&token, record, now);
+            Ok(())
+        })?;
+        Ok((token, expires))
+    }
+
+    /// Redeems a join token: signs the node's CSR and records the node.
+    pub fn enroll(
+        &self,
+        token: &str,
+        node_id: &str,
+        csr_pem: &str,
+        force: bool,
+    ) -> Result<EnrollGrant, ManagerError> {
+        let validity = time::Duration::hours(i64::from(self.config.node_cert_validity_hours));
+        let grant = self.mutate(|r| {
+            let now = now_ms();
+            let plan = r.plan_enroll(token, node_id, force, now)?;
+            let identity = Identity::Node {
+                domain: self.config.trust_domain.clone(),
+                tenant: plan.tenant.clone(),
+                node_id: plan.node_id.clone(),
+            };
+            let issued = self.ca.sign_node_csr(csr_pem, &identity, validity)?;
+            r.apply_enroll(&plan, &issued.serial_hex, now);
+            Ok(EnrollGrant {
+                node_id: plan.node_id.clone(),
+                tenant: plan.tenant.clone(),
+                trust_domain: self.config.trust_domain.clone(),
+                cert_pem: issued.cert_pem,
+                ca_pem: self.ca.cert_pem().to_string(),
+                labels: plan.labels,
+            })
+        })?;
+        tracing::info!(node = %grant.node_id, tenant = %grant.tenant, force, "node enrolled");
+        Ok(grant)
+    }
+
+    /// Checks that a verified node certificate is the node's current one:
+    /// the node exists in that tenant and the serial matches (a certificate
+    /// replaced by `join --force` stops working at once).
+    pub fn authorize_node(
+        &self,
+        tenant: &str,
+        node_id: &str,
+        cert_serial: &str,
+    ) -> Result<(), ManagerError> {
+        let r = self.registry()?;
+        match r.node_of_tenant(tenant, node_id) {
+            Some(n) if n.cert_serial == cert_serial => Ok(()),
+            Some(_) => Err(ManagerError::PermissionDenied(
+                "this node certificate has been replaced".into(),
+            )),
+            None => Err(ManagerError::PermissionDenied(
+                "no such enrolled node".into(),
+            )),
+        }
+    }
+
+    /// Registers a new stream for `node_id` (replacing an older one) and
+    /// records its hello. Returns the connection id and the live handle.
+    pub fn open_stream(
+        &self,
+        node_id: &str,
+        hello: &Hello,
+    ) -> Result<(u64, Arc<LiveNode>), ManagerError> {
+        let changed = self.registry()?.hello_changes(node_id, hello);
+        if changed {
+            self.mutate(|r| {
+                r.apply_hello(node_id, hello);
+                Ok(())
+            })?;
+        }
+        let live = self.live_node(node_id)?;
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut l = live.lock();
+            l.conn_id = Some(conn_id);
+            l.last_seen_ms = now_ms();
+        }
+        tracing::info!(node = %node_id, conn_id, peer = %hello.peer_address, "agent connected");
+        Ok((conn_id, live))
+    }
+
+    /// Marks the stream closed, unless a newer one already replaced it.
+    pub fn close_stream(&self, node_id: &str, live: &LiveNode, conn_id: u64) {
+        let mut l = live.lock();
+        if l.conn_id == Some(conn_id) {
+            l.conn_id = None;
+            tracing::info!(node = %node_id, conn_id, "agent disconnected");
+        }
+    }
+
+    fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {
+        if let Some(l) = self
+            .live
+            .read()
+            .map_err(|_| ManagerError::Poisoned)?
+            .get(node_id)
+        {
+            return Ok(l.clone());
+        }
+        let mut map = self.live.write().map_err(|_| ManagerError::Poisoned)?;
+        Ok(map.entry(node_id.to_string()).or_default().clone())
+    }
+
+    fn view(&self, record: &NodeRecord) -> Result<NodeView, ManagerError> {
+        let live = self
+            .live
+            .read()
+            .map_err(|_| ManagerError::Poisoned)?
+            .get(&record.node_id)
+            .map(|l| l.snapshot())
+            .unwrap_or_default();
+        Ok(NodeView {
+            record: record.clone(),
+            live,
+        })
+    }
+
+    /// The tenant's nodes, ordered by id.
+    pub fn list_nodes(&self, tenant: &str) -> Result<Vec<NodeView>, ManagerError> {
+        let records: Vec<NodeRecord> = self
+            .registry()?
+            .nodes
+            .values()
+            .filter(|n| n.tenant == tenant)
+            .cloned()
+            .collect();
+        records.iter().map(|r| self.view(r)).collect()
+    }
+
+    /// One of the tenant's nodes; another tenant's node is "not found".
+    pub fn get_node(&self, tenant: &str, node_id: &str) -> Result<NodeView, ManagerError> {
+        let record = self
+            .registry()?
+            .node_of_tenant(tenant, node_id)
+            .cloned()
+            .ok_or_else(|| ManagerError::NotFound(format!("node {node_id:?} not found")))?;
+        self.view(&record)
+    }
+}
+
+/// Label keys are names (1-63 of `[a-z0-9-./]`); values at most 253 bytes.
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ManagerError> {
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'-' | b'.' | b'/' | b'_')
+            });
+        if !key_ok {
+            return Err(ManagerError::Invalid {
+                field: "labels",
+                why: format!("label key {k:?} must be 1-63 characters of [a-z0-9-._/]"),
+            });
+        }
+        if v.len() > 253 || v.chars().any(char::is_control) {
+            return Err(ManagerError::Invalid {
+                field: "labels",
+                why: format!("label {k:?}: value must be at most 253 printable characters"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! rustls configurations and the TLS plumbing shared by both daemons.
+//!
+//! One crypto provider (ring) is used everywhere: rustls, tokio-rustls,
+//! tonic and rcgen are all built with their `ring` feature only.
+//!
+//! Servers do not use tonic's `ServerTlsConfig`: they run their own rustls
+//! acceptor and feed the handshaken streams to `serve_with_incoming`, so that
+//! the client-certificate policy (optional on the manager, for `Enroll`;
+//! required on the peer port) and live checks stay in our hands. tonic still
+//! exposes the verified peer chain through `Request::peer_certs()`.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error("{what}: no PEM certificate found")]
+    NoCertificate { what: String },
+    #[error("{what}: no usable PEM private key found")]
+    NoKey { what: String },
+    #[error("bad PEM in {what}: {why}")]
+    BadPem { what: String, why: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+    #[error("invalid address {0:?}: expected HOST:PORT")]
+    BadAddress(String),
+    #[error("invalid CA fingerprint {0:?}: expected sha256:<64 hex digits>")]
+    BadFingerprint(String),
+}
+
+/// The one crypto provider of the project.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in a PEM string.
+pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            what: what.to_string(),
+            why: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what: what.to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key (PKCS#8, SEC1 or PKCS#1) in a PEM string.
+pub fn key_from_pem(pem: &str, what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|_| TlsError::NoKey {
+        what: what.to_string(),
+    })
+}
+
+/// Reads a file as text, naming it in the error.
+pub fn read_text(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certs_from_pem(&read_text(path)?, &path.display().to_string())
+}
+
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    key_from_pem(&read_text(path)?, &path.display().to_string())
+}
+
+/// A root store holding the given CA certificates.
+pub fn roots(cas: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for ca in cas {
+        store.add(ca.clone())?;
+    }
+    Ok(store)
+}
+
+/// What a server asks of its clients.
+pub enum ClientAuth {
+    /// A client certificate chaining to these roots is required.
+    Required(RootCertStore),
+    /// Clients may present a certificate chaining to these roots, or none
+    /// (each RPC then decides). A certificate that does not verify still
+    /// fails the handshake.
+    Optional(RootCertStore),
+}
+
+/// A server config speaking HTTP/2 only.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = match client_auth {
+        ClientAuth::Required(roots) => {
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()
+        }
+        ClientAuth::Optional(roots) => {
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .allow_unauthenticated()
+                .build()
+        }
+    }
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A client config trusting `roots`, presenting `identity` if given.
+pub fn client_config(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// SHA-256 of a DER certificate as `sha256:<hex>`, the form users pass to
+/// `edge-agent join --ca-fingerprint`.
+pub fn fingerprint(der: &[u8]) -> String {
+    format!("sha256:{}", crate::identity::hex(&Sha256::digest(der)))
+}
+
+/// Parses `sha256:<64 hex>` (colons between bytes are tolerated).
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], TlsError> {
+    let bad = || TlsError::BadFingerprint(s.to_string());
+    let hex: String = s
+        .strip_prefix("sha256:")
+        .ok_or_else(bad)?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Verifies a server by a pinned CA fingerprint instead of a CA file: the
+/// server's chain must contain a certificate with that SHA-256, and the leaf
+/// must verify against it as the only root. The matched CA is kept so the
+/// caller can store it for later connections.
+#[derive(Debug)]
+pub struct FingerprintVerifier {
+    fingerprint: [u8; 32],
+    matched: Mutex<Option<CertificateDer<'static>>>,
+}
+
+impl FingerprintVerifier {
+    pub fn new(fingerprint: [u8; 32]) -> Arc<Self> {
+        Arc::new(FingerprintVerifier {
+            fingerprint,
+            matched: Mutex::new(None),
+        })
+    }
+
+    /// The CA certificate that matched the fingerprint, after a handshake.
+    pub fn matched_ca(&self) -> Option<CertificateDer<'static>> {
+        self.matched.lock().ok().and_then(|m| m.clone())
+    }
+}
+
+impl ServerCertVerifier for FingerprintVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "no certificate in the server's chain matches the CA fingerprint".into(),
+                )
+            })?
+            .clone()
+            .into_owned();
+        let mut store = RootCertStore::empty();
+        store.add(ca.clone())?;
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(store.into(), provider())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified =
+            inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        if let Ok(mut m) = self.matched.lock() {
+            *m = Some(ca);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that pins the server's CA by fingerprint.
+pub fn pinned_client_config(verifier: Arc<FingerprintVerifier>) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Splits `HOST:PORT` (or `[V6]:PORT`) and returns the host as a TLS server
+/// name: an IP address or a DNS name, checked against the server's SANs.
+pub fn server_name_of(addr: &str) -> Result<ServerName<'static>, TlsError> {
+    let bad = || TlsError::BadAddress(addr.to_string());
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|_| bad())
+}
+
+/// Opens a gRPC channel to `addr` over TLS with the given client config.
+/// Connects lazily, so a manager that is down is not an error here: the
+/// first RPC fails with `Unavailable` instead.
+pub fn channel(addr: &str, tls: Arc<ClientConfig>, timeout: Duration) -> Result<Channel, TlsError> {
+    let server_name = server_name_of(addr)?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| TlsError::BadAddress(addr.to_string()))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    let connector = TlsConnector::from(tls);
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+            let connector = connector.clone();
+            let server_name = server_name.clone();
+            async move {
+                let authority = uri
+                    .authority()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no authority"))?
+                    .to_string();
+                let tcp = TcpStream::connect(authority).await?;
+                tcp.set_nodelay(true)?;
+                let tls =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
+                        .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                        })??;
+                Ok::<_, io::Error>(TokioIo::new(tls))
+            }
+        })),
+    )
+}
+
+/// Accepts TCP connections on `listener` and yields the ones whose TLS
+/// handshake succeeds, for `serve_with_incoming`. Handshakes run in their own
+/// tasks so a slow client cannot stall accepting; failed handshakes (no or
+/// untrusted client certificate where one is required, wrong CA, garbage)
+/// are logged at debug level and dropped. The stream ends when `stop` fires.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_round_trip() {
+        let fp = fingerprint(b"hello");
+        let bytes = parse_fingerprint(&fp).unwrap();
+        assert_eq!(format!("sha256:{}", crate::identity::hex(&bytes)), fp);
+        assert!(parse_fingerprint("sha1:abcd").is_err());
+        assert!(parse_fingerprint("sha256:zz").is_err());
+    }
+
+    #[test]
+    fn server_names() {
+        assert!(server_name_of("127.0.0.1:7443").is_ok());
+        assert!(server_name_of("[::1]:7443").is_ok());
+        assert!(server_name_of("manager.example.com:443").is_ok());
+        assert!(server_name_of("127.0.0.1").is_err());
+        assert!(server_name_of("host:notaport").is_err());
+    }
+}

@@ -1,0 +1,268 @@
+//! Command line of `edge-agent` (also reachable as `cloud-manager agent`,
+//! which `cloud-manager dev` uses to run local agents).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use edgepool_common::logging::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::join::{JoinRequest, ManagerTrust};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "edgepool edge agent: runs on each edge machine, enrolls with the cloud manager, \
+             reports resource usage and runs the apps of its pool slot",
+    long_about = None,
+    after_help = "Typical use:\n  edge-agent join --manager HOST:7443 --token ept_... --ca-cert ca.pem --data-dir /var/lib/edge-agent\n  edge-agent run --data-dir /var/lib/edge-agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enroll this machine: make a key pair here, send a CSR with a join
+    /// token to the manager, store the signed node certificate.
+    Join(JoinArgs),
+    /// Run the agent: connect to the manager with the node certificate,
+    /// report telemetry, serve the peer port. Stops on SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Manager address HOST:PORT (the host must be in its certificate).
+    #[arg(long, env = "EDGE_AGENT_MANAGER")]
+    pub manager: String,
+    /// Join token from `TenantService.CreateJoinToken` (single use).
+    #[arg(long, env = "EDGE_AGENT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The manager's root CA certificate (ca.pem).
+    #[arg(
+        long,
+        conflicts_with = "ca_fingerprint",
+        required_unless_present = "ca_fingerprint"
+    )]
+    pub ca_cert: Option<PathBuf>,
+    /// Instead of --ca-cert: the root CA's fingerprint, `sha256:<hex>`, as
+    /// printed by `cloud-manager init`.
+    #[arg(long)]
+    pub ca_fingerprint: Option<String>,
+    /// Node id to enroll as (default: the host name, sanitised).
+    #[arg(long, env = "EDGE_AGENT_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Data directory for the key and certificates.
+    #[arg(
+        long,
+        env = "EDGE_AGENT_DATA_DIR",
+        default_value = "/var/lib/edge-agent"
+    )]
+    pub data_dir: PathBuf,
+    /// Enroll again even if this data dir, or the manager, already knows this
+    /// node: a new key and certificate replace the old ones, which stop
+    /// working at once. Never takes over another tenant's node id.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file (see agent.example.toml); flags override it.
+    #[arg(long, short, env = "EDGE_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (from join).
+    #[arg(long, env = "EDGE_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Manager address HOST:PORT (default: the one join used).
+    #[arg(long, env = "EDGE_AGENT_MANAGER")]
+    pub manager: Option<String>,
+    /// Peer gRPC listen address (default 0.0.0.0:7444).
+    #[arg(long, env = "EDGE_AGENT_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Address peers should dial, if not the listen address.
+    #[arg(long, env = "EDGE_AGENT_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// Telemetry period in ms until the manager says otherwise.
+    #[arg(long, env = "EDGE_AGENT_TELEMETRY_INTERVAL_MS")]
+    pub telemetry_interval_ms: Option<u32>,
+    /// Heartbeat period in ms until the manager says otherwise.
+    #[arg(long, env = "EDGE_AGENT_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u32>,
+    /// Interface to measure (repeat for several; default all but lo).
+    #[arg(
+        long = "interface",
+        env = "EDGE_AGENT_INTERFACES",
+        value_delimiter = ','
+    )]
+    pub interfaces: Vec<String>,
+    /// Capacity overrides (0 or absent = detect).
+    #[arg(long, env = "EDGE_AGENT_CPU_MILLIS")]
+    pub cpu_millis: Option<u64>,
+    #[arg(long, env = "EDGE_AGENT_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    #[arg(long, env = "EDGE_AGENT_DISK_MB")]
+    pub disk_mb: Option<u64>,
+    #[arg(long, env = "EDGE_AGENT_NETWORK_MBPS")]
+    pub network_mbps: Option<u64>,
+    /// Reconnect backoff bounds in ms.
+    #[arg(long, env = "EDGE_AGENT_RECONNECT_MIN_MS")]
+    pub reconnect_min_ms: Option<u64>,
+    #[arg(long, env = "EDGE_AGENT_RECONNECT_MAX_MS")]
+    pub reconnect_max_ms: Option<u64>,
+    /// Log format: plain or json (RUST_LOG sets the filter).
+    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Write the agent's pid here once it runs.
+    #[arg(long, env = "EDGE_AGENT_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// Start a new process session (used by `cloud-manager dev`, so that
+    /// `pkill -s` on the pid crashes this simulated machine as a whole).
+    #[arg(long, hide = true)]
+    pub new_session: bool,
+    /// Exit when the parent process goes away (used by `cloud-manager dev`).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+impl RunArgs {
+    /// The config file (or defaults) with flags and env applied on top.
+    pub fn resolve(&self) -> anyhow::Result<AgentConfig> {
+        let mut c = match &self.config {
+            Some(p) => AgentConfig::from_file(p)?,
+            None => AgentConfig::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.manager {
+            c.manager = v.clone();
+        }
+        if let Some(v) = self.peer_listen {
+            c.peer_listen = v;
+        }
+        if let Some(v) = &self.peer_advertise {
+            c.peer_advertise = v.clone();
+        }
+        if let Some(v) = self.telemetry_interval_ms {
+            c.telemetry_interval_ms = v;
+        }
+        if let Some(v) = self.heartbeat_interval_ms {
+            c.heartbeat_interval_ms = v;
+        }
+        if !self.interfaces.is_empty() {
+            c.interfaces = self.interfaces.clone();
+        }
+        for (flag, field) in [
+            (self.cpu_millis, &mut c.capacity.cpu_millis),
+            (self.memory_mb, &mut c.capacity.memory_mb),
+            (self.disk_mb, &mut c.capacity.disk_mb),
+            (self.network_mbps, &mut c.capacity.network_mbps),
+        ] {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        if let Some(v) = self.reconnect_min_ms {
+            c.reconnect_min_ms = v;
+        }
+        if let Some(v) = self.reconnect_max_ms {
+            c.reconnect_max_ms = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Runs a parsed command line; the exit code says how it went.
+pub fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Join(args) => {
+            logging::init(LogFormat::Plain, "warn");
+            runtime().and_then(|rt| rt.block_on(join(args)))
+        }
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let trust = match (args.ca_cert, args.ca_fingerprint) {
+        (Some(path), None) => ManagerTrust::CaFile(path),
+        (None, Some(fp)) => ManagerTrust::Fingerprint(fp),
+        _ => anyhow::bail!("give exactly one of --ca-cert and --ca-fingerprint"),
+    };
+    let node_id = args.node_id.unwrap_or_else(crate::join::default_node_id);
+    let info = crate::join::join(JoinRequest {
+        manager: args.manager,
+        token: args.token,
+        trust,
+        node_id,
+        data_dir: args.data_dir.clone(),
+        force: args.force,
+    })
+    .await?;
+    println!(
+        "enrolled node {} (tenant {}) with the manager at {}; identity stored in {}",
+        info.node_id,
+        info.tenant,
+        info.manager,
+        args.data_dir.display()
+    );
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Bad config exits here, before anything binds.
+    let config = args.resolve()?;
+    logging::init(config.log_format, "info");
+    if args.new_session {
+        nix::unistd::setsid()?;
+    }
+    let parent = nix::unistd::getppid();
+    if let Some(p) = &args.pid_file {
+        edgepool_common::fsutil::write_public(p, format!("{}\n", std::process::id()).as_bytes())?;
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
+        if args.exit_with_parent {
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    if nix::unistd::getppid() != parent {
+                        tracing::warn!("parent process is gone: shutting down");
+                        token.cancel();
+                        return;
+                    }
+                }
+            });
+        }
+        let agent = crate::build(config).await?;
+        agent.run(shutdown).await
+    })
+}

@@ -1,0 +1,161 @@
+//! Agent configuration: a TOML file (every field optional; defaults in
+//! `agent.example.toml`), then flags and environment variables on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use edgepool_common::logging::LogFormat;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where the node key, certificates and local state live.
+    /// Default `/var/lib/edge-agent`.
+    pub data_dir: PathBuf,
+    /// Manager address `HOST:PORT`. Empty = the one `join` recorded.
+    pub manager: String,
+    /// Address of the peer gRPC server. Default `0.0.0.0:7444`.
+    pub peer_listen: SocketAddr,
+    /// Address peers should dial, reported to the manager. Empty = the
+    /// bound peer address, with the host name in place of 0.0.0.0.
+    pub peer_advertise: String,
+    /// Telemetry period until the manager says otherwise. Default 1000.
+    pub telemetry_interval_ms: u32,
+    /// Heartbeat period until the manager says otherwise. Default 1000.
+    pub heartbeat_interval_ms: u32,
+    /// Network interfaces to measure. Empty = every interface except `lo`.
+    pub interfaces: Vec<String>,
+    /// Capacity reported to the manager; 0 in a field = detect it.
+    pub capacity: CapacityConfig,
+    /// First reconnect delay after the stream drops. Default 200.
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay (exponential backoff, jittered). Default 10000.
+    pub reconnect_max_ms: u64,
+    /// Log output: `plain` or `json`. Default `plain`.
+    pub log_format: LogFormat,
+}
+
+/// Capacity overrides. Detection: CPU = logical CPUs x 1000, memory = RAM,
+/// disk = the sum of real file systems, network = the link speed of the
+/// measured interfaces (`/sys/class/net/*/speed`, via sysinfo).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacityConfig {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub network_mbps: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            data_dir: PathBuf::from("/var/lib/edge-agent"),
+            manager: String::new(),
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 7444)),
+            peer_advertise: String::new(),
+            telemetry_interval_ms: 1000,
+            heartbeat_interval_ms: 1000,
+            interfaces: Vec::new(),
+            capacity: CapacityConfig::default(),
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 10_000,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, why: &str| ConfigError::Invalid {
+            field,
+            why: why.to_string(),
+        };
+        for (field, v) in [
+            ("telemetry_interval_ms", self.telemetry_interval_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if !(100..=60_000).contains(&v) {
+                return Err(invalid(field, "must be between 100 and 60000"));
+            }
+        }
+        if self.reconnect_min_ms == 0 {
+            return Err(invalid("reconnect_min_ms", "must be > 0"));
+        }
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(invalid("reconnect_max_ms", "must be >= reconnect_min_ms"));
+        }
+        if !self.manager.is_empty() {
+            edgepool_common::tls::server_name_of(&self.manager)
+                .map_err(|e| invalid("manager", &e.to_string()))?;
+        }
+        if !self.peer_advertise.is_empty() && !self.peer_advertise.contains(':') {
+            return Err(invalid("peer_advertise", "expected HOST:PORT"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_is_the_defaults() {
+        let c = AgentConfig::from_toml(include_str!("../agent.example.toml")).unwrap();
+        assert_eq!(c, AgentConfig::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = AgentConfig::from_toml("peer_lisen = \"0.0.0.0:1\"").unwrap_err();
+        assert!(err.contains("peer_lisen"), "{err}");
+        let err = AgentConfig::from_toml("[capacity]\ncpu = 4").unwrap_err();
+        assert!(err.contains("cpu"), "{err}");
+        let c = AgentConfig {
+            reconnect_max_ms: 1,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("reconnect_max_ms")
+        );
+        let c = AgentConfig {
+            manager: "no-port".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("manager"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Resource measurement with sysinfo. Only what is reported is refreshed:
+//! CPU usage, RAM, disk space and I/O counters, interface counters.
+//!
+//! Rates (disk read/write, network rx/tx) are the counter deltas since the
+//! previous sample divided by the real elapsed time. Several agents on one
+//! machine (dev mode, tests) see the same machine-wide counters; per-agent
+//! network accounting arrives with the threshold scheduler.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use sysinfo::{
+    CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
+};
+
+use crate::config::CapacityConfig;
+
+const MIB: u64 = 1024 * 1024;
+/// Link capacity assumed when no measured interface reports a speed
+/// (common in VMs); set `capacity.network_mbps` to the real uplink.
+pub const FALLBACK_LINK_MBPS: u64 = 1000;
+
+/// Amounts of the four scheduled resources.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub network_mbps: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiskSample {
+    pub mount_point: String,
+    pub file_system: String,
+    pub total_mb: u64,
+    pub used_mb: u64,
+    pub read_bytes_per_sec: u64,
+    pub write_bytes_per_sec: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceSample {
+    pub name: String,
+    pub rx_bytes_per_sec: u64,
+    pub tx_bytes_per_sec: u64,
+    pub link_mbps: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sample {
+    pub cpu_percent: f64,
+    pub usage: Resources,
+    pub disks: Vec<DiskSample>,
+    pub interfaces: Vec<InterfaceSample>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("sysinfo: {0}")]
+pub struct TelemetryError(String);
+
+pub struct Sampler {
+    sys: System,
+    disks: Disks,
+    networks: Networks,
+    last: Instant,
+    interfaces: Vec<String>,
+    overrides: CapacityConfig,
+    capacity: Resources,
+}
+
+impl Sampler {
+    /// `interfaces` empty = every interface except loopback.
+    pub fn new(interfaces: Vec<String>, overrides: CapacityConfig) -> Result<Self, TelemetryError> {
+        let err = |e: sysinfo::Error| TelemetryError(e.to_string());
+        let mut sys = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        )
+        .map_err(err)?;
+        sys.refresh_cpu_usage();
+        let disks = Disks::new_with_refreshed_list_specifics(
+            DiskRefreshKind::nothing().with_storage().with_io_usage(),
+        )
+        .map_err(err)?;
+        let networks = Networks::new_with_refreshed_list().map_err(err)?;
+        let mut sampler = Sampler {
+            sys,
+            disks,
+            networks,
+            last: Instant::now(),
+            interfaces,
+            overrides,
+            capacity: Resources::default(),
+        };
+        sampler.capacity = sampler.detect_capacity();
+        Ok(sampler)
+    }
+
+    pub fn capacity(&self) -> Resources {
+        self.capacity
+    }
+
+    fn measured_interface(&self, name: &str) -> bool {
+        if self.interfaces.is_empty() {
+            name != "lo"
+        } else {
+            self.interfaces.iter().any(|i| i == name)
+        }
+    }
+
+    fn detect_capacity(&self) -> Resources {
+        let pick = |over: u64, detected: u64| if over > 0 { over } else { detected };
+        let cpu = self.sys.cpus().len().max(1) as u64 * 1000;
+        let memory = self.sys.total_memory() / MIB;
+        let disk = self.real_disks().map(|d| d.total_space() / MIB).sum();
+        let link_bits: u64 = self
+            .networks
+            .iter()
+            .filter(|(name, _)| self.measured_interface(&name.to_string_lossy()))
+            .filter_map(|(_, n)| n.transmit_link_speed())
+            .sum();
+        let mut network = link_bits / 1_000_000;
+        if network == 0 && self.overrides.network_mbps == 0 {
+            tracing::info!(
+                "no link speed reported for the measured interfaces; assuming {FALLBACK_LINK_MBPS} Mbit/s (set capacity.network_mbps)"
+            );
+            network = FALLBACK_LINK_MBPS;
+        }
+        Resources {
+            cpu_millis: pick(self.overrides.cpu_millis, cpu),
+            memory_mb: pick(self.overrides.memory_mb, memory),
+            disk_mb: pick(self.overrides.disk_mb, disk),
+            network_mbps: pick(self.overrides.network_mbps, network),
+        }
+    }
+
+    /// File systems with space, one mount per device (bind mounts of the
+    /// same device would otherwise count twice).
+    fn real_disks(&self) -> impl Iterator<Item = &sysinfo::Disk> {
+        let mut seen = HashSet::new();
+        self.disks
+            .iter()
+            .filter(|d| d.total_space() > 0)
+            .filter(move |d| seen.insert(d.name().to_os_string()))
+    }
+
+    /// Refreshes the counters and returns one sample.
+    pub fn sample(&mut self) -> Sample {
+        self.sys.refresh_cpu_usage();
+        self.sys
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        self.disks.refresh_specifics(
+            true,
+            DiskRefreshKind::nothing().with_storage().with_io_usage(),
+        );
+        self.networks.refresh(true);
+        let elapsed = self.last.elapsed().as_secs_f64().max(0.001);
+        self.last = Instant::now();
+        let rate = |bytes: u64| (bytes as f64 / elapsed).round() as u64;
+
+        let cpu_percent = f64::from(self.sys.global_cpu_usage()).clamp(0.0, 100.0);
+        let disks: Vec<DiskSample> = self
+            .real_disks()
+            .map(|d| {
+                let io = d.usage();
+                DiskSample {
+                    mount_point: d.mount_point().display().to_string(),
+                    file_system: d.file_system().to_string_lossy().into_owned(),
+                    total_mb: d.total_space() / MIB,
+                    used_mb: d.total_space().saturating_sub(d.available_space()) / MIB,
+                    read_bytes_per_sec: rate(io.read_bytes),
+                    write_bytes_per_sec: rate(io.written_bytes),
+                }
+            })
+            .collect();
+        let interfaces: Vec<InterfaceSample> = self
+            .networks
+            .iter()
+            .filter(|(name, _)| self.measured_interface(&name.to_string_lossy()))
+            .map(|(name, n)| InterfaceSample {
+                name: name.to_string_lossy().into_owned(),
+                rx_bytes_per_sec: rate(n.received()),
+                tx_bytes_per_sec: rate(n.transmitted()),
+                link_mbps: n.transmit_link_speed().unwrap_or(0) / 1_000_000,
+            })
+            .collect();
+        let net_bytes: u64 = interfaces
+            .iter()
+            .map(|i| i.rx_bytes_per_sec + i.tx_bytes_per_sec)
+            .sum();
+        let usage = Resources {
+            cpu_millis: ((cpu_percent / 100.0) * self.capacity.cpu_millis as f64).round() as u64,
+            memory_mb: self.sys.used_memory() / MIB,
+            disk_mb: disks.iter().map(|d| d.used_mb).sum(),
+            network_mbps: net_bytes * 8 / 1_000_000,
+        };
+        Sample {
+            cpu_percent,
+            usage,
+            disks,
+            interfaces,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_machine_numbers_are_sane() {
+        let mut s = Sampler::new(Vec::new(), CapacityConfig::default()).unwrap();
+        let cap = s.capacity();
+        assert!(cap.cpu_millis >= 1000);
+        assert!(cap.memory_mb > 0);
+        assert!(cap.disk_mb > 0, "no disk detected");
+        assert!(cap.network_mbps > 0);
+        std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
+        let sample = s.sample();
+        assert!((0.0..=100.0).contains(&sample.cpu_percent));
+        assert!(sample.usage.cpu_millis <= cap.cpu_millis);
+        assert!(sample.usage.memory_mb > 0 && sample.usage.memory_mb <= cap.memory_mb);
+        assert!(sample.usage.disk_mb <= cap.disk_mb);
+    }
+
+    #[test]
+    fn overrides_win_over_detection() {
+        let over = CapacityConfig {
+            cpu_millis: 500,
+            memory_mb: 64,
+            disk_mb: 10,
+            network_mbps: 7,
+        };
+        let s = Sampler::new(vec!["nonexistent0".into()], over).unwrap();
+        assert_eq!(
+            s.capacity(),
+            Resources {
+                cpu_millis: 500,
+                memory_mb: 64,
+                disk_mb: 10,
+                network_mbps: 7
+            }
+        );
+    }
+}

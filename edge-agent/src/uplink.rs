@@ -1,0 +1,217 @@
+//! The stream to the manager (`AgentService.Connect`): hello, then
+//! telemetry and heartbeats; reconnects with jittered backoff forever.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgepool_common::proto as pb;
+use edgepool_common::tls;
+use pb::agent_message::Msg as Up;
+use pb::agent_service_client::AgentServiceClient;
+use pb::manager_message::Msg as Down;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::telemetry::{Sample, Sampler};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The manager is considered gone after this many heartbeat intervals
+/// without any message from it.
+const SILENT_INTERVALS: u32 = 5;
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("manager refused the stream: {0}")]
+    Refused(tonic::Status),
+    #[error("timed out connecting to the manager")]
+    Timeout,
+    #[error("the manager's first message was not a welcome")]
+    NoWelcome,
+    #[error("no message from the manager for {0:?}")]
+    Silent(Duration),
+    #[error("stream error: {0}")]
+    Stream(tonic::Status),
+}
+
+/// Connection state others can watch (tests, logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Disconnected,
+    Connected,
+}
+
+pub struct Uplink {
+    pub manager: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub hello: pb::Hello,
+    pub sampler: Option<Sampler>,
+    pub telemetry_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub backoff: Backoff,
+    pub state: watch::Sender<LinkState>,
+}
+
+enum End {
+    Shutdown,
+    Closed,
+}
+
+impl Uplink {
+    /// Runs until `shutdown` fires.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            let _ = self.state.send(LinkState::Disconnected);
+            match result {
+                Ok(End::Shutdown) => return,
+                Ok(End::Closed) => tracing::warn!("manager closed the stream"),
+                Err(e) => {
+                    tracing::warn!(error = %e, manager = %self.manager, "stream to the manager failed")
+                }
+            }
+            if started.elapsed() >= STABLE_SESSION {
+                self.backoff.reset();
+            }
+            let delay = self.backoff.next_delay();
+            tracing::info!(?delay, "reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn sample(&mut self) -> Option<Sample> {
+        let mut sampler = self.sampler.take()?;
+        // sysinfo reads /proc and calls statvfs: blocking work.
+        let (sampler, sample) = tokio::task::spawn_blocking(move || {
+            let s = sampler.sample();
+            (sampler, s)
+        })
+        .await
+        .ok()?;
+        self.sampler = Some(sampler);
+        Some(sample)
+    }
+
+    async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
+        let channel = tls::channel(&self.manager, self.tls.clone(), CONNECT_TIMEOUT)?;
+        let mut client = AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+        let up = |m: Up| pb::AgentMessage { msg: Some(m) };
+        // Fresh channel: cannot be full.
+        let _ = tx.try_send(up(Up::Hello(self.hello.clone())));
+        let response = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(End::Shutdown),
+            r = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(ReceiverStream::new(rx))) => r,
+        };
+        let mut inbound = response
+            .map_err(|_| UplinkError::Timeout)?
+            .map_err(UplinkError::Refused)?
+            .into_inner();
+        let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::ManagerMessage {
+                msg: Some(Down::Welcome(w)),
+            }))) => w,
+            Ok(Err(s)) => return Err(UplinkError::Refused(s)),
+            Err(_) => return Err(UplinkError::Timeout),
+            _ => return Err(UplinkError::NoWelcome),
+        };
+        let _ = self.state.send(LinkState::Connected);
+        tracing::info!(node = %welcome.node_id, tenant = %welcome.tenant, "connected to the manager");
+        let pick = |ms: u32, default: Duration| {
+            if ms >= 100 {
+                Duration::from_millis(u64::from(ms))
+            } else {
+                default
+            }
+        };
+        let telemetry_every = pick(welcome.telemetry_interval_ms, self.telemetry_interval);
+        let heartbeat_every = pick(welcome.heartbeat_interval_ms, self.heartbeat_interval);
+        let silent_limit = heartbeat_every.max(telemetry_every) * SILENT_INTERVALS;
+        let mut telemetry = tokio::time::interval(telemetry_every);
+        telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(End::Shutdown),
+                _ = telemetry.tick() => {
+                    if let Some(s) = self.sample().await
+                        && tx.send(up(Up::Telemetry(to_proto(&s)))).await.is_err()
+                    {
+                        return Ok(End::Closed);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silent_limit {
+                        return Err(UplinkError::Silent(silent_limit));
+                    }
+                    seq += 1;
+                    // If the outbound queue is full the link is stuck; the
+                    // silence check above will notice.
+                    let _ = tx.try_send(up(Up::Heartbeat(pb::Heartbeat { seq })));
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(_)) => last_heard = Instant::now(),
+                    Ok(None) => return Ok(End::Closed),
+                    Err(s) => return Err(UplinkError::Stream(s)),
+                },
+            }
+        }
+    }
+}
+
+fn to_proto(s: &Sample) -> pb::Telemetry {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::Telemetry {
+        time: Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        }),
+        usage: Some(resources(s.usage)),
+        cpu_percent: s.cpu_percent,
+        disks: s
+            .disks
+            .iter()
+            .map(|d| pb::DiskStat {
+                mount_point: d.mount_point.clone(),
+                file_system: d.file_system.clone(),
+                total_mb: d.total_mb,
+                used_mb: d.used_mb,
+                read_bytes_per_sec: d.read_bytes_per_sec,
+                write_bytes_per_sec: d.write_bytes_per_sec,
+            })
+            .collect(),
+        interfaces: s
+            .interfaces
+            .iter()
+            .map(|i| pb::InterfaceStat {
+                name: i.name.clone(),
+                rx_bytes_per_sec: i.rx_bytes_per_sec,
+                tx_bytes_per_sec: i.tx_bytes_per_sec,
+                link_mbps: i.link_mbps,
+            })
+            .collect(),
+    }
+}
+
+pub fn resources(r: crate::telemetry::Resources) -> pb::Resources {
+    pb::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+        network_mbps: r.network_mbps,
+    }
+}
