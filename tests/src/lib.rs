@@ -1,1 +1,351 @@
-pub fn x() {}
+//! Support for the integration tests and benchmarks: start the real
+//! `cloud-manager` and `edge-agent` binaries on loopback with ephemeral
+//! ports, talk to them over real mutual TLS, and kill every process at the
+//! end (also when a test fails: `Drop` kills the process group).
+//!
+//! The binaries are taken from the cargo target directory next to the test
+//! executable (or `EDGEPOOL_BIN_DIR`); `scripts/test.sh` builds them first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgepool_common::proto as pb;
+use edgepool_common::tls;
+use pb::agent_service_client::AgentServiceClient;
+use pb::tenant_service_client::TenantServiceClient;
+use tonic::transport::Channel;
+
+pub use tempfile::TempDir;
+
+/// Default deadline for "eventually" conditions.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("EDGEPOOL_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/integration-<hash> or target/<profile>/bench-footprint
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process in its own process group, killed (group and all) on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let file = std::fs::File::create(log).expect("log file");
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log clone"))
+            .stderr(file)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// SIGKILL to the whole group, then reap.
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Output of a finished command.
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running command");
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A running `cloud-manager serve` with its own data dir.
+pub struct Manager {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Manager {
+    /// Starts a manager on 127.0.0.1 with an ephemeral port, creating the
+    /// CA in `dir` on first start.
+    pub async fn start(dir: &Path) -> Manager {
+        Self::start_on(dir, "127.0.0.1:0".parse().expect("addr"), &[]).await
+    }
+
+    pub async fn start_on(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Manager {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::fs::create_dir_all(dir).expect("manager dir");
+        let log = dir.join(format!("manager-{n}.log"));
+        let mut cmd = Command::new(bin("cloud-manager"));
+        cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
+            .arg(dir)
+            .args(extra);
+        let mut proc = Proc::spawn("cloud-manager", &mut cmd, &log);
+        let addr = eventually("manager to listen", DEADLINE, || {
+            let text = proc.log_text();
+            let found = text
+                .lines()
+                .find_map(|l| l.split("manager serving addr=").nth(1))
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok());
+            async move { found }
+        })
+        .await;
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("manager exited ({status}): {}", proc.log_text());
+        }
+        Manager {
+            dir: dir.to_path_buf(),
+            addr,
+            proc,
+        }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A tenant client with the default tenant's bundle.
+    pub fn tenant(&self) -> TenantServiceClient<Channel> {
+        tenant_client(
+            &self.addr,
+            &self.ca(),
+            Some((&self.dir.join("tenant.pem"), &self.dir.join("tenant.key"))),
+        )
+    }
+
+    /// Issues a bundle for another tenant and returns a client for it.
+    pub fn other_tenant(&self, tenant: &str) -> TenantServiceClient<Channel> {
+        let out = run(Command::new(bin("cloud-manager"))
+            .args(["tenant-bundle", "--dir"])
+            .arg(&self.dir)
+            .args(["--tenant", tenant, "--out-dir"])
+            .arg(&self.dir));
+        assert!(out.ok, "tenant-bundle: {}", out.stderr);
+        tenant_client(
+            &self.addr,
+            &self.ca(),
+            Some((
+                &self.dir.join(format!("{tenant}.pem")),
+                &self.dir.join(format!("{tenant}.key")),
+            )),
+        )
+    }
+
+    pub async fn token(&self) -> String {
+        create_token(&mut self.tenant(), 600).await
+    }
+}
+
+pub async fn create_token(client: &mut TenantServiceClient<Channel>, ttl: u32) -> String {
+    client
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: ttl,
+            labels: Default::default(),
+        })
+        .await
+        .expect("CreateJoinToken")
+        .into_inner()
+        .token
+}
+
+fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    let roots = tls::roots(&tls::read_certs(ca).expect("ca")).expect("roots");
+    let identity = identity.map(|(c, k)| {
+        (
+            tls::read_certs(c).expect("cert"),
+            tls::read_key(k).expect("key"),
+        )
+    });
+    Arc::new(tls::client_config(roots, identity).expect("client config"))
+}
+
+/// A TenantService client trusting `ca`, presenting `identity` if given.
+pub fn tenant_client(
+    addr: &SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> TenantServiceClient<Channel> {
+    let ch = tls::channel(&addr.to_string(), client_tls(ca, identity), DEADLINE).expect("channel");
+    TenantServiceClient::new(ch)
+}
+
+/// Opens `AgentService.Connect` with the given identity and sends a hello;
+/// returns the first answer (Welcome) or the error status.
+pub async fn open_agent_stream(
+    addr: &SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<pb::ManagerMessage, tonic::Status> {
+    let ch = tls::channel(&addr.to_string(), client_tls(ca, identity), DEADLINE).expect("channel");
+    let mut client = AgentServiceClient::new(ch);
+    let hello = pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_version: "test".into(),
+            ..Default::default()
+        })),
+    };
+    // Keep the request stream open after the hello so the server does not
+    // see an early end of stream.
+    let outbound =
+        tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
+    let mut inbound = client.connect(outbound).await?.into_inner();
+    match inbound.message().await? {
+        Some(m) => Ok(m),
+        None => Err(tonic::Status::unknown("stream ended without a message")),
+    }
+}
+
+/// An enrolled agent's data dir (from the real `edge-agent join`).
+pub struct AgentDir {
+    pub dir: PathBuf,
+    pub node_id: String,
+}
+
+pub fn join(manager: &Manager, dir: &Path, node_id: &str, token: &str, extra: &[&str]) -> Output {
+    run(Command::new(bin("edge-agent"))
+        .args([
+            "join",
+            "--manager",
+            &manager.addr.to_string(),
+            "--token",
+            token,
+        ])
+        .arg("--ca-cert")
+        .arg(manager.ca())
+        .args(["--node-id", node_id, "--data-dir"])
+        .arg(dir)
+        .args(extra))
+}
+
+pub async fn enroll(manager: &Manager, root: &Path, node_id: &str) -> AgentDir {
+    let dir = root.join(node_id);
+    let token = manager.token().await;
+    let out = join(manager, &dir, node_id, &token, &[]);
+    assert!(out.ok, "join {node_id}: {}", out.stderr);
+    AgentDir {
+        dir,
+        node_id: node_id.to_string(),
+    }
+}
+
+/// Starts `edge-agent run` for an enrolled data dir.
+pub fn start_agent(agent: &AgentDir, manager_addr: &SocketAddr, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.args(["run", "--data-dir"])
+        .arg(&agent.dir)
+        .args(["--manager", &manager_addr.to_string()])
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+        .args(extra);
+    Proc::spawn(&agent.node_id, &mut cmd, &agent.dir.join("agent.log"))
+}
+
+/// The node as the tenant sees it, if it exists.
+pub async fn get_node(client: &mut TenantServiceClient<Channel>, id: &str) -> Option<pb::Node> {
+    client
+        .get_node(pb::GetNodeRequest {
+            node_id: id.to_string(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+pub async fn list_nodes(client: &mut TenantServiceClient<Channel>) -> Vec<pb::Node> {
+    client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect("ListNodes")
+        .into_inner()
+        .nodes
+}
