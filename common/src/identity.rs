@@ -280,4 +280,38 @@ mod tests {
             Err(IdentityError::BadCertificate(_))
         ));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+        }
+
+        proptest! {
+            #[test]
+            fn valid_identities_round_trip(d in name(), t in name(), n in name(), node in any::<bool>()) {
+                let id = if node {
+                    Identity::Node { domain: d, tenant: t, node_id: n }
+                } else {
+                    Identity::Tenant { domain: d, tenant: t, user: n }
+                };
+                prop_assert_eq!(Identity::parse_uri(&id.to_uri()), Ok(id));
+            }
+
+            #[test]
+            fn parsing_never_panics_and_accepts_only_canonical_uris(s in "\\PC{0,80}") {
+                if let Ok(id) = Identity::parse_uri(&s) {
+                    prop_assert_eq!(id.to_uri(), s);
+                }
+            }
+
+            #[test]
+            fn der_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = Identity::from_cert_der(&bytes);
+                let _ = cert_serial_hex(&bytes);
+            }
+        }
+    }
 }

@@ -86,3 +86,47 @@ async fn grpcurl_list_describe_and_list_nodes() {
     assert!(!anon.ok);
     assert!(anon.stderr.contains("Unauthenticated"), "{}", anon.stderr);
 }
+
+#[tokio::test]
+async fn agent_peer_port_serves_health_and_reflection_to_certified_clients_only() {
+    let tmp = TempDir::new().unwrap();
+    let m = Manager::start(&tmp.path().join("m")).await;
+    let agent = enroll(&m, tmp.path(), "peer-node").await;
+    let _a = start_agent(&agent, &m.addr, &[]);
+    let node = eventually("agent connected", DEADLINE, || {
+        let mut t = m.tenant();
+        async move { get_node(&mut t, "peer-node").await.filter(|n| n.connected) }
+    })
+    .await;
+    let peer = node.peer_address;
+    // Member certificates carry only a SPIFFE URI (no DNS/IP name), so plain
+    // grpcurl cannot check the server's host name: -insecure skips that
+    // check, while the agent still requires our client certificate.
+    let with_cert = |args: &[&str]| {
+        run(Command::new(grpcurl())
+            .args(["-insecure", "-cert"])
+            .arg(agent.dir.join("node.pem"))
+            .arg("-key")
+            .arg(agent.dir.join("node.key"))
+            .args(args))
+    };
+    let list = with_cert(&[&peer, "list"]);
+    assert!(list.ok, "{}", list.stderr);
+    assert!(
+        list.stdout.contains("grpc.health.v1.Health"),
+        "{}",
+        list.stdout
+    );
+    let health = with_cert(&[&peer, "grpc.health.v1.Health/Check"]);
+    assert!(
+        health.ok && health.stdout.contains("SERVING"),
+        "{}",
+        health.stderr
+    );
+
+    let anon = run(Command::new(grpcurl()).args(["-insecure", &peer, "list"]));
+    assert!(
+        !anon.ok,
+        "peer port answered a client without a certificate"
+    );
+}
