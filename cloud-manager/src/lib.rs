@@ -9,6 +9,7 @@ pub mod config;
 pub mod dev;
 pub mod manager;
 pub mod model;
+pub mod partition;
 pub mod registry;
 pub mod server;
 pub mod store;

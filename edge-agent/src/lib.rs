@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod join;
 pub mod peer;
+pub mod runtime;
 pub mod state;
 pub mod telemetry;
 pub mod uplink;

@@ -1,0 +1,1 @@
+//! Placeholder: the pool partitioner is being written.

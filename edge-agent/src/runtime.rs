@@ -1,0 +1,1 @@
+//! Placeholder: the app runtime (process supervisor) is being written.
