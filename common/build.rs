@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "edge/v1/types.proto",
         "edge/v1/tenant.proto",
         "edge/v1/agent.proto",
+        "edge/v1/peer.proto",
     ];
     let fds = protox::compile(files, ["../proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::caller;
 use crate::errors::to_status;
 use crate::manager::{LiveNode, Manager};
-use crate::model::{Hello, Sample};
+use crate::model::{AppReport, Hello, Sample};
 
 /// The agent must send its hello this soon after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,10 +166,26 @@ struct Session {
 
 impl Session {
     async fn run(self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
+        let mut assignments = self.live.subscribe_assignment();
+        // The current desired state goes out first, then every change.
+        assignments.mark_changed();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.tx.closed() => break,
+                changed = assignments.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = assignments.borrow_and_update().clone();
+                    if let Some(a) = current {
+                        let msg = down(Down::Assignment(pb::Assignment::from(&*a)));
+                        if self.tx.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
                 n = tokio::time::timeout(self.silent_limit, inbound.message()) => n,
             };
             let msg = match next {
@@ -190,6 +206,10 @@ impl Session {
             }
             match msg.msg {
                 Some(Up::Telemetry(t)) => self.live.record_sample(Sample::from(t)),
+                Some(Up::AppReport(r)) => {
+                    self.manager
+                        .record_report(&self.node_id, &self.live, AppReport::from(r));
+                }
                 Some(Up::Heartbeat(h)) => {
                     self.live.seen();
                     // Acks are advisory: if the agent is not reading, drop them.

@@ -7,10 +7,40 @@ use edgepool_common::proto as pb;
 use pb::tenant_service_server::TenantService;
 use tonic::{Request, Response, Status};
 
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+
 use crate::auth::tenant_caller;
 use crate::convert::timestamp;
 use crate::errors::to_status;
 use crate::manager::Manager;
+use crate::pool::{AppDef, PolicyDef};
+use crate::pool_ops::PoolRequest;
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// Largest number of apps one request may carry.
+const MAX_APPS: usize = 1000;
+/// Largest number of nodes in one pool.
+const MAX_NODES: usize = 1000;
+
+fn apps_from(apps: Vec<pb::AppSpec>) -> Result<Vec<AppDef>, Status> {
+    if apps.len() > MAX_APPS {
+        return Err(Status::invalid_argument(format!(
+            "apps: at most {MAX_APPS} apps per pool"
+        )));
+    }
+    Ok(apps.into_iter().map(AppDef::from).collect())
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    Ok(())
+}
 
 pub struct TenantApi {
     manager: Arc<Manager>,
@@ -74,4 +104,158 @@ impl TenantService for TenantApi {
             .map_err(to_status)?;
         Ok(Response::new(pb::Node::from(&node)))
     }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_pool(
+        &self,
+        request: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let tenant = self.tenant(&request)?;
+        let req = request.into_inner();
+        if req.node_ids.len() > MAX_NODES {
+            return Err(Status::invalid_argument(format!(
+                "node_ids: at most {MAX_NODES} nodes per pool"
+            )));
+        }
+        let policy = req
+            .policy
+            .map(PolicyDef::try_from)
+            .transpose()
+            .map_err(|e| to_status(e.into()))?;
+        let pool_req = PoolRequest {
+            name: req.name,
+            node_ids: req.node_ids,
+            apps: apps_from(req.apps)?,
+            policy,
+        };
+        let manager = self.manager.clone();
+        // Key generation, signing and the fsync'd write are blocking work.
+        let pool = tokio::task::spawn_blocking(move || manager.create_pool(&tenant, pool_req))
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+            .map_err(to_status)?;
+        Ok(Response::new(pb::Pool::from(&pool)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_pool(
+        &self,
+        request: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let tenant = self.tenant(&request)?;
+        let name = request.into_inner().name;
+        required("name", &name)?;
+        let pool = self.manager.get_pool(&tenant, &name).map_err(to_status)?;
+        Ok(Response::new(pb::Pool::from(&pool)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_pools(
+        &self,
+        request: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let pools = self.manager.list_pools(&tenant).map_err(to_status)?;
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: pools.iter().map(pb::Pool::from).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_pool(
+        &self,
+        request: Request<pb::DeletePoolRequest>,
+    ) -> Result<Response<pb::DeletePoolResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let name = request.into_inner().name;
+        required("name", &name)?;
+        let manager = self.manager.clone();
+        tokio::task::spawn_blocking(move || manager.delete_pool(&tenant, &name))
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeletePoolResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_apps(
+        &self,
+        request: Request<pb::UpdateAppsRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let tenant = self.tenant(&request)?;
+        let req = request.into_inner();
+        required("pool", &req.pool)?;
+        let apps = apps_from(req.apps)?;
+        let manager = self.manager.clone();
+        let pool =
+            tokio::task::spawn_blocking(move || manager.update_apps(&tenant, &req.pool, apps))
+                .await
+                .map_err(|_| Status::internal("internal error"))?
+                .map_err(to_status)?;
+        Ok(Response::new(pb::Pool::from(&pool)))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let tenant = self.tenant(&request)?;
+        let req = request.into_inner();
+        // Subscribe before reading the backlog so nothing falls in between.
+        let mut live = self.manager.subscribe_events();
+        let backlog = if req.after_seq > 0 {
+            self.manager
+                .events_since(&tenant, req.after_seq)
+                .map_err(to_status)?
+        } else {
+            Vec::new()
+        };
+        let pool = req.pool;
+        let wanted = move |e: &crate::events::EventRecord| {
+            e.tenant == tenant && (pool.is_empty() || e.pool == pool)
+        };
+        let stream = async_stream(move |tx| async move {
+            let mut last = req.after_seq;
+            for e in backlog.iter().filter(|e| wanted(e)) {
+                last = e.seq;
+                if tx.send(Ok(pb::Event::from(e))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.seq > last && wanted(&e) => {
+                        last = e.seq;
+                        if tx.send(Ok(pb::Event::from(&*e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(n)) => {
+                        let msg =
+                            format!("watcher fell {n} events behind; resume with after_seq={last}");
+                        let _ = tx.send(Err(Status::data_loss(msg))).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A response stream fed by a task through a small channel; the task ends
+/// when the client goes away (the channel closes).
+fn async_stream<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Event, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

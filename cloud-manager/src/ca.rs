@@ -23,7 +23,7 @@ const SERVER_VALIDITY: Duration = Duration::days(365);
 /// Tenant client certificates.
 const TENANT_VALIDITY: Duration = Duration::days(365);
 /// Certificates are back-dated this much to tolerate clock skew.
-const SKEW: Duration = Duration::minutes(5);
+pub(crate) const SKEW: Duration = Duration::minutes(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -151,7 +151,11 @@ impl Ca {
         &self.domain
     }
 
-    fn leaf_params(
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
+    pub(crate) fn leaf_params(
         &self,
         identity: &Identity,
         validity: Duration,
@@ -327,7 +331,7 @@ fn read(path: &Path) -> Result<String, CaError> {
 }
 
 /// 16 random bytes, top bit cleared so the DER integer stays positive.
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     crate::random::fill(&mut bytes);
     bytes[0] &= 0x7f;
@@ -335,7 +339,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn serial_hex(params: &CertificateParams) -> String {
+pub(crate) fn serial_hex(params: &CertificateParams) -> String {
     params
         .serial_number
         .as_ref()

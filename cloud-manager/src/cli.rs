@@ -79,6 +79,12 @@ pub struct ServeArgs {
     /// Heartbeat period agents are told to use (ms).
     #[arg(long, env = "EDGEPOOL_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u32>,
+    /// Lifetime of pool member certificates (seconds).
+    #[arg(long, env = "EDGEPOOL_MEMBER_CERT_VALIDITY_SECONDS")]
+    pub member_cert_validity_seconds: Option<u32>,
+    /// How often to look for member certificates to renew (ms).
+    #[arg(long, env = "EDGEPOOL_MEMBER_CERT_CHECK_MS")]
+    pub member_cert_check_ms: Option<u32>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -118,6 +124,11 @@ impl ServeArgs {
             ),
             (self.telemetry_interval_ms, &mut c.telemetry_interval_ms),
             (self.heartbeat_interval_ms, &mut c.heartbeat_interval_ms),
+            (
+                self.member_cert_validity_seconds,
+                &mut c.member_cert_validity_seconds,
+            ),
+            (self.member_cert_check_ms, &mut c.member_cert_check_ms),
         ] {
             if let Some(v) = flag {
                 *field = v;

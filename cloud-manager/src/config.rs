@@ -38,6 +38,12 @@ pub struct ManagerConfig {
     pub telemetry_interval_ms: u32,
     /// How often agents send heartbeats on the stream. Default 1000.
     pub heartbeat_interval_ms: u32,
+    /// Lifetime of pool member certificates; they are renewed over the
+    /// stream when a third of it is left. Default 86400 (24 h).
+    pub member_cert_validity_seconds: u32,
+    /// How often the manager looks for member certificates to renew.
+    /// Default 10000.
+    pub member_cert_check_ms: u32,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -55,6 +61,8 @@ impl Default for ManagerConfig {
             node_cert_validity_hours: 24 * 365,
             telemetry_interval_ms: 1000,
             heartbeat_interval_ms: 1000,
+            member_cert_validity_seconds: 24 * 3600,
+            member_cert_check_ms: 10_000,
             log_format: LogFormat::Plain,
         }
     }
@@ -115,6 +123,15 @@ impl ManagerConfig {
         }
         if self.node_cert_validity_hours == 0 {
             return Err(invalid("node_cert_validity_hours", "must be > 0"));
+        }
+        if self.member_cert_validity_seconds < 3 {
+            return Err(invalid(
+                "member_cert_validity_seconds",
+                "must be at least 3",
+            ));
+        }
+        if self.member_cert_check_ms < 100 {
+            return Err(invalid("member_cert_check_ms", "must be at least 100"));
         }
         for (field, v) in [
             ("telemetry_interval_ms", self.telemetry_interval_ms),

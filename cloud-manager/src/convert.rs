@@ -3,8 +3,11 @@
 
 use edgepool_common::proto as pb;
 
+use crate::events::{EventKind, EventRecord};
 use crate::manager::NodeView;
+use crate::model::{AppReport, AppRun, AppRunState, MemberView, NodeAssignment, PoolView};
 use crate::model::{DiskStat, Hello, InterfaceStat, NodeState, Resources, Sample};
+use crate::pool::{AppDef, PolicyDef, PoolError, TargetMode, Threshold};
 
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -142,8 +145,8 @@ impl From<&NodeView> for pb::Node {
         pb::Node {
             node_id: r.node_id.clone(),
             state: pb::NodeState::from(r.state) as i32,
-            pool: String::new(),
-            slot: 0,
+            pool: r.pool.clone(),
+            slot: r.slot,
             labels: r.labels.clone().into_iter().collect(),
             peer_address: r.peer_address.clone(),
             capacity: Some(r.capacity.into()),
@@ -161,6 +164,257 @@ impl From<&NodeView> for pb::Node {
             agent_version: r.agent_version.clone(),
             enrolled_at: Some(timestamp(r.enrolled_at_ms)),
             cert_serial: r.cert_serial.clone(),
+            peers: v
+                .live
+                .report
+                .iter()
+                .filter(|rep| rep.pool == r.pool)
+                .flat_map(|rep| rep.peers.iter())
+                .map(|p| pb::PeerReach {
+                    slot: p.slot,
+                    node_id: p.node_id.clone(),
+                    reachable: p.reachable,
+                    last_ok: (p.last_ok_ms > 0).then(|| timestamp(p.last_ok_ms)),
+                    error: p.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+// ---- pools ----
+
+impl From<pb::AppSpec> for AppDef {
+    fn from(a: pb::AppSpec) -> Self {
+        AppDef {
+            name: a.name,
+            command: a.command,
+            env: a.env.into_iter().collect(),
+            resources: a.resources.map(Into::into).unwrap_or_default(),
+            priority: a.priority,
+            offloadable: a.offloadable,
+            slot: a.slot,
+            artifact: a.artifact,
+        }
+    }
+}
+
+impl From<&AppDef> for pb::AppSpec {
+    fn from(a: &AppDef) -> Self {
+        pb::AppSpec {
+            name: a.name.clone(),
+            command: a.command.clone(),
+            env: a.env.clone().into_iter().collect(),
+            resources: Some(a.resources.into()),
+            priority: a.priority,
+            offloadable: a.offloadable,
+            slot: a.slot,
+            artifact: a.artifact.clone(),
+        }
+    }
+}
+
+/// A wire policy into the domain. Thresholds left out take the default;
+/// an unknown target mode is an error naming the field.
+impl TryFrom<pb::Policy> for PolicyDef {
+    type Error = PoolError;
+
+    fn try_from(p: pb::Policy) -> Result<Self, PoolError> {
+        let d = PolicyDef::default();
+        let t = |x: Option<pb::Threshold>, default: Threshold| {
+            x.map(|x| Threshold {
+                high: x.high,
+                low: x.low,
+            })
+            .unwrap_or(default)
+        };
+        let target = match pb::TargetMode::try_from(p.target) {
+            Ok(pb::TargetMode::Unspecified) | Ok(pb::TargetMode::Single) => TargetMode::Single,
+            Ok(pb::TargetMode::Spread) => TargetMode::Spread,
+            Err(_) => {
+                return Err(crate::pool::invalid(
+                    "policy.target",
+                    format!("unknown target mode {}", p.target),
+                ));
+            }
+        };
+        Ok(PolicyDef {
+            cpu: t(p.cpu, d.cpu),
+            memory: t(p.memory, d.memory),
+            disk: t(p.disk, d.disk),
+            network: t(p.network, d.network),
+            sustain_seconds: if p.sustain_seconds == 0 {
+                d.sustain_seconds
+            } else {
+                p.sustain_seconds
+            },
+            cooldown_seconds: if p.cooldown_seconds == 0 {
+                d.cooldown_seconds
+            } else {
+                p.cooldown_seconds
+            },
+            target,
+            version: d.version,
+        })
+    }
+}
+
+impl From<&PolicyDef> for pb::Policy {
+    fn from(p: &PolicyDef) -> Self {
+        let t = |x: Threshold| {
+            Some(pb::Threshold {
+                high: x.high,
+                low: x.low,
+            })
+        };
+        pb::Policy {
+            cpu: t(p.cpu),
+            memory: t(p.memory),
+            disk: t(p.disk),
+            network: t(p.network),
+            sustain_seconds: p.sustain_seconds,
+            cooldown_seconds: p.cooldown_seconds,
+            target: match p.target {
+                TargetMode::Single => pb::TargetMode::Single,
+                TargetMode::Spread => pb::TargetMode::Spread,
+            } as i32,
+            version: p.version,
+        }
+    }
+}
+
+impl From<&MemberView> for pb::Member {
+    fn from(m: &MemberView) -> Self {
+        pb::Member {
+            slot: m.slot,
+            node_id: m.node_id.clone(),
+            cert_pem: m.cert_pem.clone(),
+            cert_serial: m.cert_serial.clone(),
+            generation: m.generation,
+            peer_address: m.peer_address.clone(),
+            cert_expires_at: Some(timestamp(m.cert_not_after_ms)),
+        }
+    }
+}
+
+fn app_state(s: AppRunState) -> pb::AppState {
+    match s {
+        AppRunState::Pending => pb::AppState::Pending,
+        AppRunState::Running => pb::AppState::Running,
+        AppRunState::Backoff => pb::AppState::Backoff,
+        AppRunState::Stopped => pb::AppState::Stopped,
+        AppRunState::Failed => pb::AppState::Failed,
+    }
+}
+
+impl From<&PoolView> for pb::Pool {
+    fn from(p: &PoolView) -> Self {
+        pb::Pool {
+            name: p.name.clone(),
+            ca_pem: p.ca_pem.clone(),
+            members: p.members.iter().map(Into::into).collect(),
+            placements: p
+                .placements
+                .iter()
+                .map(|pl| pb::Placement {
+                    app: pl.app.clone(),
+                    home_slot: pl.home_slot,
+                    host_node_id: pl.host_node_id.clone(),
+                    state: app_state(pl.run.state) as i32,
+                    pid: pl.run.pid,
+                    restarts: pl.run.restarts,
+                    usage: Some(pl.run.usage.into()),
+                    last_exit: pl.run.last_exit.clone(),
+                })
+                .collect(),
+            policy: Some((&p.policy).into()),
+            generation: p.generation,
+            apps: p.apps.iter().map(Into::into).collect(),
+            created_at: Some(timestamp(p.created_at_ms)),
+            tenant: p.tenant.clone(),
+        }
+    }
+}
+
+impl From<&NodeAssignment> for pb::Assignment {
+    fn from(a: &NodeAssignment) -> Self {
+        pb::Assignment {
+            pool: a.pool.clone(),
+            slot: a.slot,
+            generation: a.generation,
+            apps: a.apps.iter().map(Into::into).collect(),
+            member_cert_pem: a.member_cert_pem.clone(),
+            pool_ca_pem: a.pool_ca_pem.clone(),
+            members: a.members.iter().map(Into::into).collect(),
+            policy: a.policy.as_ref().map(Into::into),
+        }
+    }
+}
+
+/// Bounds on an agent's report, like those on telemetry.
+const MAX_REPORTED_APPS: usize = 4096;
+
+impl From<pb::AppReport> for AppReport {
+    fn from(r: pb::AppReport) -> Self {
+        AppReport {
+            pool: r.pool,
+            generation: r.generation,
+            apps: r
+                .apps
+                .into_iter()
+                .take(MAX_REPORTED_APPS)
+                .map(|p| AppRun {
+                    state: match pb::AppState::try_from(p.state) {
+                        Ok(pb::AppState::Running) => AppRunState::Running,
+                        Ok(pb::AppState::Backoff) => AppRunState::Backoff,
+                        Ok(pb::AppState::Stopped) => AppRunState::Stopped,
+                        Ok(pb::AppState::Failed) => AppRunState::Failed,
+                        _ => AppRunState::Pending,
+                    },
+                    name: p.app,
+                    pid: p.pid,
+                    restarts: p.restarts,
+                    usage: p.usage.map(Into::into).unwrap_or_default(),
+                    last_exit: p.last_exit.chars().take(256).collect(),
+                })
+                .collect(),
+            peers: r
+                .peers
+                .into_iter()
+                .take(MAX_REPORTED_APPS)
+                .map(|p| crate::model::PeerReach {
+                    slot: p.slot,
+                    node_id: p.node_id,
+                    reachable: p.reachable,
+                    last_ok_ms: p.last_ok.as_ref().map(ms_of).unwrap_or(0),
+                    error: p.error.chars().take(256).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&EventRecord> for pb::Event {
+    fn from(e: &EventRecord) -> Self {
+        let kind = match e.kind {
+            EventKind::PoolCreated => pb::EventKind::PoolCreated,
+            EventKind::PoolDeleted => pb::EventKind::PoolDeleted,
+            EventKind::AppStarted => pb::EventKind::AppStarted,
+            EventKind::AppStopped => pb::EventKind::AppStopped,
+            EventKind::AppExited => pb::EventKind::AppExited,
+            EventKind::AppsUpdated => pb::EventKind::AppsUpdated,
+            EventKind::NodeEnrolled => pb::EventKind::NodeEnrolled,
+            EventKind::CertRenewed => pb::EventKind::CertRenewed,
+        };
+        pb::Event {
+            time: Some(timestamp(e.at_ms)),
+            pool: e.pool.clone(),
+            kind: kind as i32,
+            node_id: e.node_id.clone(),
+            slot: e.slot,
+            app: e.app.clone(),
+            message: e.message.clone(),
+            seq: e.seq,
         }
     }
 }

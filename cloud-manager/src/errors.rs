@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::manager::ManagerError;
+use crate::pool::PoolError;
 use crate::registry::EnrollError;
 
 pub fn to_status(e: ManagerError) -> Status {
@@ -20,6 +21,11 @@ pub fn to_status(e: ManagerError) -> Status {
             }
         },
         ManagerError::Ca(crate::ca::CaError::BadCsr(_)) => Status::invalid_argument(e.to_string()),
+        ManagerError::Pool(ref inner) => match inner {
+            PoolError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            PoolError::Precondition { .. } => Status::failed_precondition(e.to_string()),
+            PoolError::NotFound(_) => Status::not_found(e.to_string()),
+        },
         ManagerError::NotFound(m) => Status::not_found(m),
         ManagerError::PermissionDenied(m) => Status::permission_denied(m),
         ManagerError::Store(_) | ManagerError::Ca(_) | ManagerError::Poisoned => {

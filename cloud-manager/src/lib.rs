@@ -3,13 +3,17 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod chain;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod dev;
+pub mod events;
 pub mod manager;
 pub mod model;
 pub mod partition;
+pub mod pool;
+pub mod pool_ops;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -11,9 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use edgepool_common::identity::Identity;
 
+use tokio::sync::{broadcast, watch};
+
 use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
-use crate::model::{Hello, Sample, now_ms};
+use crate::events::{EventKind, EventRecord};
+use crate::model::{AppReport, Hello, NodeAssignment, Sample, now_ms};
+use crate::pool::PoolError;
 use crate::registry::{EnrollError, NodeRecord, Registry, TOKEN_BYTES, TOKEN_PREFIX, TokenRecord};
 use crate::store::{Store, StoreError};
 
@@ -23,6 +27,8 @@ pub enum ManagerError {
     Invalid { field: &'static str, why: String },
     #[error(transparent)]
     Enroll(#[from] EnrollError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -47,9 +53,20 @@ pub struct EnrollGrant {
 }
 
 /// Live (not persisted) state of one node's connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LiveNode {
     inner: Mutex<LiveData>,
+    /// The node's desired state; its stream session sends every new value.
+    assign: watch::Sender<Option<Arc<NodeAssignment>>>,
+}
+
+impl Default for LiveNode {
+    fn default() -> Self {
+        LiveNode {
+            inner: Mutex::new(LiveData::default()),
+            assign: watch::channel(None).0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -58,6 +75,8 @@ pub struct LiveData {
     pub conn_id: Option<u64>,
     pub last_seen_ms: u64,
     pub sample: Option<Sample>,
+    /// What the agent last said it runs.
+    pub report: Option<AppReport>,
 }
 
 impl LiveNode {
@@ -85,6 +104,21 @@ impl LiveNode {
     pub fn snapshot(&self) -> LiveData {
         self.lock().clone()
     }
+
+    /// Stores a new report and returns the previous one.
+    pub fn swap_report(&self, report: AppReport) -> Option<AppReport> {
+        let mut l = self.lock();
+        l.last_seen_ms = now_ms();
+        l.report.replace(report)
+    }
+
+    pub fn subscribe_assignment(&self) -> watch::Receiver<Option<Arc<NodeAssignment>>> {
+        self.assign.subscribe()
+    }
+
+    pub(crate) fn set_assignment(&self, a: NodeAssignment) {
+        self.assign.send_replace(Some(Arc::new(a)));
+    }
 }
 
 /// A node as the tenant API shows it: durable record + live data.
@@ -95,12 +129,13 @@ pub struct NodeView {
 }
 
 pub struct Manager {
-    config: ManagerConfig,
-    ca: Ca,
+    pub(crate) config: ManagerConfig,
+    pub(crate) ca: Ca,
     registry: Mutex<Registry>,
     store: Box<dyn Store>,
     live: RwLock<HashMap<String, Arc<LiveNode>>>,
     next_conn: AtomicU64,
+    events: broadcast::Sender<Arc<EventRecord>>,
 }
 
 impl Manager {
@@ -113,6 +148,7 @@ impl Manager {
             store,
             live: RwLock::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            events: broadcast::channel(1024).0,
         })
     }
 
@@ -124,13 +160,14 @@ impl Manager {
         &self.config.trust_domain
     }
 
-    fn registry(&self) -> Result<MutexGuard<'_, Registry>, ManagerError> {
+    pub(crate) fn registry(&self) -> Result<MutexGuard<'_, Registry>, ManagerError> {
         self.registry.lock().map_err(|_| ManagerError::Poisoned)
     }
 
     /// Applies `f` to a copy of the registry, persists the copy, then makes
-    /// it current. If `f` or the store fails, nothing changes.
-    fn mutate<T>(
+    /// it current and broadcasts the events `f` recorded. If `f` or the
+    /// store fails, nothing changes.
+    pub(crate) fn mutate<T>(
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, ManagerError>,
     ) -> Result<T, ManagerError> {
@@ -138,8 +175,29 @@ impl Manager {
         let mut next = current.clone();
         let out = f(&mut next)?;
         self.store.save(&next)?;
+        let seen = current.events.next_seq;
         *current = next;
+        for e in current.events.since(seen) {
+            // No subscribers is fine: events are also kept in the registry.
+            let _ = self.events.send(Arc::new(e.clone()));
+        }
         Ok(out)
+    }
+
+    /// Live events from now on (see also `events_since`).
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+        self.events.subscribe()
+    }
+
+    /// Retained events of `tenant` with a sequence number above `after`.
+    pub fn events_since(&self, tenant: &str, after: u64) -> Result<Vec<EventRecord>, ManagerError> {
+        Ok(self
+            .registry()?
+            .events
+            .since(after)
+            .filter(|e| e.tenant == tenant)
+            .cloned()
+            .collect())
     }
 
     /// Creates a single-use join token for `tenant`. Returns the token and
@@ -199,7 +257,17 @@ impl Manager {
                 node_id: plan.node_id.clone(),
             };
             let issued = self.ca.sign_node_csr(csr_pem, &identity, validity)?;
-            r.apply_enroll(&plan, &issued.serial_hex, now);
+            r.apply_enroll(&plan, &issued.serial_hex, &issued.cert_pem, now);
+            r.events.push(
+                EventRecord::new(&plan.tenant, "", EventKind::NodeEnrolled)
+                    .node(&plan.node_id, 0)
+                    .message(if plan.replaces {
+                        "enrolled again (--force)"
+                    } else {
+                        "enrolled"
+                    }),
+                now,
+            );
             Ok(EnrollGrant {
                 node_id: plan.node_id.clone(),
                 tenant: plan.tenant.clone(),
@@ -242,13 +310,17 @@ impl Manager {
         hello: &Hello,
     ) -> Result<(u64, Arc<LiveNode>), ManagerError> {
         let changed = self.registry()?.hello_changes(node_id, hello);
+        let live = self.live_node(node_id)?;
         if changed {
             self.mutate(|r| {
                 r.apply_hello(node_id, hello);
                 Ok(())
             })?;
+            // Peers learn the new peer address through the membership.
+            self.push_pool_of(node_id)?;
         }
-        let live = self.live_node(node_id)?;
+        // The session sends this first thing (and every later change).
+        live.set_assignment(self.assignment_for(node_id)?);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         {
             let mut l = live.lock();
@@ -268,7 +340,7 @@ impl Manager {
         }
     }
 
-    fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {
+    pub(crate) fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {
         if let Some(l) = self
             .live
             .read()
@@ -281,14 +353,19 @@ impl Manager {
         Ok(map.entry(node_id.to_string()).or_default().clone())
     }
 
-    fn view(&self, record: &NodeRecord) -> Result<NodeView, ManagerError> {
-        let live = self
+    /// Live data of a node (default if it never connected).
+    pub(crate) fn live_data(&self, node_id: &str) -> Result<LiveData, ManagerError> {
+        Ok(self
             .live
             .read()
             .map_err(|_| ManagerError::Poisoned)?
-            .get(&record.node_id)
+            .get(node_id)
             .map(|l| l.snapshot())
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    fn view(&self, record: &NodeRecord) -> Result<NodeView, ManagerError> {
+        let live = self.live_data(&record.node_id)?;
         Ok(NodeView {
             record: record.clone(),
             live,

@@ -67,3 +67,93 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A member as an agent needs to know it (membership pushed to every member).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    pub slot: u32,
+    pub node_id: String,
+    pub cert_pem: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+    pub generation: u64,
+    pub peer_address: String,
+}
+
+/// The whole desired state of one node: its pool slot, its group of apps,
+/// its member certificate and the membership. An empty `pool` means the
+/// node is not a member and runs nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeAssignment {
+    pub pool: String,
+    pub slot: u32,
+    pub generation: u64,
+    pub apps: Vec<crate::pool::AppDef>,
+    pub member_cert_pem: String,
+    pub pool_ca_pem: String,
+    pub members: Vec<MemberView>,
+    pub policy: Option<crate::pool::PolicyDef>,
+}
+
+/// Run state of an app as an agent reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AppRunState {
+    #[default]
+    Pending,
+    Running,
+    Backoff,
+    Stopped,
+    Failed,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppRun {
+    pub name: String,
+    pub state: AppRunState,
+    pub pid: u32,
+    pub restarts: u32,
+    pub usage: Resources,
+    pub last_exit: String,
+}
+
+/// What an agent runs, as it last reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppReport {
+    pub pool: String,
+    pub generation: u64,
+    pub apps: Vec<AppRun>,
+    pub peers: Vec<PeerReach>,
+}
+
+/// Whether a member reaches another member's peer port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerReach {
+    pub slot: u32,
+    pub node_id: String,
+    pub reachable: bool,
+    pub last_ok_ms: u64,
+    pub error: String,
+}
+
+/// Where an app of a pool runs, as `GetPool` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlacementView {
+    pub app: String,
+    pub home_slot: u32,
+    pub host_node_id: String,
+    pub run: AppRun,
+}
+
+/// A pool as the tenant API shows it (never the pool CA's key).
+#[derive(Clone, Debug)]
+pub struct PoolView {
+    pub name: String,
+    pub tenant: String,
+    pub ca_pem: String,
+    pub members: Vec<MemberView>,
+    pub apps: Vec<crate::pool::AppDef>,
+    pub placements: Vec<PlacementView>,
+    pub policy: crate::pool::PolicyDef,
+    pub generation: u64,
+    pub created_at_ms: u64,
+}

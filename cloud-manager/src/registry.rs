@@ -9,7 +9,9 @@ use edgepool_common::identity::validate_name;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::events::EventLog;
 use crate::model::{Hello, NodeState, Resources};
+use crate::pool::PoolRecord;
 
 /// Prefix of every join token, so a token pasted in the wrong place is easy
 /// to recognise (and to grep out of logs).
@@ -43,14 +45,28 @@ pub struct NodeRecord {
     pub capacity: Resources,
     pub agent_version: String,
     pub hostname: String,
+    /// The node's identity certificate (PEM); member certificates are
+    /// issued for its public key.
+    #[serde(default)]
+    pub cert_pem: String,
+    /// Pool and slot while the node is a member.
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// Everything the manager must not lose.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Registry {
     /// Keyed by SHA-256 (hex) of the token: the secret itself is never stored.
     pub tokens: HashMap<String, TokenRecord>,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// Keyed by `tenant/name`.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolRecord>,
+    #[serde(default)]
+    pub events: EventLog,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -146,11 +162,21 @@ impl Registry {
 
     /// Applies a plan once the certificate is signed: the token is spent and
     /// the node (re)created with the new certificate serial.
-    pub fn apply_enroll(&mut self, plan: &EnrollPlan, cert_serial: &str, now_ms: u64) {
+    pub fn apply_enroll(
+        &mut self,
+        plan: &EnrollPlan,
+        cert_serial: &str,
+        cert_pem: &str,
+        now_ms: u64,
+    ) {
         if let Some(t) = self.tokens.get_mut(&plan.token_hash) {
             t.used_by = Some(plan.node_id.clone());
         }
+        // A re-enrolled node keeps its pool membership (state, pool, slot).
         let previous = self.nodes.remove(&plan.node_id);
+        let (state, pool, slot) = previous
+            .map(|p| (p.state, p.pool, p.slot))
+            .unwrap_or_default();
         self.nodes.insert(
             plan.node_id.clone(),
             NodeRecord {
@@ -159,11 +185,14 @@ impl Registry {
                 labels: plan.labels.clone(),
                 cert_serial: cert_serial.to_string(),
                 enrolled_at_ms: now_ms,
-                state: previous.map(|p| p.state).unwrap_or_default(),
+                state,
                 peer_address: String::new(),
                 capacity: Resources::default(),
                 agent_version: String::new(),
                 hostname: String::new(),
+                cert_pem: cert_pem.to_string(),
+                pool,
+                slot,
             },
         );
     }
@@ -222,7 +251,7 @@ mod tests {
     fn token_is_single_use() {
         let mut r = reg_with_token("acme", 1000);
         let plan = r.plan_enroll(T, "n1", false, 10).unwrap();
-        r.apply_enroll(&plan, "aa", 10);
+        r.apply_enroll(&plan, "aa", "", 10);
         assert_eq!(
             r.plan_enroll(T, "n2", false, 11),
             Err(EnrollError::UsedToken("n1".into()))
@@ -265,7 +294,7 @@ mod tests {
     fn re_enroll_needs_force_and_same_tenant() {
         let mut r = reg_with_token("acme", 1000);
         let plan = r.plan_enroll(T, "n1", false, 0).unwrap();
-        r.apply_enroll(&plan, "aa", 0);
+        r.apply_enroll(&plan, "aa", "", 0);
         let t2 = "ept_000000000000000000000000000000000000000000000002";
         r.add_token(
             t2,
@@ -284,7 +313,7 @@ mod tests {
         );
         let plan = r.plan_enroll(t2, "n1", true, 1).unwrap();
         assert!(plan.replaces);
-        r.apply_enroll(&plan, "bb", 1);
+        r.apply_enroll(&plan, "bb", "", 1);
         assert_eq!(r.nodes["n1"].cert_serial, "bb");
 
         let t3 = "ept_000000000000000000000000000000000000000000000003";

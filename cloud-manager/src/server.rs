@@ -99,7 +99,8 @@ impl ManagerServer {
             shutdown.clone(),
             tracker.clone(),
         ));
-        let incoming = tls::tls_incoming(self.listener, self.tls, shutdown.clone());
+        tracker.spawn(renewal_worker(self.manager.clone(), shutdown.clone()));
+        let incoming = tls::tls_incoming(self.listener, tls::fixed(self.tls), shutdown.clone());
         tracing::info!(addr = %self.local_addr, "manager serving");
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -122,6 +123,25 @@ impl ManagerServer {
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
         tracing::info!("manager stopped");
         Ok(())
+    }
+}
+
+/// Renews member certificates before they expire, for as long as the
+/// manager runs.
+async fn renewal_worker(manager: Arc<Manager>, shutdown: CancellationToken) {
+    let every = Duration::from_millis(u64::from(manager.config().member_cert_check_ms));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let m = manager.clone();
+        match tokio::task::spawn_blocking(move || m.renew_member_certs()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(renewed = n, "member certificates renewed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "member certificate renewal failed"),
+            Err(e) => tracing::warn!(error = %e, "member certificate renewal task failed"),
+        }
     }
 }
 

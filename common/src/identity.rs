@@ -27,6 +27,14 @@ pub enum Identity {
         tenant: String,
         user: String,
     },
+    /// Slot `slot` (1..M) of a pool:
+    /// `spiffe://<domain>/tenant/<t>/pool/<p>/member/<slot>`.
+    Member {
+        domain: String,
+        tenant: String,
+        pool: String,
+        slot: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,7 +60,8 @@ impl Identity {
         match self {
             Identity::Manager { domain }
             | Identity::Node { domain, .. }
-            | Identity::Tenant { domain, .. } => domain,
+            | Identity::Tenant { domain, .. }
+            | Identity::Member { domain, .. } => domain,
         }
     }
 
@@ -60,7 +69,9 @@ impl Identity {
     pub fn tenant(&self) -> Option<&str> {
         match self {
             Identity::Manager { .. } => None,
-            Identity::Node { tenant, .. } | Identity::Tenant { tenant, .. } => Some(tenant),
+            Identity::Node { tenant, .. }
+            | Identity::Tenant { tenant, .. }
+            | Identity::Member { tenant, .. } => Some(tenant),
         }
     }
 
@@ -94,6 +105,22 @@ impl Identity {
                     domain,
                     tenant: t.into(),
                     user: u.into(),
+                })
+            }
+            ["tenant", t, "pool", p, "member", i] => {
+                validate_name("tenant", t)?;
+                validate_name("pool", p)?;
+                // Canonical decimal only (no sign, no leading zeros), so the
+                // URI form of a slot is unique.
+                let slot: u32 = i.parse().map_err(|_| bad())?;
+                if slot == 0 || slot.to_string() != i {
+                    return Err(bad());
+                }
+                Ok(Identity::Member {
+                    domain,
+                    tenant: t.into(),
+                    pool: p.into(),
+                    slot,
                 })
             }
             _ => Err(bad()),
@@ -137,6 +164,15 @@ impl fmt::Display for Identity {
                 tenant,
                 user,
             } => write!(f, "spiffe://{domain}/tenant/{tenant}/user/{user}"),
+            Identity::Member {
+                domain,
+                tenant,
+                pool,
+                slot,
+            } => write!(
+                f,
+                "spiffe://{domain}/tenant/{tenant}/pool/{pool}/member/{slot}"
+            ),
         }
     }
 }
@@ -202,6 +238,7 @@ mod tests {
             "spiffe://edgepool.local/manager",
             "spiffe://edgepool.local/tenant/acme/node/dev-1",
             "spiffe://a.b/tenant/t1/user/admin",
+            "spiffe://a.b/tenant/t1/pool/p-1/member/3",
         ] {
             let id = Identity::parse_uri(uri).unwrap();
             assert_eq!(id.to_uri(), uri);
@@ -218,6 +255,10 @@ mod tests {
             "spiffe://edgepool.local/tenant/acme/node/-x",
             "spiffe:///manager",
             "spiffe://edgepool.local/tenant/../node/x",
+            "spiffe://d/tenant/t/pool/p/member/0",
+            "spiffe://d/tenant/t/pool/p/member/01",
+            "spiffe://d/tenant/t/pool/p/member/+1",
+            "spiffe://d/tenant/t/pool/p/member/x",
         ] {
             assert!(Identity::parse_uri(uri).is_err(), "{uri} accepted");
         }

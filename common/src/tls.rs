@@ -243,6 +243,133 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signatures::tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signatures::tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signatures::schemes()
+    }
+}
+
+/// Verifies a server by its SPIFFE identity instead of a host name: the
+/// chain must verify against `roots` (with the intermediates the server
+/// sends, e.g. a pool CA) and the leaf's URI SAN must satisfy `accept`.
+/// Used between pool members, whose certificates carry only a URI SAN.
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    accept: Box<dyn Fn(&crate::identity::Identity) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpiffeServerVerifier")
+    }
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(
+        roots: RootCertStore,
+        accept: impl Fn(&crate::identity::Identity) -> bool + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            roots: Arc::new(roots),
+            accept: Box::new(accept),
+        })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        let identity = crate::identity::Identity::from_cert_der(end_entity.as_ref())
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if !(self.accept)(&identity) {
+            return Err(rustls::Error::General(format!(
+                "server certificate names {identity}, which is not the expected peer"
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signatures::tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        signatures::tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        signatures::schemes()
+    }
+}
+
+/// A client config checking the server with `verifier` and presenting
+/// `identity`.
+pub fn client_config_with_verifier(
+    verifier: Arc<dyn ServerCertVerifier>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A client config that pins the server's CA by fingerprint.
+pub fn pinned_client_config(verifier: Arc<FingerprintVerifier>) -> Result<ClientConfig, TlsError> {
+    client_config_with_verifier(verifier, None)
+}
+
+/// Handshake signature checks shared by our custom verifiers: the standard
+/// ones of the crypto provider.
+mod signatures {
+    use super::*;
+
+    pub fn tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
@@ -251,8 +378,7 @@ impl ServerCertVerifier for FingerprintVerifier {
         )
     }
 
-    fn verify_tls13_signature(
-        &self,
+    pub fn tls13(
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
@@ -265,22 +391,11 @@ impl ServerCertVerifier for FingerprintVerifier {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    pub fn schemes() -> Vec<SignatureScheme> {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// A client config that pins the server's CA by fingerprint.
-pub fn pinned_client_config(verifier: Arc<FingerprintVerifier>) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
 }
 
 /// Splits `HOST:PORT` (or `[V6]:PORT`) and returns the host as a TLS server
@@ -326,6 +441,14 @@ pub fn channel(addr: &str, tls: Arc<ClientConfig>, timeout: Duration) -> Result<
     )
 }
 
+/// Where a server gets its TLS config for each new connection.
+pub type ConfigSource = Arc<dyn Fn() -> Arc<ServerConfig> + Send + Sync>;
+
+/// A config source that never changes.
+pub fn fixed(config: Arc<ServerConfig>) -> ConfigSource {
+    Arc::new(move || config.clone())
+}
+
 /// Accepts TCP connections on `listener` and yields the ones whose TLS
 /// handshake succeeds, for `serve_with_incoming`. Handshakes run in their own
 /// tasks so a slow client cannot stall accepting; failed handshakes (no or
@@ -333,11 +456,10 @@ pub fn channel(addr: &str, tls: Arc<ClientConfig>, timeout: Duration) -> Result<
 /// are logged at debug level and dropped. The stream ends when `stop` fires.
 pub fn tls_incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: ConfigSource,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -354,7 +476,8 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // Taken per connection, so a new certificate applies at once.
+            let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -116,6 +116,12 @@ pub struct RunArgs {
     pub reconnect_min_ms: Option<u64>,
     #[arg(long, env = "EDGE_AGENT_RECONNECT_MAX_MS")]
     pub reconnect_max_ms: Option<u64>,
+    /// How often pool members probe each other (ms).
+    #[arg(long, env = "EDGE_AGENT_PEER_PROBE_INTERVAL_MS")]
+    pub peer_probe_interval_ms: Option<u64>,
+    /// Stop the apps when the agent stops gracefully (true/false).
+    #[arg(long, env = "EDGE_AGENT_STOP_APPS_ON_EXIT")]
+    pub stop_apps_on_exit: Option<bool>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -174,6 +180,12 @@ impl RunArgs {
         }
         if let Some(v) = self.reconnect_max_ms {
             c.reconnect_max_ms = v;
+        }
+        if let Some(v) = self.peer_probe_interval_ms {
+            c.peer_probe_interval_ms = v;
+        }
+        if let Some(v) = self.stop_apps_on_exit {
+            c.stop_apps_on_exit = v;
         }
         if let Some(v) = self.log_format {
             c.log_format = v;

@@ -32,6 +32,13 @@ pub struct AgentConfig {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay (exponential backoff, jittered). Default 10000.
     pub reconnect_max_ms: u64,
+    /// How often a pool member probes the other members' peer ports.
+    /// Default 2000.
+    pub peer_probe_interval_ms: u64,
+    /// Stop the apps when the agent stops gracefully (SIGINT/SIGTERM). If
+    /// false they keep running and the next agent start adopts them. A
+    /// crashed agent never stops them. Default true.
+    pub stop_apps_on_exit: bool,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -61,6 +68,8 @@ impl Default for AgentConfig {
             capacity: CapacityConfig::default(),
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
+            peer_probe_interval_ms: 2000,
+            stop_apps_on_exit: true,
             log_format: LogFormat::Plain,
         }
     }
@@ -107,6 +116,9 @@ impl AgentConfig {
             if !(100..=60_000).contains(&v) {
                 return Err(invalid(field, "must be between 100 and 60000"));
             }
+        }
+        if self.peer_probe_interval_ms < 100 {
+            return Err(invalid("peer_probe_interval_ms", "must be at least 100"));
         }
         if self.reconnect_min_ms == 0 {
             return Err(invalid("reconnect_min_ms", "must be > 0"));

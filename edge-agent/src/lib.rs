@@ -6,6 +6,8 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod join;
+pub mod membership;
+pub mod node;
 pub mod peer;
 pub mod runtime;
 pub mod state;
@@ -20,7 +22,7 @@ use anyhow::Context;
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -30,11 +32,14 @@ use crate::uplink::{LinkState, Uplink};
 /// An agent that is bound and ready to run.
 pub struct Agent {
     info: NodeInfo,
+    shared: Arc<node::Shared>,
     uplink: Uplink,
+    assignments: mpsc::Receiver<pb::Assignment>,
     peer_listener: TcpListener,
     peer_addr: SocketAddr,
-    peer_tls: Arc<rustls::ServerConfig>,
     link: watch::Receiver<LinkState>,
+    probe_every: Duration,
+    stop_apps_on_exit: bool,
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -46,7 +51,6 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
     let chain = tls::read_certs(&data.cert())?;
     let key = tls::read_key(&data.key())?;
     let client_tls = tls::client_config(tls::roots(&ca)?, Some((chain.clone(), key.clone_key())))?;
-    let peer_tls = tls::server_config(chain, key, tls::ClientAuth::Required(tls::roots(&ca)?))?;
     let manager = if config.manager.is_empty() {
         info.manager.clone()
     } else {
@@ -75,8 +79,24 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         capacity: Some(uplink::resources(sampler.capacity())),
         hostname: sysinfo::System::host_name().unwrap_or_default(),
     };
+    let runtime = runtime::Runtime::new(
+        config.data_dir.join("apps"),
+        runtime::RuntimeOptions::default(),
+    );
+    let shared = Arc::new(node::Shared::new(
+        info.clone(),
+        data,
+        ca,
+        chain,
+        key,
+        runtime,
+        sampler.capacity(),
+    )?);
     let (state, link) = watch::channel(LinkState::Disconnected);
+    let (assign_tx, assignments) = mpsc::channel(16);
     let uplink = Uplink {
+        shared: shared.clone(),
+        assignments: assign_tx,
         manager,
         tls: Arc::new(client_tls),
         hello,
@@ -91,11 +111,14 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
     };
     Ok(Agent {
         info,
+        shared,
         uplink,
+        assignments,
         peer_listener,
         peer_addr,
-        peer_tls: Arc::new(peer_tls),
         link,
+        probe_every: Duration::from_millis(config.peer_probe_interval_ms),
+        stop_apps_on_exit: config.stop_apps_on_exit,
     })
 }
 
@@ -122,17 +145,45 @@ impl Agent {
             peer = %self.peer_addr,
             "agent running"
         );
+        let shared = self.shared.clone();
+        // The saved assignment first: apps and membership come back even
+        // when the manager is unreachable.
+        if let Some(saved) = shared.load_saved()
+            && let Err(e) = shared.apply(saved).await
+        {
+            tracing::warn!(error = %e, "could not apply the saved assignment");
+        }
         let peer = tokio::spawn(peer::serve(
             self.peer_listener,
-            self.peer_tls,
+            shared.clone(),
             shutdown.clone(),
         ));
+        let prober = tokio::spawn(peer::probe_loop(
+            shared.clone(),
+            self.probe_every,
+            shutdown.clone(),
+        ));
+        let applier = tokio::spawn(apply_loop(shared.clone(), self.assignments));
         self.uplink.run(shutdown.clone()).await;
+        let _ = prober.await;
+        applier.abort();
+        if self.stop_apps_on_exit {
+            shared.runtime.stop_all().await;
+        }
         match peer.await {
             Ok(r) => r?,
             Err(e) => anyhow::bail!("peer server task failed: {e}"),
         }
         tracing::info!("agent stopped");
         Ok(())
+    }
+}
+
+/// Applies assignments from the manager, in order, until the uplink ends.
+async fn apply_loop(shared: Arc<node::Shared>, mut rx: mpsc::Receiver<pb::Assignment>) {
+    while let Some(a) = rx.recv().await {
+        if let Err(e) = shared.apply(a).await {
+            tracing::warn!(error = %e, "could not apply the assignment");
+        }
     }
 }

@@ -1,25 +1,53 @@
-//! The peer gRPC server every agent runs (pool members talk to each other
-//! here). For now it serves health and reflection; the TLS layer already
-//! requires a client certificate from the same root CA.
+//! The peer gRPC server every agent runs, and the prober that checks the
+//! other members' peer ports.
+//!
+//! Server: TLS requires a client certificate chaining to the root CA; then
+//! every PeerService call is authorised against the current membership
+//! (`Membership::authorize`): only the current member certificate of
+//! another slot of our own pool passes. Health and reflection answer any
+//! client that completes the handshake.
+//!
+//! Prober: every `peer_probe_interval`, each member calls `Probe` on every
+//! other member with its member certificate, verifying that the server
+//! presents the member certificate of exactly the expected slot. The results
+//! go to the manager in the app report (and show in `GetNode.peers`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgepool_common::identity::{Identity, cert_serial_hex};
+use edgepool_common::proto as pb;
+use edgepool_common::tls;
+use pb::peer_service_client::PeerServiceClient;
+use pb::peer_service_server::{PeerService, PeerServiceServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::membership::Membership;
+use crate::node::{PeerStatus, Shared};
+use crate::uplink::resources;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<PeerServiceServer<PeerApi>>().await;
     let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
-    let incoming = edgepool_common::tls::tls_incoming(listener, tls, shutdown.clone());
+    let source_shared = shared.clone();
+    let source: tls::ConfigSource = Arc::new(move || source_shared.peer_tls());
+    let incoming = tls::tls_incoming(listener, source, shutdown.clone());
     let serve = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(PeerServiceServer::new(PeerApi { shared }))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let deadline = async {
         shutdown.cancelled().await;
@@ -30,4 +58,135 @@ pub async fn serve(
         _ = deadline => {}
     }
     Ok(())
+}
+
+pub struct PeerApi {
+    shared: Arc<Shared>,
+}
+
+impl PeerApi {
+    /// The caller's slot, if it may use PeerService.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(Arc<Membership>, u32), Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a member certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a member certificate is required"))?;
+        let identity = Identity::from_cert_der(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let serial = cert_serial_hex(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let membership = self
+            .shared
+            .membership()
+            .ok_or_else(|| Status::permission_denied("this node is not a pool member"))?;
+        let slot = membership
+            .authorize(&identity, &serial)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        Ok((membership, slot))
+    }
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerApi {
+    async fn probe(
+        &self,
+        request: Request<pb::ProbeRequest>,
+    ) -> Result<Response<pb::ProbeResponse>, Status> {
+        let (m, caller_slot) = self.authorize(&request)?;
+        Ok(Response::new(pb::ProbeResponse {
+            node_id: self.shared.info.node_id.clone(),
+            pool: m.pool.clone(),
+            slot: m.slot,
+            generation: m.generation,
+            capacity: Some(resources(self.shared.capacity)),
+            usage: Some(resources(self.shared.usage())),
+            caller_slot,
+        }))
+    }
+}
+
+/// A client for member `slot` of `m`'s pool, presenting our member
+/// certificate and accepting only that member's certificate from the server.
+pub fn peer_client(
+    shared: &Shared,
+    m: &Membership,
+    slot: u32,
+    address: &str,
+) -> Result<PeerServiceClient<Channel>, tls::TlsError> {
+    let expected = Identity::Member {
+        domain: m.domain.clone(),
+        tenant: m.tenant.clone(),
+        pool: m.pool.clone(),
+        slot,
+    };
+    let verifier =
+        tls::SpiffeServerVerifier::new(tls::roots(&shared.root_ca)?, move |id| *id == expected);
+    let config =
+        tls::client_config_with_verifier(verifier, Some((m.chain.clone(), shared.node_key())))?;
+    let channel = tls::channel(address, Arc::new(config), PROBE_TIMEOUT)?;
+    Ok(PeerServiceClient::new(channel))
+}
+
+/// Probes every other member periodically until shutdown.
+pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: CancellationToken) {
+    // Clients are kept per (slot, address, our serial, their serial) so a
+    // new certificate or address gets a fresh connection.
+    let mut clients: HashMap<(u32, String, String, String), PeerServiceClient<Channel>> =
+        HashMap::new();
+    let mut last_ok: HashMap<u32, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let Some(m) = shared.membership() else {
+            clients.clear();
+            continue;
+        };
+        let mut results = Vec::new();
+        for peer in m.others() {
+            let key = (
+                peer.slot,
+                peer.peer_address.clone(),
+                m.serial.clone(),
+                peer.cert_serial.clone(),
+            );
+            let mut status = PeerStatus {
+                slot: peer.slot,
+                node_id: peer.node_id.clone(),
+                ..PeerStatus::default()
+            };
+            if !clients.contains_key(&key) {
+                clients.retain(|k, _| k.0 != peer.slot);
+                match peer_client(&shared, &m, peer.slot, &peer.peer_address) {
+                    Ok(c) => {
+                        clients.insert(key.clone(), c);
+                    }
+                    Err(e) => status.error = e.to_string(),
+                }
+            }
+            if let Some(client) = clients.get_mut(&key) {
+                match tokio::time::timeout(PROBE_TIMEOUT, client.probe(pb::ProbeRequest {})).await {
+                    Ok(Ok(_)) => {
+                        status.reachable = true;
+                        last_ok.insert(peer.slot, now_ms());
+                    }
+                    Ok(Err(e)) => status.error = e.message().to_string(),
+                    Err(_) => status.error = "probe timed out".into(),
+                }
+            }
+            status.last_ok_ms = last_ok.get(&peer.slot).copied().unwrap_or(0);
+            results.push(status);
+        }
+        shared.set_peers(results);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

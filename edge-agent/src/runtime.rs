@@ -1,1 +1,1442 @@
-//! Placeholder: the app runtime (process supervisor) is being written.
+//! The app runtime: a supervisor of apps, each app a real OS process.
+//!
+//! Every app runs in its own process group with `apps_dir/<name>/` as its
+//! working directory. Its stdout and stderr go straight to files opened with
+//! `O_APPEND` (not pipes), so an app keeps running, and keeps logging, when
+//! the agent restarts. On every start the runtime writes `app.json` (pid,
+//! process start time, spec hash); a fresh runtime uses it to adopt the
+//! processes the previous agent left running instead of starting a second
+//! copy, and to kill the ones that are no longer wanted.
+//!
+//! One supervisor task per app owns its process: it restarts the app with
+//! exponential backoff when it exits by itself, and on request stops it by
+//! signalling the whole process group (SIGTERM, then SIGKILL after the
+//! grace period), so that nothing the app started is left behind.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What to run: one app, one command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub name: String,
+    /// `command[0]` is the program (looked up in PATH), the rest its arguments.
+    pub command: Vec<String>,
+    /// Added to (or overriding) the agent's own environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppState {
+    /// The process is being spawned.
+    Starting,
+    /// The process runs (spawned by this runtime or adopted).
+    Running,
+    /// The process exited by itself; it is restarted after a delay.
+    Backoff,
+    /// The runtime is terminating the app's process group.
+    Stopping,
+    /// The app was stopped on request and is not restarted.
+    Stopped,
+    /// The last start failed (for example the program does not exist); it
+    /// is retried after a delay, like an exit.
+    Failed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub state: AppState,
+    pub pid: Option<u32>,
+    /// Restarts after exits or failed starts since this runtime took the app on.
+    pub restarts: u32,
+    /// How the last run ended: "exit status 3", "signal 9", ...
+    pub last_exit: Option<String>,
+    pub usage: AppUsage,
+}
+
+/// Resource use of an app's whole process tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppUsage {
+    /// Thousandths of one core.
+    pub cpu_millis: u64,
+    /// Resident memory.
+    pub memory_mb: u64,
+    pub disk_read_bytes_per_sec: u64,
+    pub disk_write_bytes_per_sec: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// Time between SIGTERM and SIGKILL when stopping an app.
+    pub stop_grace: Duration,
+    /// First restart delay; it doubles on every consecutive restart.
+    pub restart_min: Duration,
+    /// Upper bound of the restart delay.
+    pub restart_max: Duration,
+    /// stdout.log or stderr.log larger than this is rotated to `.1`.
+    pub log_cap_bytes: u64,
+    /// How often the log sizes are checked.
+    pub log_check_interval: Duration,
+    /// A run at least this long resets the restart delay to `restart_min`.
+    pub backoff_reset_after: Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            stop_grace: Duration::from_secs(5),
+            restart_min: Duration::from_millis(200),
+            restart_max: Duration::from_secs(10),
+            log_cap_bytes: 8 * 1024 * 1024,
+            log_check_interval: Duration::from_secs(2),
+            backoff_reset_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("app {name:?}: invalid name (expected [a-z0-9][a-z0-9-_.]{{0,62}})")]
+    InvalidName { name: String },
+    #[error("app {app:?}: {reason}")]
+    InvalidSpec { app: String, reason: String },
+    #[error("app {app:?} is listed more than once")]
+    Duplicate { app: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The supervisor of all apps on this node. Clones share the same apps.
+///
+/// Dropping the last clone without `stop_all` ends supervision but leaves
+/// the processes running, exactly as an agent crash would; a new runtime on
+/// the same `apps_dir` adopts them.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl Runtime {
+    /// Every app gets `apps_dir/<name>/` as working directory, with
+    /// stdout.log, stderr.log and app.json inside.
+    pub fn new(apps_dir: PathBuf, options: RuntimeOptions) -> Self {
+        Runtime {
+            inner: Arc::new(Inner {
+                apps_dir,
+                options,
+                apps: Mutex::new(BTreeMap::new()),
+                serial: tokio::sync::Mutex::new(()),
+                usage: Mutex::new(UsageState::Unstarted),
+                log_worker: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Makes the set of running apps exactly `desired`: starts missing apps,
+    /// stops apps not in the list and restarts an app only if its command or
+    /// environment changed. Returns when the starts have been initiated and
+    /// the stops have completed. An invalid spec refuses the whole list
+    /// before anything changes.
+    pub async fn reconcile(&self, desired: Vec<AppSpec>) -> Result<(), RuntimeError> {
+        let desired = validate_all(desired)?;
+        let _serial = self.inner.serial.lock().await;
+        self.inner.ensure_log_worker();
+        std::fs::create_dir_all(&self.inner.apps_dir).map_err(|source| RuntimeError::Io {
+            context: format!("creating {}", self.inner.apps_dir.display()),
+            source,
+        })?;
+        self.inner.stop_unwanted(&desired).await;
+        let mut adopted = self.inner.settle_leftovers(&desired).await;
+        for (name, wanted) in desired {
+            let adopt = adopted.remove(&name);
+            self.inner.start(wanted, adopt);
+        }
+        Ok(())
+    }
+
+    /// Current status of every supervised app, sorted by name. Usage is
+    /// measured at most every `USAGE_MIN_INTERVAL`; calls in between return
+    /// the last measurement.
+    pub fn status(&self) -> Vec<AppStatus> {
+        let snapshot: Vec<(String, Live)> = lock(&self.inner.apps)
+            .iter()
+            .map(|(name, entry)| (name.clone(), lock(&entry.live).clone()))
+            .collect();
+        let roots: Vec<u32> = snapshot.iter().filter_map(|(_, live)| live.pid).collect();
+        let usage = self.inner.usage(&roots);
+        snapshot
+            .into_iter()
+            .map(|(name, live)| AppStatus {
+                usage: live
+                    .pid
+                    .and_then(|pid| usage.get(&pid).copied())
+                    .unwrap_or_default(),
+                name,
+                state: live.state,
+                pid: live.pid,
+                restarts: live.restarts,
+                last_exit: live.last_exit,
+            })
+            .collect()
+    }
+
+    /// Stops every app (SIGTERM to its process group, SIGKILL after
+    /// `stop_grace`) and waits. The apps stay listed as `Stopped`.
+    pub async fn stop_all(&self) {
+        let _serial = self.inner.serial.lock().await;
+        let tasks: Vec<(String, JoinHandle<()>)> = lock(&self.inner.apps)
+            .iter_mut()
+            .filter_map(|(name, entry)| entry.cancel().map(|task| (name.clone(), task)))
+            .collect();
+        join_supervisors(tasks).await;
+    }
+}
+
+const STDOUT_LOG: &str = "stdout.log";
+const STDERR_LOG: &str = "stderr.log";
+const RECORD_FILE: &str = "app.json";
+/// How often an adopted process (not our child, so no wait()) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+/// How often a stopping process group is checked for remaining members.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// How long to wait for the kernel to finish off a group after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// CPU percentages over shorter windows are mostly noise, and a refresh
+/// reads every process in /proc, so usage is not measured more often.
+const USAGE_MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+struct Inner {
+    apps_dir: PathBuf,
+    options: RuntimeOptions,
+    apps: Mutex<BTreeMap<String, Entry>>,
+    /// Serializes reconcile and stop_all, which await while stopping apps.
+    serial: tokio::sync::Mutex<()>,
+    usage: Mutex<UsageState>,
+    log_worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// One supervised app: what the runtime knows and the handle on its task.
+struct Entry {
+    spec_hash: String,
+    live: Arc<Mutex<Live>>,
+    stop: CancellationToken,
+    /// None once the supervisor has been asked to stop.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Entry {
+    /// Asks the supervisor to stop and hands back its task to wait on.
+    fn cancel(&mut self) -> Option<JoinHandle<()>> {
+        self.stop.cancel();
+        self.task.take()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Live {
+    state: AppState,
+    pid: Option<u32>,
+    restarts: u32,
+    last_exit: Option<String>,
+}
+
+enum UsageState {
+    Unstarted,
+    Ready(Box<usage::Sampler>),
+    Unavailable,
+}
+
+/// What a wanted app looks like after validation.
+struct Wanted {
+    spec: AppSpec,
+    hash: String,
+}
+
+impl Inner {
+    /// Stops the supervised apps that are no longer wanted or whose spec
+    /// changed, all at once, and waits for them.
+    async fn stop_unwanted(&self, desired: &BTreeMap<String, Wanted>) {
+        let tasks: Vec<(String, JoinHandle<()>)> = lock(&self.apps)
+            .iter_mut()
+            .filter(|(name, entry)| {
+                desired
+                    .get(*name)
+                    .is_none_or(|wanted| wanted.hash != entry.spec_hash)
+            })
+            .filter_map(|(name, entry)| entry.cancel().map(|task| (name.clone(), task)))
+            .collect();
+        join_supervisors(tasks).await;
+        lock(&self.apps).retain(|name, _| desired.contains_key(name));
+    }
+
+    /// Deals with processes recorded in `apps_dir/*/app.json` that this
+    /// runtime does not supervise, which is what an agent restart leaves
+    /// behind. A live one with the wanted spec is returned for adoption; a
+    /// live one that is unwanted or has another spec is killed (and waited
+    /// for) so that no app ever runs twice.
+    async fn settle_leftovers(
+        &self,
+        desired: &BTreeMap<String, Wanted>,
+    ) -> HashMap<String, Running> {
+        let supervised: HashSet<String> = lock(&self.apps)
+            .iter()
+            .filter(|(_, entry)| entry.task.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut adopted = HashMap::new();
+        let mut kills = Vec::new();
+        for name in app_dirs(&self.apps_dir) {
+            let dir = self.apps_dir.join(&name);
+            let Some(record) = (!supervised.contains(&name))
+                .then(|| AppRecord::read_live(&dir))
+                .flatten()
+            else {
+                continue;
+            };
+            let mut running = Running::Adopted {
+                pid: record.pid,
+                start_time: record.start_time,
+            };
+            if desired
+                .get(&name)
+                .is_some_and(|w| w.hash == record.spec_hash)
+            {
+                tracing::info!(app = %name, pid = record.pid, "adopting running app");
+                adopted.insert(name, running);
+                continue;
+            }
+            tracing::info!(app = %name, pid = record.pid, "stopping leftover app process");
+            let grace = self.options.stop_grace;
+            kills.push((
+                name,
+                tokio::spawn(async move {
+                    running.stop(grace).await;
+                    remove_record(&dir);
+                }),
+            ));
+        }
+        join_supervisors(kills).await;
+        adopted
+    }
+
+    /// Starts supervising `wanted` unless it already is supervised.
+    fn start(&self, wanted: Wanted, adopted: Option<Running>) {
+        let mut apps = lock(&self.apps);
+        if apps
+            .get(&wanted.spec.name)
+            .is_some_and(|e| e.task.is_some())
+        {
+            return;
+        }
+        let pid = adopted.as_ref().map(Running::pid);
+        let live = Arc::new(Mutex::new(Live {
+            state: match pid {
+                Some(_) => AppState::Running,
+                None => AppState::Starting,
+            },
+            pid,
+            restarts: 0,
+            last_exit: None,
+        }));
+        let stop = CancellationToken::new();
+        let supervisor = Supervisor {
+            dir: self.apps_dir.join(&wanted.spec.name),
+            spec: wanted.spec.clone(),
+            spec_hash: wanted.hash.clone(),
+            options: self.options.clone(),
+            live: live.clone(),
+            stop: stop.clone(),
+        };
+        let entry = Entry {
+            spec_hash: wanted.hash,
+            live,
+            stop,
+            task: Some(tokio::spawn(supervisor.run(adopted))),
+        };
+        apps.insert(wanted.spec.name, entry);
+    }
+
+    fn usage(&self, roots: &[u32]) -> HashMap<u32, AppUsage> {
+        let mut state = lock(&self.usage);
+        if let UsageState::Unstarted = *state {
+            *state = match usage::Sampler::new() {
+                Ok(sampler) => UsageState::Ready(Box::new(sampler)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "per-app usage is not available");
+                    UsageState::Unavailable
+                }
+            };
+        }
+        match &mut *state {
+            UsageState::Ready(sampler) => sampler.usage(roots),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Starts the log size check on first use; `new` cannot, as it may be
+    /// called outside a tokio runtime.
+    fn ensure_log_worker(self: &Arc<Self>) {
+        let mut slot = lock(&self.log_worker);
+        if slot.is_none() {
+            let every = self.options.log_check_interval;
+            *slot = Some(tokio::spawn(log_worker(Arc::downgrade(self), every)));
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// Ends supervision without stopping the apps (see `Runtime`).
+    fn drop(&mut self) {
+        for entry in lock(&self.apps).values_mut() {
+            if let Some(task) = entry.task.take() {
+                task.abort();
+            }
+        }
+        if let Some(task) = lock(&self.log_worker).take() {
+            task.abort();
+        }
+    }
+}
+
+async fn join_supervisors(tasks: Vec<(String, JoinHandle<()>)>) {
+    for (name, task) in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(app = %name, error = %e, "app task failed");
+        }
+    }
+}
+
+/// Keeps stdout.log and stderr.log of every app under the size cap.
+async fn log_worker(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // Holding only a weak reference lets the runtime be dropped.
+        let Some(runtime) = inner.upgrade() else {
+            return;
+        };
+        let dirs: Vec<PathBuf> = lock(&runtime.apps)
+            .keys()
+            .map(|name| runtime.apps_dir.join(name))
+            .collect();
+        let cap = runtime.options.log_cap_bytes;
+        drop(runtime);
+        let check = tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                for log in [STDOUT_LOG, STDERR_LOG] {
+                    rotate_log(&dir.join(log), cap);
+                }
+            }
+        });
+        if let Err(e) = check.await {
+            tracing::warn!(error = %e, "log size check failed");
+        }
+    }
+}
+
+fn rotate_log(path: &Path, cap: u64) {
+    match rotate_if_over(path, cap) {
+        Ok(true) => tracing::info!(log = %path.display(), "rotated app log"),
+        Ok(false) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(log = %path.display(), error = %e, "rotating app log failed"),
+    }
+}
+
+/// Copies the log to `<log>.1` and truncates it, when it exceeds `cap`.
+/// Copy-and-truncate, not rename, because the app holds the file open and
+/// keeps writing to it: with O_APPEND its next write lands at the new end
+/// (0). Lines written between the copy and the truncation are lost; that
+/// is the price of not restarting the app.
+fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
+    if std::fs::metadata(path)?.len() <= cap {
+        return Ok(false);
+    }
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    std::fs::copy(path, &rotated)?;
+    OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    Ok(true)
+}
+
+/// The task that owns one app's process.
+struct Supervisor {
+    spec: AppSpec,
+    spec_hash: String,
+    dir: PathBuf,
+    options: RuntimeOptions,
+    live: Arc<Mutex<Live>>,
+    stop: CancellationToken,
+}
+
+impl Supervisor {
+    async fn run(self, mut adopted: Option<Running>) {
+        let app = self.spec.name.clone();
+        // Consecutive short runs, which make the restart delay grow.
+        let mut failures = 0u32;
+        loop {
+            let next = match adopted.take() {
+                Some(running) => Ok(running),
+                None => self.launch().await,
+            };
+            let mut running = match next {
+                Ok(running) => running,
+                Err(e) => {
+                    tracing::warn!(app = %app, error = %e, "app failed to start");
+                    self.update(|l| (l.state, l.last_exit) = (AppState::Failed, Some(e)));
+                    if !self.backoff(&mut failures).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            self.update(|l| (l.state, l.pid) = (AppState::Running, Some(running.pid())));
+            let started = Instant::now();
+            tokio::select! {
+                exit = running.wait() => {
+                    tracing::warn!(app = %app, pid = running.pid(), exit = %exit, "app exited");
+                    self.update(|l| (l.state, l.last_exit) = (AppState::Backoff, Some(exit)));
+                    // Whatever the app left running in its group would
+                    // otherwise live on next to the restarted copy.
+                    running.stop(self.options.stop_grace).await;
+                }
+                () = self.stop.cancelled() => {
+                    self.update(|l| l.state = AppState::Stopping);
+                    tracing::info!(app = %app, pid = running.pid(), "stopping app");
+                    running.stop(self.options.stop_grace).await;
+                    break;
+                }
+            }
+            if started.elapsed() >= self.options.backoff_reset_after {
+                failures = 0;
+            }
+            if !self.backoff(&mut failures).await {
+                break;
+            }
+        }
+        self.update(|l| (l.state, l.pid) = (AppState::Stopped, None));
+        remove_record(&self.dir);
+        tracing::info!(app = %app, "app stopped");
+    }
+
+    /// Spawns the app and records it in app.json for re-adoption.
+    async fn launch(&self) -> Result<Running, String> {
+        self.update(|l| (l.state, l.pid) = (AppState::Starting, None));
+        let (child, pid) =
+            spawn_app(&self.spec, &self.dir).map_err(|e| format!("start failed: {e}"))?;
+        // The start time tells this process apart from a later one that
+        // reuses the pid; it is set at fork and readable until reaped.
+        let Some(stat) = procfs::stat(pid) else {
+            tracing::warn!(app = %self.spec.name, pid, "no start time; the app cannot be re-adopted");
+            return Ok(Running::Child { child, pid });
+        };
+        let record = AppRecord {
+            pid,
+            start_time: stat.start_time,
+            spec_hash: self.spec_hash.clone(),
+            command: self.spec.command.clone(),
+        };
+        let path = self.dir.join(RECORD_FILE);
+        let written = tokio::task::spawn_blocking(move || record.write(&path)).await;
+        if let Err(e) = written.map_err(io::Error::other).and_then(|r| r) {
+            tracing::warn!(app = %self.spec.name, error = %e, "writing app.json failed");
+        }
+        Ok(Running::Child { child, pid })
+    }
+
+    /// Waits before the next start; false if the app is to stop instead.
+    async fn backoff(&self, failures: &mut u32) -> bool {
+        let delay = restart_delay(
+            self.options.restart_min,
+            self.options.restart_max,
+            *failures,
+        );
+        *failures = failures.saturating_add(1);
+        self.update(|l| l.pid = None);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {
+                self.update(|l| l.restarts = l.restarts.saturating_add(1));
+                true
+            }
+            () = self.stop.cancelled() => false,
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Live)) {
+        change(&mut lock(&self.live));
+    }
+}
+
+fn spawn_app(spec: &AppSpec, dir: &Path) -> io::Result<(Child, u32)> {
+    std::fs::create_dir_all(dir)?;
+    let (program, args) = spec
+        .command
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(&spec.env)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(open_log(&dir.join(STDOUT_LOG))?)
+        .stderr(open_log(&dir.join(STDERR_LOG))?)
+        // Its own group, so that a stop reaches everything the app started.
+        .process_group(0);
+    let child = command.spawn()?;
+    let pid = child
+        .id()
+        .ok_or_else(|| io::Error::other("the spawned process has no pid"))?;
+    Ok((child, pid))
+}
+
+fn open_log(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A running app process: our child, or adopted from a previous agent.
+enum Running {
+    Child { child: Child, pid: u32 },
+    Adopted { pid: u32, start_time: u64 },
+}
+
+impl Running {
+    /// Also the process group id: every app leads its own group.
+    fn pid(&self) -> u32 {
+        match self {
+            Running::Child { pid, .. } | Running::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// Waits for the process to end and describes how it ended.
+    async fn wait(&mut self) -> String {
+        match self {
+            Running::Child { child, pid } => match child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => {
+                    // Without wait() the process cannot be watched; kill it
+                    // rather than risk a second copy after the restart.
+                    signal_group(*pid, Signal::SIGKILL);
+                    format!("wait failed: {e}")
+                }
+            },
+            Running::Adopted { pid, start_time } => {
+                while procfs::is_alive(*pid, *start_time) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                "exited (status unknown: adopted process)".to_string()
+            }
+        }
+    }
+
+    /// SIGTERM to the process group, SIGKILL after `grace`, and waits until
+    /// no process of the group is left.
+    async fn stop(&mut self, grace: Duration) {
+        let pgid = self.pid();
+        signal_group(pgid, Signal::SIGTERM);
+        if self.wait_group_gone(grace).await {
+            return;
+        }
+        tracing::warn!(pgid, "process group outlived the grace period; killing it");
+        signal_group(pgid, Signal::SIGKILL);
+        if !self.wait_group_gone(KILL_WAIT).await {
+            tracing::error!(pgid, "process group survived SIGKILL");
+        }
+    }
+
+    async fn wait_group_gone(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            // Reaping our child keeps it from lingering as a zombie member.
+            if let Running::Child { child, .. } = self
+                && let Err(e) = child.try_wait()
+            {
+                tracing::debug!(error = %e, "try_wait failed");
+            }
+            if !procfs::group_alive(self.pid()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    }
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("signal {signal}"),
+        (None, None) => status.to_string(),
+    }
+}
+
+fn signal_group(pgid: u32, signal: Signal) {
+    let Some(target) = group_target(pgid) else {
+        tracing::warn!(pgid, "refusing to signal this process group");
+        return;
+    };
+    match killpg(target, signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, %signal, error = %e, "signalling process group failed"),
+    }
+}
+
+/// Never 0 or 1 (our own group, init) nor the agent's own group: a corrupt
+/// app.json must not let the agent kill itself.
+fn group_target(pgid: u32) -> Option<Pid> {
+    let raw = i32::try_from(pgid).ok().filter(|p| *p > 1)?;
+    let pid = Pid::from_raw(raw);
+    (pid != nix::unistd::getpgrp()).then_some(pid)
+}
+
+/// The restart delay after `failures` consecutive short runs.
+fn restart_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+    let factor = 1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX);
+    min.saturating_mul(factor).min(max.max(min))
+}
+
+/// app.json: what a later agent needs to recognise the process.
+#[derive(Debug, Serialize, Deserialize)]
+struct AppRecord {
+    pid: u32,
+    /// Field 22 of /proc/<pid>/stat, in clock ticks since boot.
+    start_time: u64,
+    spec_hash: String,
+    /// For people reading the file; the environment is left out because it
+    /// may hold secrets.
+    command: Vec<String>,
+}
+
+impl AppRecord {
+    fn write(&self, path: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        edgepool_common::fsutil::write_public(path, &bytes)
+    }
+
+    /// The record in `dir`, if its process is still the one recorded.
+    fn read_live(dir: &Path) -> Option<AppRecord> {
+        let path = dir.join(RECORD_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "reading app record failed");
+                return None;
+            }
+        };
+        let record: AppRecord = match serde_json::from_slice(&bytes) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "ignoring unreadable app record");
+                return None;
+            }
+        };
+        let ours = group_target(record.pid).is_some();
+        (ours && procfs::is_alive(record.pid, record.start_time)).then_some(record)
+    }
+}
+
+fn remove_record(dir: &Path) {
+    match std::fs::remove_file(dir.join(RECORD_FILE)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "removing app.json failed"),
+    }
+}
+
+/// Names of the app directories under `apps_dir`.
+fn app_dirs(apps_dir: &Path) -> Vec<String> {
+    let entries = match std::fs::read_dir(apps_dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(dir = %apps_dir.display(), error = %e, "listing apps failed");
+            return Vec::new();
+        }
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| valid_name(name))
+        .collect()
+}
+
+fn validate_all(desired: Vec<AppSpec>) -> Result<BTreeMap<String, Wanted>, RuntimeError> {
+    let mut wanted = BTreeMap::new();
+    for spec in desired {
+        validate(&spec)?;
+        let name = spec.name.clone();
+        let hash = spec_hash(&spec);
+        if wanted.insert(name.clone(), Wanted { spec, hash }).is_some() {
+            return Err(RuntimeError::Duplicate { app: name });
+        }
+    }
+    Ok(wanted)
+}
+
+fn validate(spec: &AppSpec) -> Result<(), RuntimeError> {
+    if !valid_name(&spec.name) {
+        return Err(RuntimeError::InvalidName {
+            name: spec.name.clone(),
+        });
+    }
+    let invalid = |reason: String| {
+        Err(RuntimeError::InvalidSpec {
+            app: spec.name.clone(),
+            reason,
+        })
+    };
+    match spec.command.first() {
+        None => return invalid("empty command".into()),
+        Some(program) if program.is_empty() => return invalid("empty program name".into()),
+        Some(_) => {}
+    }
+    if spec.command.iter().any(|arg| arg.contains('\0')) {
+        return invalid("command contains a NUL byte".into());
+    }
+    for (key, value) in &spec.env {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return invalid(format!("invalid environment variable name {key:?}"));
+        }
+        if value.contains('\0') {
+            return invalid(format!("environment variable {key} contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9][a-z0-9-_.]{0,62}`: safe as a directory name, never `.`/`..`.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    first_ok
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// FNV-1a over the length-prefixed command and environment. Hand-rolled
+/// because it must stay the same across agent builds (std's hasher makes
+/// no such promise), or an upgrade would restart every app.
+fn spec_hash(spec: &AppSpec) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for byte in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for arg in &spec.command {
+        feed(arg.as_bytes());
+    }
+    feed(b"env");
+    for (key, value) in &spec.env {
+        feed(key.as_bytes());
+        feed(value.as_bytes());
+    }
+    format!("{hash:016x}")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data under these locks stays consistent even if a holder
+    // panicked, so poisoning is ignored rather than spread.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reading /proc/<pid>/stat.
+mod procfs {
+    use nix::errno::Errno;
+    use nix::sys::signal::killpg;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) struct Stat {
+        pub state: char,
+        pub pgrp: i32,
+        pub start_time: u64,
+    }
+
+    impl Stat {
+        /// Zombies still count for kill(2) but are already dead.
+        pub(super) fn is_dead(&self) -> bool {
+            matches!(self.state, 'Z' | 'X' | 'x')
+        }
+    }
+
+    pub(super) fn parse_stat(text: &str) -> Option<Stat> {
+        // Field 2, the command name, may contain spaces and parentheses, so
+        // fields are counted from the last ')': field n is fields[n - 3].
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(Stat {
+            state: fields.first()?.chars().next()?,
+            pgrp: fields.get(2)?.parse().ok()?,
+            start_time: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    pub(super) fn stat(pid: u32) -> Option<Stat> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        parse_stat(&text)
+    }
+
+    /// True while `pid` is the process that started at `start_time`.
+    pub(super) fn is_alive(pid: u32, start_time: u64) -> bool {
+        stat(pid).is_some_and(|s| s.start_time == start_time && !s.is_dead())
+    }
+
+    /// True while a live (non-zombie) process is in the group.
+    pub(super) fn group_alive(pgid: u32) -> bool {
+        let Some(target) = super::group_target(pgid) else {
+            return false;
+        };
+        if killpg(target, None) == Err(Errno::ESRCH) {
+            return false;
+        }
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(stat)
+            .any(|s| s.pgrp == target.as_raw() && !s.is_dead())
+    }
+}
+
+/// Per-app resource use with sysinfo.
+mod usage {
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+    use super::{AppUsage, USAGE_MIN_INTERVAL};
+
+    const MIB: u64 = 1024 * 1024;
+
+    pub(super) struct Sampler {
+        sys: System,
+        last: Option<Instant>,
+        /// Usage per app root pid, from the last refresh.
+        cached: HashMap<u32, AppUsage>,
+    }
+
+    impl Sampler {
+        pub(super) fn new() -> Result<Self, sysinfo::Error> {
+            Ok(Sampler {
+                sys: System::new()?,
+                last: None,
+                cached: HashMap::new(),
+            })
+        }
+
+        /// Usage of the process trees rooted at `roots`.
+        pub(super) fn usage(&mut self, roots: &[u32]) -> HashMap<u32, AppUsage> {
+            let now = Instant::now();
+            if self
+                .last
+                .is_none_or(|last| now.duration_since(last) >= USAGE_MIN_INTERVAL)
+            {
+                self.refresh(roots, now);
+            }
+            roots
+                .iter()
+                .map(|root| (*root, self.cached.get(root).copied().unwrap_or_default()))
+                .collect()
+        }
+
+        fn refresh(&mut self, roots: &[u32], now: Instant) {
+            // Threads are left out: they share their process's memory and
+            // their CPU time is already in the process's.
+            let kinds = ProcessRefreshKind::nothing()
+                .with_cpu()
+                .with_memory()
+                .with_disk_usage()
+                .without_tasks();
+            self.sys
+                .refresh_processes_specifics(ProcessesToUpdate::All, true, kinds);
+            // The first refresh has no previous counters to take a rate from.
+            let seconds = self.last.map(|last| now.duration_since(last).as_secs_f64());
+            self.last = Some(now);
+            let mut children: HashMap<Pid, Vec<Pid>> = HashMap::new();
+            for (pid, process) in self.sys.processes() {
+                if let Some(parent) = process.parent() {
+                    children.entry(parent).or_default().push(*pid);
+                }
+            }
+            self.cached = roots
+                .iter()
+                .map(|root| (*root, self.tree_usage(*root, &children, seconds)))
+                .collect();
+        }
+
+        /// Sums the root and all its descendants.
+        fn tree_usage(
+            &self,
+            root: u32,
+            children: &HashMap<Pid, Vec<Pid>>,
+            seconds: Option<f64>,
+        ) -> AppUsage {
+            let (mut cpu_percent, mut memory, mut read, mut written) = (0f64, 0u64, 0u64, 0u64);
+            let mut todo = vec![Pid::from_u32(root)];
+            let mut seen = std::collections::HashSet::new();
+            while let Some(pid) = todo.pop() {
+                if !seen.insert(pid) {
+                    continue;
+                }
+                if let Some(process) = self.sys.process(pid) {
+                    cpu_percent += f64::from(process.cpu_usage());
+                    memory = memory.saturating_add(process.memory());
+                    let disk = process.disk_usage();
+                    read = read.saturating_add(disk.read_bytes);
+                    written = written.saturating_add(disk.written_bytes);
+                }
+                todo.extend(children.get(&pid).into_iter().flatten().copied());
+            }
+            let rate = |bytes: u64| match seconds {
+                Some(s) if s > 0.0 => (bytes as f64 / s) as u64,
+                _ => 0,
+            };
+            AppUsage {
+                // sysinfo gives percent of one core; millicores are ten times that.
+                cpu_millis: (cpu_percent * 10.0).round() as u64,
+                memory_mb: memory / MIB,
+                disk_read_bytes_per_sec: rate(read),
+                disk_write_bytes_per_sec: rate(written),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An apps_dir that kills whatever its app.json files record when the
+    /// test ends, so a failing assertion leaves no process behind.
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn apps(&self) -> PathBuf {
+            self.dir.path().join("apps")
+        }
+
+        fn runtime(&self, options: RuntimeOptions) -> Runtime {
+            Runtime::new(self.apps(), options)
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            for name in app_dirs(&self.apps()) {
+                if let Some(record) = AppRecord::read_live(&self.apps().join(name)) {
+                    signal_group(record.pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn options() -> RuntimeOptions {
+        RuntimeOptions {
+            stop_grace: Duration::from_secs(2),
+            restart_min: Duration::from_millis(50),
+            restart_max: Duration::from_millis(400),
+            log_check_interval: Duration::from_millis(100),
+            ..RuntimeOptions::default()
+        }
+    }
+
+    fn spec(name: &str, command: &[&str]) -> AppSpec {
+        AppSpec {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    fn with_env(mut spec: AppSpec, key: &str, value: &str) -> AppSpec {
+        spec.env.insert(key.into(), value.into());
+        spec
+    }
+
+    /// Polls `probe` every 50 ms for up to 10 s.
+    async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(value) = probe() {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn app(rt: &Runtime, name: &str) -> Option<AppStatus> {
+        rt.status().into_iter().find(|s| s.name == name)
+    }
+
+    async fn running_pid(rt: &Runtime, name: &str) -> u32 {
+        eventually(&format!("{name} running"), || {
+            app(rt, name).filter(|s| s.state == AppState::Running)?.pid
+        })
+        .await
+    }
+
+    fn alive(pid: u32) -> bool {
+        procfs::stat(pid).is_some_and(|s| !s.is_dead())
+    }
+
+    /// Live processes whose argv is exactly `argv`.
+    fn count_processes(argv: &[&str]) -> usize {
+        let wanted: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0".as_slice()].concat())
+            .collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+            .filter(|pid| alive(*pid))
+            .count()
+    }
+
+    fn group_members(pgid: u32) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.pgrp == pgid as i32 && !s.is_dead()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn starts_apps_in_their_own_groups_with_logs() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        let a = with_env(
+            spec(
+                "a",
+                &["sh", "-c", "echo \"$GREETING\"; pwd; exec sleep 1000"],
+            ),
+            "GREETING",
+            "hello-a",
+        );
+        rt.reconcile(vec![a, spec("b", &["sleep", "1000"])])
+            .await
+            .unwrap();
+        let pa = running_pid(&rt, "a").await;
+        let pb = running_pid(&rt, "b").await;
+        for pid in [pa, pb] {
+            let stat = procfs::stat(pid).unwrap();
+            assert_eq!(stat.pgrp, pid as i32, "app leads its own group");
+            assert_ne!(stat.pgrp, nix::unistd::getpgrp().as_raw());
+        }
+        let cwd = fx.apps().join("a").canonicalize().unwrap();
+        let out = eventually("stdout.log", || {
+            let text = std::fs::read_to_string(fx.apps().join("a/stdout.log")).ok()?;
+            text.contains(cwd.to_str()?).then_some(text)
+        })
+        .await;
+        assert!(out.starts_with("hello-a\n"), "{out}");
+        assert!(fx.apps().join("b/app.json").exists());
+        rt.stop_all().await;
+        assert!(!alive(pa) && !alive(pb));
+        assert!(
+            rt.status()
+                .iter()
+                .all(|s| s.state == AppState::Stopped && s.pid.is_none())
+        );
+        assert!(!fx.apps().join("b/app.json").exists());
+    }
+
+    #[tokio::test]
+    async fn removed_app_is_stopped_with_its_whole_group() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        let a = spec("a", &["sh", "-c", "sleep 1000 & wait"]);
+        let b = spec("b", &["sleep", "1000"]);
+        rt.reconcile(vec![a, b.clone()]).await.unwrap();
+        let pa = running_pid(&rt, "a").await;
+        let pb = running_pid(&rt, "b").await;
+        let child = eventually("the child of a", || {
+            group_members(pa).into_iter().find(|p| *p != pa)
+        })
+        .await;
+        rt.reconcile(vec![b]).await.unwrap();
+        assert!(!alive(pa) && !alive(child), "a and its child are gone");
+        assert!(group_members(pa).is_empty());
+        let names: Vec<String> = rt.status().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["b"]);
+        assert_eq!(app(&rt, "b").unwrap().pid, Some(pb));
+        rt.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn changed_env_restarts_only_that_app() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        let a = with_env(spec("a", &["sleep", "1000"]), "V", "1");
+        let b = with_env(spec("b", &["sleep", "1000"]), "V", "1");
+        rt.reconcile(vec![a.clone(), b.clone()]).await.unwrap();
+        let pa = running_pid(&rt, "a").await;
+        let pb = running_pid(&rt, "b").await;
+        rt.reconcile(vec![a.clone(), b.clone()]).await.unwrap();
+        assert_eq!(
+            running_pid(&rt, "a").await,
+            pa,
+            "unchanged spec keeps its process"
+        );
+        let a2 = with_env(a, "V", "2");
+        rt.reconcile(vec![a2, b]).await.unwrap();
+        assert!(!alive(pa));
+        let new_pa = running_pid(&rt, "a").await;
+        assert_ne!(new_pa, pa);
+        let environ = std::fs::read(format!("/proc/{new_pa}/environ")).unwrap();
+        assert!(environ.split(|b| *b == 0).any(|kv| kv == b"V=2"));
+        assert_eq!(running_pid(&rt, "b").await, pb);
+        rt.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn exited_apps_are_restarted() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        let code = spec("code", &["sh", "-c", "sleep 0.1; exit 3"]);
+        let killed = spec("killed", &["sh", "-c", "sleep 0.1; kill -9 $$"]);
+        rt.reconcile(vec![code, killed]).await.unwrap();
+        for (name, exit) in [("code", "exit status 3"), ("killed", "signal 9")] {
+            eventually(&format!("{name} restarted"), || {
+                app(&rt, name).filter(|s| s.restarts >= 1 && s.last_exit.as_deref() == Some(exit))
+            })
+            .await;
+        }
+        let missing = spec("missing", &["/nonexistent/program"]);
+        rt.reconcile(vec![missing]).await.unwrap();
+        let status = eventually("a failed start", || {
+            app(&rt, "missing").filter(|s| s.last_exit.is_some())
+        })
+        .await;
+        assert!(status.last_exit.unwrap().starts_with("start failed"));
+        rt.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn new_runtime_adopts_and_kills_on_spec_change() {
+        let fx = Fixture::new();
+        let argv = ["sleep", "86423"];
+        let first = fx.runtime(options());
+        first.reconcile(vec![spec("a", &argv)]).await.unwrap();
+        let pid = running_pid(&first, "a").await;
+        // Dropping the runtime is what an agent crash looks like.
+        drop(first);
+
+        let second = fx.runtime(options());
+        second.reconcile(vec![spec("a", &argv)]).await.unwrap();
+        assert_eq!(app(&second, "a").unwrap().pid, Some(pid), "adopted");
+        assert_eq!(app(&second, "a").unwrap().state, AppState::Running);
+        assert_eq!(count_processes(&argv), 1, "no second copy");
+        drop(second);
+
+        let third = fx.runtime(options());
+        let changed = with_env(spec("a", &argv), "V", "2");
+        third.reconcile(vec![changed]).await.unwrap();
+        assert!(!alive(pid), "old process killed on spec change");
+        let new_pid = running_pid(&third, "a").await;
+        assert_ne!(new_pid, pid);
+        assert_eq!(count_processes(&argv), 1);
+        drop(third);
+
+        let fourth = fx.runtime(options());
+        fourth.reconcile(Vec::new()).await.unwrap();
+        assert!(!alive(new_pid), "unwanted leftover killed");
+        assert_eq!(count_processes(&argv), 0);
+    }
+
+    #[tokio::test]
+    async fn adopted_app_is_restarted_when_it_dies() {
+        let fx = Fixture::new();
+        let first = fx.runtime(options());
+        first
+            .reconcile(vec![spec("a", &["sleep", "1000"])])
+            .await
+            .unwrap();
+        let pid = running_pid(&first, "a").await;
+        drop(first);
+        let second = fx.runtime(options());
+        second
+            .reconcile(vec![spec("a", &["sleep", "1000"])])
+            .await
+            .unwrap();
+        signal_group(pid, Signal::SIGKILL);
+        let status = eventually("restart of the adopted app", || {
+            app(&second, "a").filter(|s| s.restarts >= 1 && s.pid.is_some_and(|p| p != pid))
+        })
+        .await;
+        assert!(status.last_exit.unwrap().contains("adopted"));
+        second.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn logs_over_the_cap_are_rotated() {
+        let fx = Fixture::new();
+        let cap = 1000;
+        let rt = fx.runtime(RuntimeOptions {
+            log_cap_bytes: cap,
+            ..options()
+        });
+        let script = "i=0; while [ $i -lt 200 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxx; \
+                      echo err-$i-xxxxxxxxxxxxxxxxxxxx >&2; i=$((i+1)); done; exec sleep 1000";
+        rt.reconcile(vec![spec("a", &["sh", "-c", script])])
+            .await
+            .unwrap();
+        let dir = fx.apps().join("a");
+        for (log, last) in [("stdout.log", "line-199-"), ("stderr.log", "err-199-")] {
+            let current = dir.join(log);
+            let rotated = dir.join(format!("{log}.1"));
+            let (old, new) = eventually(&format!("{log} rotated"), || {
+                let old = std::fs::read_to_string(&rotated).ok()?;
+                let new = std::fs::read_to_string(&current).ok()?;
+                let joined = format!("{old}{new}");
+                (new.len() as u64 <= cap && joined.contains(last)).then_some((old, new))
+            })
+            .await;
+            assert!(old.len() as u64 > cap, "{log}.1 holds the full log");
+            assert!(new.len() as u64 <= cap);
+        }
+        rt.stop_all().await;
+    }
+
+    #[tokio::test]
+    async fn invalid_specs_are_refused_and_start_nothing() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        let good = spec("good", &["sleep", "1000"]);
+        let long = "x".repeat(64);
+        let cases = [
+            spec("", &["true"]),
+            spec("Bad", &["true"]),
+            spec("-x", &["true"]),
+            spec("a/b", &["true"]),
+            spec("..", &["true"]),
+            spec(&long, &["true"]),
+            spec("empty", &[]),
+            spec("noprog", &[""]),
+            with_env(spec("badenv", &["true"]), "A=B", "1"),
+            spec("good", &["true"]),
+        ];
+        for bad in cases {
+            let name = bad.name.clone();
+            let err = rt.reconcile(vec![good.clone(), bad]).await.unwrap_err();
+            assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+        }
+        assert!(rt.status().is_empty());
+        assert!(app_dirs(&fx.apps()).is_empty());
+        assert!(valid_name(&"x".repeat(63)) && valid_name("a-b_c.1"));
+    }
+
+    #[tokio::test]
+    async fn usage_shows_a_busy_app() {
+        let fx = Fixture::new();
+        let rt = fx.runtime(options());
+        rt.reconcile(vec![spec("busy", &["sh", "-c", "while :; do :; done"])])
+            .await
+            .unwrap();
+        running_pid(&rt, "busy").await;
+        let usage = eventually("cpu usage", || {
+            app(&rt, "busy")
+                .map(|s| s.usage)
+                .filter(|u| u.cpu_millis > 100)
+        })
+        .await;
+        assert!(usage.cpu_millis <= 1100 * num_cpus(), "{usage:?}");
+        rt.stop_all().await;
+        assert_eq!(app(&rt, "busy").unwrap().usage, AppUsage::default());
+    }
+
+    fn num_cpus() -> u64 {
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+    }
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let text = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 100 18446744073709551615";
+        let stat = procfs::parse_stat(text).unwrap();
+        assert_eq!(
+            stat,
+            procfs::Stat {
+                state: 'S',
+                pgrp: 4242,
+                start_time: 987654
+            }
+        );
+        assert!(procfs::parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn restart_delay_doubles_up_to_the_max() {
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(10));
+        let delays: Vec<u128> = (0..8)
+            .map(|n| restart_delay(min, max, n).as_millis())
+            .collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 6400, 10000, 10000]);
+        assert_eq!(restart_delay(min, max, u32::MAX), max);
+    }
+
+    #[test]
+    fn spec_hash_covers_command_and_env() {
+        let base = spec("a", &["sleep", "1"]);
+        assert_eq!(spec_hash(&base), spec_hash(&base.clone()));
+        assert_ne!(spec_hash(&base), spec_hash(&spec("a", &["sleep", "2"])));
+        assert_ne!(spec_hash(&base), spec_hash(&spec("a", &["sleep1"])));
+        assert_ne!(
+            spec_hash(&base),
+            spec_hash(&with_env(base.clone(), "K", "V"))
+        );
+    }
+
+    #[test]
+    fn rotation_copies_and_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stdout.log");
+        std::fs::write(&log, "0123456789").unwrap();
+        assert!(!rotate_if_over(&log, 10).unwrap());
+        std::fs::write(&log, "0123456789a").unwrap();
+        assert!(rotate_if_over(&log, 10).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("stdout.log.1")).unwrap(),
+            "0123456789a"
+        );
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+    }
+}

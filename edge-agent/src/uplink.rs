@@ -47,6 +47,9 @@ pub enum LinkState {
 }
 
 pub struct Uplink {
+    pub shared: Arc<crate::node::Shared>,
+    /// Assignments from the manager go to the apply worker through here.
+    pub assignments: mpsc::Sender<pb::Assignment>,
     pub manager: String,
     pub tls: Arc<rustls::ClientConfig>,
     pub hello: pb::Hello,
@@ -146,9 +149,13 @@ impl Uplink {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(End::Shutdown),
                 _ = telemetry.tick() => {
-                    if let Some(s) = self.sample().await
-                        && tx.send(up(Up::Telemetry(to_proto(&s)))).await.is_err()
-                    {
+                    if let Some(s) = self.sample().await {
+                        self.shared.set_usage(s.usage);
+                        if tx.send(up(Up::Telemetry(to_proto(&s)))).await.is_err() {
+                            return Ok(End::Closed);
+                        }
+                    }
+                    if tx.send(up(Up::AppReport(self.shared.report()))).await.is_err() {
                         return Ok(End::Closed);
                     }
                 }
@@ -162,6 +169,12 @@ impl Uplink {
                     let _ = tx.try_send(up(Up::Heartbeat(pb::Heartbeat { seq })));
                 }
                 m = inbound.message() => match m {
+                    Ok(Some(pb::ManagerMessage { msg: Some(Down::Assignment(a)) })) => {
+                        last_heard = Instant::now();
+                        if self.assignments.send(a).await.is_err() {
+                            return Ok(End::Shutdown);
+                        }
+                    }
                     Ok(Some(_)) => last_heard = Instant::now(),
                     Ok(None) => return Ok(End::Closed),
                     Err(s) => return Err(UplinkError::Stream(s)),

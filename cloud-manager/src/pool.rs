@@ -1,0 +1,401 @@
+//! Pools in the domain: records, validation of tenant requests and the
+//! planning of app groups. Pure: no I/O, no tonic or prost.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chain::PoolCa;
+use crate::model::Resources;
+use crate::partition::{AppRequest, partition};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppDef {
+    pub name: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub priority: i32,
+    pub offloadable: bool,
+    /// Explicit group asked for by the tenant.
+    pub slot: Option<u32>,
+    pub artifact: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Threshold {
+    pub high: f64,
+    pub low: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetMode {
+    #[default]
+    Single,
+    Spread,
+}
+
+/// Resource-threshold policy of a pool (evaluated by the agents).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyDef {
+    pub cpu: Threshold,
+    pub memory: Threshold,
+    pub disk: Threshold,
+    pub network: Threshold,
+    pub sustain_seconds: u32,
+    pub cooldown_seconds: u32,
+    pub target: TargetMode,
+    pub version: u64,
+}
+
+impl Default for PolicyDef {
+    fn default() -> Self {
+        PolicyDef {
+            cpu: Threshold {
+                high: 0.8,
+                low: 0.6,
+            },
+            memory: Threshold {
+                high: 0.85,
+                low: 0.7,
+            },
+            disk: Threshold {
+                high: 0.9,
+                low: 0.8,
+            },
+            network: Threshold {
+                high: 0.8,
+                low: 0.6,
+            },
+            sustain_seconds: 10,
+            cooldown_seconds: 60,
+            target: TargetMode::Single,
+            version: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub slot: u32,
+    pub node_id: String,
+    pub cert_pem: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub name: String,
+    pub tenant: String,
+    pub ca: PoolCa,
+    /// members[i] holds slot i + 1.
+    pub members: Vec<MemberRecord>,
+    pub apps: Vec<AppDef>,
+    /// App name -> slot (its group).
+    pub groups: BTreeMap<String, u32>,
+    pub policy: PolicyDef,
+    pub generation: u64,
+    pub created_at_ms: u64,
+    /// The last known process of each running app (from agent reports), so
+    /// start/stop events survive a manager restart without being repeated.
+    #[serde(default)]
+    pub running: BTreeMap<String, RunningApp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningApp {
+    pub node_id: String,
+    pub pid: u32,
+}
+
+impl PoolRecord {
+    /// Key of a pool in the registry: pool names are unique per tenant.
+    pub fn key(tenant: &str, name: &str) -> String {
+        format!("{tenant}/{name}")
+    }
+
+    pub fn member_of(&self, node_id: &str) -> Option<&MemberRecord> {
+        self.members.iter().find(|m| m.node_id == node_id)
+    }
+
+    /// The apps of group `slot`, in pool order.
+    pub fn group(&self, slot: u32) -> Vec<AppDef> {
+        self.apps
+            .iter()
+            .filter(|a| self.groups.get(&a.name) == Some(&slot))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A refused pool request. `Invalid` is the request's own fault
+/// (InvalidArgument); `Precondition` depends on current state
+/// (FailedPrecondition). Both name the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    #[error("{field}: {why}")]
+    Invalid { field: String, why: String },
+    #[error("{field}: {why}")]
+    Precondition { field: String, why: String },
+    #[error("pool {0:?} not found")]
+    NotFound(String),
+}
+
+pub(crate) fn invalid(field: impl Into<String>, why: impl Into<String>) -> PoolError {
+    PoolError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+pub(crate) fn precondition(field: impl Into<String>, why: impl Into<String>) -> PoolError {
+    PoolError::Precondition {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+/// App names: 1-63 characters of `[a-z0-9-_.]`, starting with a letter or
+/// digit (they name directories on the nodes).
+fn validate_app_name(field: &str, name: &str) -> Result<(), PoolError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{name:?} must be 1-63 characters of [a-z0-9-_.], starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+/// Checks every app on its own and the set as a whole (for `m` slots).
+pub fn validate_apps(apps: &[AppDef], m: usize) -> Result<(), PoolError> {
+    if apps.len() < m {
+        return Err(invalid(
+            "apps",
+            format!(
+                "{} apps for {m} nodes: every node needs at least one app (N >= M)",
+                apps.len()
+            ),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        validate_app_name(&format!("apps[{i}].name"), &app.name)?;
+        if !names.insert(app.name.as_str()) {
+            return Err(invalid(
+                format!("apps[{i}].name"),
+                format!("duplicate app name {:?}", app.name),
+            ));
+        }
+        if app.command.is_empty() || app.command[0].is_empty() {
+            return Err(invalid(
+                format!("apps[{i}].command"),
+                "must name a program (argv[0])",
+            ));
+        }
+        if app.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid(
+                format!("apps[{i}].command"),
+                "must not contain NUL bytes",
+            ));
+        }
+        for (k, v) in &app.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(invalid(
+                    format!("apps[{i}].env"),
+                    format!("invalid variable {k:?}"),
+                ));
+            }
+        }
+        if let Some(slot) = app.slot
+            && (slot == 0 || slot as usize > m)
+        {
+            return Err(invalid(
+                format!("apps[{i}].slot"),
+                format!("{slot} is outside 1..={m}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a policy: for every resource 0 < low < high <= 1.
+pub fn validate_policy(p: &PolicyDef) -> Result<(), PoolError> {
+    for (name, t) in [
+        ("cpu", p.cpu),
+        ("memory", p.memory),
+        ("disk", p.disk),
+        ("network", p.network),
+    ] {
+        let ok = t.high.is_finite()
+            && t.low.is_finite()
+            && 0.0 < t.low
+            && t.low < t.high
+            && t.high <= 1.0;
+        if !ok {
+            return Err(invalid(
+                format!("policy.{name}"),
+                format!(
+                    "need 0 < low < high <= 1, got low {} high {}",
+                    t.low, t.high
+                ),
+            ));
+        }
+    }
+    if p.cooldown_seconds > 24 * 3600 || p.sustain_seconds > 24 * 3600 {
+        return Err(invalid(
+            "policy",
+            "sustain_seconds and cooldown_seconds must be at most 86400",
+        ));
+    }
+    Ok(())
+}
+
+/// Decides the group of every app: apps in `pinned` (already running in a
+/// slot) and apps with an explicit slot keep it; the rest are bin-packed
+/// against `capacities` (capacities[i] = slot i + 1).
+pub fn plan_groups(
+    apps: &[AppDef],
+    capacities: &[Resources],
+    pinned: &BTreeMap<String, u32>,
+) -> Result<BTreeMap<String, u32>, PoolError> {
+    let requests: Vec<AppRequest> = apps
+        .iter()
+        .map(|a| AppRequest {
+            name: a.name.clone(),
+            request: a.resources,
+            slot: a.slot.or_else(|| pinned.get(&a.name).copied()),
+        })
+        .collect();
+    let slots = partition(&requests, capacities)
+        .map_err(|e| precondition("apps", format!("cannot place the apps: {e}")))?;
+    Ok(apps.iter().map(|a| a.name.clone()).zip(slots).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str) -> AppDef {
+        AppDef {
+            name: name.into(),
+            command: vec!["sleep".into(), "1000".into()],
+            env: BTreeMap::new(),
+            resources: Resources::default(),
+            priority: 0,
+            offloadable: true,
+            slot: None,
+            artifact: String::new(),
+        }
+    }
+
+    #[test]
+    fn app_validation_names_the_field() {
+        let cases: Vec<(Vec<AppDef>, &str)> = vec![
+            (vec![app("a")], "apps"),
+            (vec![app("a"), app("a")], "apps[1].name"),
+            (vec![app("a"), app("B")], "apps[1].name"),
+            (
+                vec![
+                    app("a"),
+                    AppDef {
+                        command: vec![],
+                        ..app("b")
+                    },
+                ],
+                "apps[1].command",
+            ),
+            (
+                vec![
+                    app("a"),
+                    AppDef {
+                        slot: Some(3),
+                        ..app("b")
+                    },
+                ],
+                "apps[1].slot",
+            ),
+            (
+                vec![
+                    app("a"),
+                    AppDef {
+                        slot: Some(0),
+                        ..app("b")
+                    },
+                ],
+                "apps[1].slot",
+            ),
+            (
+                vec![
+                    app("a"),
+                    AppDef {
+                        env: [("A=B".to_string(), "x".to_string())].into(),
+                        ..app("b")
+                    },
+                ],
+                "apps[1].env",
+            ),
+        ];
+        for (apps, field) in cases {
+            match validate_apps(&apps, 2) {
+                Err(PoolError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        validate_apps(&[app("a"), app("b_1.x")], 2).unwrap();
+    }
+
+    #[test]
+    fn policy_validation() {
+        validate_policy(&PolicyDef::default()).unwrap();
+        let mut p = PolicyDef {
+            memory: Threshold {
+                high: 0.5,
+                low: 0.6,
+            },
+            ..PolicyDef::default()
+        };
+        assert!(
+            validate_policy(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("policy.memory")
+        );
+        p.memory = Threshold {
+            high: 1.5,
+            low: 0.6,
+        };
+        assert!(validate_policy(&p).is_err());
+        p.memory = Threshold {
+            high: f64::NAN,
+            low: 0.6,
+        };
+        assert!(validate_policy(&p).is_err());
+    }
+
+    #[test]
+    fn pinned_apps_keep_their_slot() {
+        let cap = Resources {
+            cpu_millis: 1000,
+            memory_mb: 1000,
+            disk_mb: 1000,
+            network_mbps: 100,
+        };
+        let apps = vec![app("a"), app("b"), app("c")];
+        let pinned: BTreeMap<String, u32> = [("a".to_string(), 2)].into();
+        let groups = plan_groups(&apps, &[cap, cap], &pinned).unwrap();
+        assert_eq!(groups["a"], 2);
+        assert_eq!(groups.len(), 3);
+    }
+}

@@ -1,0 +1,542 @@
+//! Pool operations of the manager: create, read, delete, change apps,
+//! push desired state to members, follow agents' app reports, renew member
+//! certificates. Every change goes through `Manager::mutate` (validated on a
+//! copy, persisted, then swapped in), so a refused request changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edgepool_common::identity::{Identity, validate_name};
+use time::Duration;
+
+use crate::chain::{issue_member, issue_pool_ca};
+use crate::events::{EventKind, EventRecord};
+use crate::manager::{LiveNode, Manager, ManagerError};
+use crate::model::{
+    AppReport, AppRun, AppRunState, MemberView, NodeAssignment, NodeState, PlacementView, PoolView,
+    Resources, now_ms,
+};
+use crate::pool::{
+    AppDef, MemberRecord, PolicyDef, PoolError, PoolRecord, RunningApp, invalid, plan_groups,
+    precondition, validate_apps, validate_policy,
+};
+use crate::registry::Registry;
+
+/// A tenant's request for a new pool.
+#[derive(Clone, Debug)]
+pub struct PoolRequest {
+    pub name: String,
+    pub node_ids: Vec<String>,
+    pub apps: Vec<AppDef>,
+    pub policy: Option<PolicyDef>,
+}
+
+impl Manager {
+    fn member_validity(&self) -> Duration {
+        Duration::seconds(i64::from(self.config.member_cert_validity_seconds))
+    }
+
+    /// Creates a pool: validates, partitions the apps, issues the pool CA
+    /// and the M member certificates, and pushes each member its slot.
+    pub fn create_pool(&self, tenant: &str, req: PoolRequest) -> Result<PoolView, ManagerError> {
+        let record = self.mutate(|r| {
+            let record = self.build_pool(r, tenant, &req)?;
+            for m in &record.members {
+                if let Some(n) = r.nodes.get_mut(&m.node_id) {
+                    n.state = NodeState::Member;
+                    n.pool = record.name.clone();
+                    n.slot = m.slot;
+                }
+            }
+            r.events.push(
+                EventRecord::new(tenant, &record.name, EventKind::PoolCreated).message(format!(
+                    "{} members, {} apps",
+                    record.members.len(),
+                    record.apps.len()
+                )),
+                now_ms(),
+            );
+            r.pools
+                .insert(PoolRecord::key(tenant, &record.name), record.clone());
+            Ok(record)
+        })?;
+        tracing::info!(%tenant, pool = %record.name, "pool created");
+        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.view_pool(&record)
+    }
+
+    /// Validates a create request against `r` and builds the record.
+    fn build_pool(
+        &self,
+        r: &Registry,
+        tenant: &str,
+        req: &PoolRequest,
+    ) -> Result<PoolRecord, ManagerError> {
+        validate_name("pool name", &req.name).map_err(|e| invalid("name", e.to_string()))?;
+        if r.pools.contains_key(&PoolRecord::key(tenant, &req.name)) {
+            return Err(precondition("name", format!("pool {:?} already exists", req.name)).into());
+        }
+        let m = req.node_ids.len();
+        if m < 2 {
+            return Err(invalid(
+                "node_ids",
+                format!("a pool needs at least 2 nodes, got {m}"),
+            )
+            .into());
+        }
+        let mut capacities = Vec::with_capacity(m);
+        let mut seen = BTreeSet::new();
+        for (i, id) in req.node_ids.iter().enumerate() {
+            let field = format!("node_ids[{i}]");
+            if !seen.insert(id.as_str()) {
+                return Err(invalid(field, format!("node {id:?} is listed twice")).into());
+            }
+            let node = r
+                .node_of_tenant(tenant, id)
+                .ok_or_else(|| invalid(field.clone(), format!("no node {id:?}")))?;
+            if node.state != NodeState::Free {
+                let why = format!(
+                    "node {id:?} is not free ({:?} in pool {:?})",
+                    node.state, node.pool
+                );
+                return Err(precondition(field, why).into());
+            }
+            if node.capacity == Resources::default() {
+                let why = format!(
+                    "node {id:?} has not reported its capacity yet (is its agent running?)"
+                );
+                return Err(precondition(field, why).into());
+            }
+            if node.cert_pem.is_empty() {
+                let why = format!(
+                    "node {id:?} must enroll again (join --force) to get member certificates"
+                );
+                return Err(precondition(field, why).into());
+            }
+            capacities.push(node.capacity);
+        }
+        validate_apps(&req.apps, m)?;
+        let mut policy = req.policy.clone().unwrap_or_default();
+        validate_policy(&policy)?;
+        policy.version = 1;
+        let groups = plan_groups(&req.apps, &capacities, &BTreeMap::new())?;
+        let ca = issue_pool_ca(&self.ca, tenant, &req.name)?;
+        let mut members = Vec::with_capacity(m);
+        for (i, id) in req.node_ids.iter().enumerate() {
+            let slot = i as u32 + 1;
+            let node_cert = r
+                .nodes
+                .get(id)
+                .map(|n| n.cert_pem.as_str())
+                .unwrap_or_default();
+            let identity = self.member_identity(tenant, &req.name, slot);
+            let cert = issue_member(&self.ca, &ca, &identity, node_cert, self.member_validity())?;
+            members.push(MemberRecord {
+                slot,
+                node_id: id.clone(),
+                cert_pem: cert.cert_pem,
+                cert_serial: cert.serial_hex,
+                cert_not_after_ms: cert.not_after_ms,
+                generation: 1,
+            });
+        }
+        Ok(PoolRecord {
+            name: req.name.clone(),
+            tenant: tenant.to_string(),
+            ca,
+            members,
+            apps: req.apps.clone(),
+            groups,
+            policy,
+            generation: 1,
+            created_at_ms: now_ms(),
+            running: BTreeMap::new(),
+        })
+    }
+
+    fn member_identity(&self, tenant: &str, pool: &str, slot: u32) -> Identity {
+        Identity::Member {
+            domain: self.config.trust_domain.clone(),
+            tenant: tenant.to_string(),
+            pool: pool.to_string(),
+            slot,
+        }
+    }
+
+    fn pool_record(&self, tenant: &str, name: &str) -> Result<PoolRecord, ManagerError> {
+        self.registry()?
+            .pools
+            .get(&PoolRecord::key(tenant, name))
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound(name.to_string()).into())
+    }
+
+    pub fn get_pool(&self, tenant: &str, name: &str) -> Result<PoolView, ManagerError> {
+        let record = self.pool_record(tenant, name)?;
+        self.view_pool(&record)
+    }
+
+    pub fn list_pools(&self, tenant: &str) -> Result<Vec<PoolView>, ManagerError> {
+        let records: Vec<PoolRecord> = self
+            .registry()?
+            .pools
+            .values()
+            .filter(|p| p.tenant == tenant)
+            .cloned()
+            .collect();
+        records.iter().map(|p| self.view_pool(p)).collect()
+    }
+
+    /// Deletes a pool: its members are freed and told to stop everything.
+    pub fn delete_pool(&self, tenant: &str, name: &str) -> Result<(), ManagerError> {
+        let record = self.mutate(|r| {
+            let record = r
+                .pools
+                .remove(&PoolRecord::key(tenant, name))
+                .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+            for m in &record.members {
+                if let Some(n) = r.nodes.get_mut(&m.node_id)
+                    && n.pool == record.name
+                {
+                    n.state = NodeState::Free;
+                    n.pool.clear();
+                    n.slot = 0;
+                }
+            }
+            r.events.push(
+                EventRecord::new(tenant, name, EventKind::PoolDeleted),
+                now_ms(),
+            );
+            Ok(record)
+        })?;
+        tracing::info!(%tenant, pool = %name, "pool deleted");
+        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))
+    }
+
+    /// Replaces a pool's apps. Apps that keep their name keep their group
+    /// (unless they ask for another slot); new apps are bin-packed. Agents
+    /// restart only apps whose spec changed.
+    pub fn update_apps(
+        &self,
+        tenant: &str,
+        name: &str,
+        apps: Vec<AppDef>,
+    ) -> Result<PoolView, ManagerError> {
+        let record = self.mutate(|r| {
+            let key = PoolRecord::key(tenant, name);
+            let mut record = r
+                .pools
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+            validate_apps(&apps, record.members.len())?;
+            let capacities: Vec<Resources> = record
+                .members
+                .iter()
+                .map(|m| {
+                    r.nodes
+                        .get(&m.node_id)
+                        .map(|n| n.capacity)
+                        .unwrap_or_default()
+                })
+                .collect();
+            let groups = plan_groups(&apps, &capacities, &record.groups)?;
+            let before: BTreeSet<&str> = record.apps.iter().map(|a| a.name.as_str()).collect();
+            let after: BTreeSet<&str> = apps.iter().map(|a| a.name.as_str()).collect();
+            let message = format!(
+                "{} apps: {} added, {} removed",
+                apps.len(),
+                after.difference(&before).count(),
+                before.difference(&after).count()
+            );
+            record.apps = apps;
+            record.groups = groups;
+            record.generation += 1;
+            r.events.push(
+                EventRecord::new(tenant, name, EventKind::AppsUpdated).message(message),
+                now_ms(),
+            );
+            r.pools.insert(key, record.clone());
+            Ok(record)
+        })?;
+        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.view_pool(&record)
+    }
+
+    /// The desired state of `node_id` (an empty pool if it is no member).
+    pub fn assignment_for(&self, node_id: &str) -> Result<NodeAssignment, ManagerError> {
+        let r = self.registry()?;
+        let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
+            return Ok(NodeAssignment::default());
+        };
+        let Some(pool) = r.pools.get(&PoolRecord::key(&node.tenant, &node.pool)) else {
+            return Ok(NodeAssignment::default());
+        };
+        let Some(me) = pool.member_of(node_id) else {
+            return Ok(NodeAssignment::default());
+        };
+        Ok(NodeAssignment {
+            pool: pool.name.clone(),
+            slot: me.slot,
+            generation: pool.generation,
+            apps: pool.group(me.slot),
+            member_cert_pem: me.cert_pem.clone(),
+            pool_ca_pem: pool.ca.cert_pem.clone(),
+            members: members_view(&r, pool),
+            policy: Some(pool.policy.clone()),
+        })
+    }
+
+    /// Recomputes and pushes the desired state of each node.
+    pub(crate) fn push_assignments<'a>(
+        &self,
+        node_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ManagerError> {
+        for id in node_ids {
+            let a = self.assignment_for(id)?;
+            self.live_node(id)?.set_assignment(a);
+        }
+        Ok(())
+    }
+
+    /// Pushes the desired state to every member of `node_id`'s pool.
+    pub(crate) fn push_pool_of(&self, node_id: &str) -> Result<(), ManagerError> {
+        let members: Vec<String> = {
+            let r = self.registry()?;
+            let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
+                return Ok(());
+            };
+            r.pools
+                .get(&PoolRecord::key(&node.tenant, &node.pool))
+                .map(|p| p.members.iter().map(|m| m.node_id.clone()).collect())
+                .unwrap_or_default()
+        };
+        self.push_assignments(members.iter().map(String::as_str))
+    }
+
+    fn view_pool(&self, record: &PoolRecord) -> Result<PoolView, ManagerError> {
+        let members = members_view(&*self.registry()?, record);
+        let mut placements = Vec::with_capacity(record.apps.len());
+        for app in &record.apps {
+            let home_slot = record.groups.get(&app.name).copied().unwrap_or_default();
+            let host = members
+                .iter()
+                .find(|m| m.slot == home_slot)
+                .map(|m| m.node_id.clone())
+                .unwrap_or_default();
+            let run = self
+                .live_data(&host)?
+                .report
+                .filter(|rep| rep.pool == record.name)
+                .and_then(|rep| rep.apps.into_iter().find(|a| a.name == app.name))
+                .unwrap_or_else(|| AppRun {
+                    name: app.name.clone(),
+                    ..AppRun::default()
+                });
+            placements.push(PlacementView {
+                app: app.name.clone(),
+                home_slot,
+                host_node_id: host,
+                run,
+            });
+        }
+        Ok(PoolView {
+            name: record.name.clone(),
+            tenant: record.tenant.clone(),
+            ca_pem: record.ca.cert_pem.clone(),
+            members,
+            apps: record.apps.clone(),
+            placements,
+            policy: record.policy.clone(),
+            generation: record.generation,
+            created_at_ms: record.created_at_ms,
+        })
+    }
+
+    /// Takes an agent's app report: keeps it for `GetPool` and records
+    /// APP_STARTED / APP_STOPPED / APP_EXITED when something changed.
+    pub fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
+        let previous = live.swap_report(report.clone());
+        let known = match self.registry() {
+            Ok(r) => r.nodes.get(node_id).and_then(|n| {
+                r.pools
+                    .get(&PoolRecord::key(&n.tenant, &report.pool))
+                    .filter(|p| p.member_of(node_id).is_some())
+                    .map(|p| (p.tenant.clone(), p.running.clone()))
+            }),
+            Err(_) => None,
+        };
+        let Some((tenant, running)) = known else {
+            return;
+        };
+        let changes = app_changes(node_id, &report, previous.as_ref(), &running);
+        if changes.events.is_empty() && changes.running == running {
+            return;
+        }
+        let pool = report.pool.clone();
+        let result = self.mutate(|r| {
+            let now = now_ms();
+            if let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) {
+                p.running = changes.running;
+            }
+            for (kind, app, message) in changes.events {
+                r.events.push(
+                    EventRecord::new(&tenant, &pool, kind)
+                        .node(node_id, 0)
+                        .app(&app)
+                        .message(message),
+                    now,
+                );
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(node = %node_id, error = %e, "could not record app events");
+        }
+    }
+
+    /// Renews member certificates with less than a third of their lifetime
+    /// left and pushes the new membership. Returns how many were renewed.
+    pub fn renew_member_certs(&self) -> Result<usize, ManagerError> {
+        let validity_ms = u64::from(self.config.member_cert_validity_seconds) * 1000;
+        let due = |m: &MemberRecord, now: u64| m.cert_not_after_ms < now + validity_ms / 3;
+        let any_due = {
+            let now = now_ms();
+            let r = self.registry()?;
+            r.pools
+                .values()
+                .any(|p| p.members.iter().any(|m| due(m, now)))
+        };
+        if !any_due {
+            return Ok(0);
+        }
+        let (count, nodes) = self.mutate(|r| {
+            let now = now_ms();
+            let mut count = 0;
+            let mut nodes = Vec::new();
+            let certs: BTreeMap<String, String> = r
+                .nodes
+                .iter()
+                .map(|(k, n)| (k.clone(), n.cert_pem.clone()))
+                .collect();
+            for pool in r.pools.values_mut() {
+                let mut renewed = Vec::new();
+                for m in pool.members.iter_mut().filter(|m| due(m, now)) {
+                    let identity = self.member_identity(&pool.tenant, &pool.name, m.slot);
+                    let node_cert = certs
+                        .get(&m.node_id)
+                        .map(String::as_str)
+                        .unwrap_or_default();
+                    let cert = issue_member(
+                        &self.ca,
+                        &pool.ca,
+                        &identity,
+                        node_cert,
+                        self.member_validity(),
+                    )?;
+                    m.cert_pem = cert.cert_pem;
+                    m.cert_serial = cert.serial_hex;
+                    m.cert_not_after_ms = cert.not_after_ms;
+                    renewed.push((m.node_id.clone(), m.slot));
+                }
+                if !renewed.is_empty() {
+                    count += renewed.len();
+                    nodes.extend(pool.members.iter().map(|m| m.node_id.clone()));
+                    for (node, slot) in renewed {
+                        let e = EventRecord::new(&pool.tenant, &pool.name, EventKind::CertRenewed)
+                            .node(&node, slot);
+                        r.events.push(e, now);
+                    }
+                }
+            }
+            Ok((count, nodes))
+        })?;
+        self.push_assignments(nodes.iter().map(String::as_str))?;
+        Ok(count)
+    }
+}
+
+fn members_view(r: &Registry, pool: &PoolRecord) -> Vec<MemberView> {
+    pool.members
+        .iter()
+        .map(|m| MemberView {
+            slot: m.slot,
+            node_id: m.node_id.clone(),
+            cert_pem: m.cert_pem.clone(),
+            cert_serial: m.cert_serial.clone(),
+            cert_not_after_ms: m.cert_not_after_ms,
+            generation: m.generation,
+            peer_address: r
+                .nodes
+                .get(&m.node_id)
+                .map(|n| n.peer_address.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// What a new report changes: the running set of this node's apps and the
+/// events to record.
+struct AppChanges {
+    running: BTreeMap<String, RunningApp>,
+    events: Vec<(EventKind, String, String)>,
+}
+
+fn app_changes(
+    node_id: &str,
+    report: &AppReport,
+    previous: Option<&AppReport>,
+    running: &BTreeMap<String, RunningApp>,
+) -> AppChanges {
+    let mut next = running.clone();
+    let mut events = Vec::new();
+    for app in &report.apps {
+        let known = running.get(&app.name).filter(|r| r.node_id == node_id);
+        if app.state == AppRunState::Running
+            && app.pid != 0
+            && known.map(|k| k.pid) != Some(app.pid)
+        {
+            events.push((
+                EventKind::AppStarted,
+                app.name.clone(),
+                format!("pid {}", app.pid),
+            ));
+            next.insert(
+                app.name.clone(),
+                RunningApp {
+                    node_id: node_id.to_string(),
+                    pid: app.pid,
+                },
+            );
+        }
+        let before = previous.and_then(|p| p.apps.iter().find(|a| a.name == app.name));
+        if let Some(b) = before
+            && app.restarts > b.restarts
+        {
+            events.push((
+                EventKind::AppExited,
+                app.name.clone(),
+                app.last_exit.clone(),
+            ));
+        }
+    }
+    let still: BTreeSet<&str> = report
+        .apps
+        .iter()
+        .filter(|a| !matches!(a.state, AppRunState::Stopped))
+        .map(|a| a.name.as_str())
+        .collect();
+    for (name, r) in running {
+        if r.node_id == node_id && !still.contains(name.as_str()) {
+            events.push((
+                EventKind::AppStopped,
+                name.clone(),
+                format!("pid {}", r.pid),
+            ));
+            next.remove(name);
+        }
+    }
+    AppChanges {
+        running: next,
+        events,
+    }
+}

@@ -1,0 +1,248 @@
+//! The agent's shared state: identity, membership, peer TLS, the app
+//! runtime, and applying assignments from the manager.
+//!
+//! An assignment is applied in this order: persist it (so a restart or a
+//! cloud outage keeps it), switch membership and the peer certificate, then
+//! reconcile the apps. Applying the same assignment twice changes nothing,
+//! and an assignment older than the current one for the same pool is
+//! ignored.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use edgepool_common::proto as pb;
+use edgepool_common::tls;
+use prost::Message;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::membership::{Membership, MembershipError};
+use crate::runtime::{AppSpec, AppState, Runtime};
+use crate::state::{DataDir, NodeInfo};
+use crate::telemetry::Resources;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("saving the assignment: {0}")]
+    Save(std::io::Error),
+    #[error("apps: {0}")]
+    Runtime(String),
+}
+
+/// Result of the latest probe of one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub slot: u32,
+    pub node_id: String,
+    pub reachable: bool,
+    pub last_ok_ms: u64,
+    pub error: String,
+}
+
+pub struct Shared {
+    pub info: NodeInfo,
+    pub data: DataDir,
+    pub root_ca: Vec<CertificateDer<'static>>,
+    pub node_chain: Vec<CertificateDer<'static>>,
+    node_key: PrivateKeyDer<'static>,
+    pub runtime: Runtime,
+    pub capacity: Resources,
+    usage: Mutex<Resources>,
+    membership: RwLock<Option<Arc<Membership>>>,
+    peer_tls: RwLock<Arc<rustls::ServerConfig>>,
+    peers: Mutex<Vec<PeerStatus>>,
+    applied: Mutex<Option<pb::Assignment>>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    *l.write().unwrap_or_else(|p| p.into_inner()) = v;
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        info: NodeInfo,
+        data: DataDir,
+        root_ca: Vec<CertificateDer<'static>>,
+        node_chain: Vec<CertificateDer<'static>>,
+        node_key: PrivateKeyDer<'static>,
+        runtime: Runtime,
+        capacity: Resources,
+    ) -> Result<Self, tls::TlsError> {
+        let peer_tls = peer_server_config(&root_ca, node_chain.clone(), node_key.clone_key())?;
+        Ok(Shared {
+            info,
+            data,
+            root_ca,
+            node_chain,
+            node_key,
+            runtime,
+            capacity,
+            usage: Mutex::new(Resources::default()),
+            membership: RwLock::new(None),
+            peer_tls: RwLock::new(Arc::new(peer_tls)),
+            peers: Mutex::new(Vec::new()),
+            applied: Mutex::new(None),
+        })
+    }
+
+    pub fn membership(&self) -> Option<Arc<Membership>> {
+        read(&self.membership)
+    }
+
+    pub fn peer_tls(&self) -> Arc<rustls::ServerConfig> {
+        read(&self.peer_tls)
+    }
+
+    pub fn node_key(&self) -> PrivateKeyDer<'static> {
+        self.node_key.clone_key()
+    }
+
+    pub fn set_usage(&self, usage: Resources) {
+        *lock(&self.usage) = usage;
+    }
+
+    pub fn usage(&self) -> Resources {
+        *lock(&self.usage)
+    }
+
+    pub fn set_peers(&self, peers: Vec<PeerStatus>) {
+        *lock(&self.peers) = peers;
+    }
+
+    fn assignment_path(&self) -> std::path::PathBuf {
+        self.data.dir.join("assignment.pb")
+    }
+
+    /// The assignment saved by the last run, if any.
+    pub fn load_saved(&self) -> Option<pb::Assignment> {
+        let bytes = std::fs::read(self.assignment_path()).ok()?;
+        match pb::Assignment::decode(bytes.as_slice()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable saved assignment");
+                None
+            }
+        }
+    }
+
+    /// Applies an assignment (see the module comment).
+    pub async fn apply(&self, a: pb::Assignment) -> Result<(), ApplyError> {
+        if let Some(current) = lock(&self.applied).as_ref()
+            && current.pool == a.pool
+            && a.generation < current.generation
+        {
+            tracing::info!(pool = %a.pool, generation = a.generation, "ignoring an older assignment");
+            return Ok(());
+        }
+        let node_cert = self
+            .node_chain
+            .first()
+            .ok_or_else(|| ApplyError::Membership(MembershipError::WrongKey))?;
+        let membership = Membership::from_assignment(&a, &self.info, node_cert)?;
+        edgepool_common::fsutil::write_private(&self.assignment_path(), &a.encode_to_vec())
+            .map_err(ApplyError::Save)?;
+        let chain = match &membership {
+            Some(m) => m.chain.clone(),
+            None => self.node_chain.clone(),
+        };
+        let tls = peer_server_config(&self.root_ca, chain, self.node_key())?;
+        write(&self.peer_tls, Arc::new(tls));
+        if membership.is_none() {
+            self.set_peers(Vec::new());
+        }
+        write(&self.membership, membership.map(Arc::new));
+        let apps: Vec<AppSpec> = a.apps.iter().map(app_spec).collect();
+        tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = apps.len(), "applying assignment");
+        *lock(&self.applied) = Some(a);
+        self.runtime
+            .reconcile(apps)
+            .await
+            .map_err(|e| ApplyError::Runtime(e.to_string()))
+    }
+
+    /// What this node runs and reaches, for the manager.
+    pub fn report(&self) -> pb::AppReport {
+        let (pool, generation) = lock(&self.applied)
+            .as_ref()
+            .map(|a| (a.pool.clone(), a.generation))
+            .unwrap_or_default();
+        let slot = self.membership().map(|m| m.slot).unwrap_or(0);
+        pb::AppReport {
+            pool,
+            generation,
+            apps: self
+                .runtime
+                .status()
+                .into_iter()
+                .map(|s| pb::Placement {
+                    app: s.name,
+                    home_slot: slot,
+                    host_node_id: self.info.node_id.clone(),
+                    state: app_state(s.state) as i32,
+                    pid: s.pid.unwrap_or(0),
+                    restarts: s.restarts,
+                    usage: Some(pb::Resources {
+                        cpu_millis: s.usage.cpu_millis,
+                        memory_mb: s.usage.memory_mb,
+                        disk_mb: 0,
+                        network_mbps: 0,
+                    }),
+                    last_exit: s.last_exit.unwrap_or_default(),
+                })
+                .collect(),
+            peers: lock(&self.peers)
+                .iter()
+                .map(|p| pb::PeerReach {
+                    slot: p.slot,
+                    node_id: p.node_id.clone(),
+                    reachable: p.reachable,
+                    last_ok: (p.last_ok_ms > 0).then(|| prost_types::Timestamp {
+                        seconds: (p.last_ok_ms / 1000) as i64,
+                        nanos: ((p.last_ok_ms % 1000) * 1_000_000) as i32,
+                    }),
+                    error: p.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn app_spec(a: &pb::AppSpec) -> AppSpec {
+    AppSpec {
+        name: a.name.clone(),
+        command: a.command.clone(),
+        env: a.env.clone().into_iter().collect(),
+    }
+}
+
+fn app_state(s: AppState) -> pb::AppState {
+    match s {
+        AppState::Starting => pb::AppState::Pending,
+        AppState::Running => pb::AppState::Running,
+        AppState::Backoff => pb::AppState::Backoff,
+        AppState::Stopping | AppState::Stopped => pb::AppState::Stopped,
+        AppState::Failed => pb::AppState::Failed,
+    }
+}
+
+/// The peer port's TLS: present `chain` (the member certificate and pool
+/// CA while a member, the node certificate otherwise) and require a client
+/// certificate chaining to the root CA. Who may actually call is decided
+/// per RPC against the membership.
+pub fn peer_server_config(
+    root_ca: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, tls::TlsError> {
+    tls::server_config(chain, key, tls::ClientAuth::Required(tls::roots(root_ca)?))
+}
