@@ -206,7 +206,7 @@ impl TenantService for TenantApi {
         let req = request.into_inner();
         // Subscribe before reading the backlog so nothing falls in between.
         let mut live = self.manager.subscribe_events();
-        let backlog = if req.after_seq > 0 {
+        let backlog = if req.from_start || req.after_seq > 0 {
             self.manager
                 .events_since(&tenant, req.after_seq)
                 .map_err(to_status)?

@@ -195,8 +195,8 @@ pub struct DevArgs {
     /// Peer port of the agents (agent N listens on 127.0.1.N:PORT; 0 = any free port).
     #[arg(long, default_value_t = 7444)]
     pub peer_port: u16,
-    /// Do not create the demo pool (pools are not implemented yet, so
-    /// today this changes nothing).
+    /// Do not create the `demo` pool (dev-1..dev-3 with sample apps, dev-4
+    /// left free as the spare; needs --agents 4 or more).
     #[arg(long)]
     pub no_demo: bool,
 }

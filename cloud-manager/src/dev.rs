@@ -21,6 +21,12 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::DevArgs;
 use crate::config::ManagerConfig;
 use crate::manager::Manager;
+use crate::model::Resources;
+use crate::pool::AppDef;
+use crate::pool_ops::PoolRequest;
+
+/// Name of the pool `dev` creates.
+const DEMO_POOL: &str = "demo";
 
 /// How long agents get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -70,9 +76,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         wait_connected(&manager, &tenant, args.agents.into(), &shutdown).await
     };
-    let result = started.await;
+    let mut result = started.await;
+    if result.is_ok() && !args.no_demo {
+        result = create_demo_pool(&manager, &tenant, args.agents);
+    }
+    if result.is_ok() {
+        result = write_edgectl_config(&dir, &manager_addr);
+    }
     if result.is_ok() && !shutdown.is_cancelled() {
-        print_banner(&dir, &manager_addr, &agents);
+        print_banner(
+            &dir,
+            &manager_addr,
+            &agents,
+            !args.no_demo && args.agents >= 4,
+        );
         supervise(&mut agents, &shutdown).await;
     }
     shutdown.cancel();
@@ -188,6 +205,95 @@ async fn supervise(agents: &mut [DevAgent], shutdown: &CancellationToken) {
     }
 }
 
+/// The demo pool: dev-1..dev-3 with sample apps, dev-4 left free as the
+/// spare. Needs 4 agents; an existing `demo` pool is kept as it is.
+fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Result<()> {
+    if agents < 4 {
+        tracing::info!("fewer than 4 agents: no demo pool (it needs 3 members and a spare)");
+        return Ok(());
+    }
+    if manager.get_pool(tenant, DEMO_POOL).is_ok() {
+        return Ok(());
+    }
+    let sh = |name: &str, script: &str| AppDef {
+        name: name.to_string(),
+        command: vec!["sh".into(), "-c".into(), script.to_string()],
+        env: BTreeMap::new(),
+        resources: Resources {
+            cpu_millis: 50,
+            memory_mb: 16,
+            disk_mb: 1,
+            network_mbps: 0,
+        },
+        priority: 0,
+        offloadable: true,
+        slot: None,
+        artifact: String::new(),
+    };
+    let apps = vec![
+        sh(
+            "web",
+            "while :; do echo \"web: serving $(date +%T)\"; sleep 5; done",
+        ),
+        sh(
+            "api",
+            "while :; do echo \"api: ok $(date +%T)\"; sleep 5; done",
+        ),
+        sh(
+            "worker",
+            "while :; do echo \"worker: job done\"; sleep 3; done",
+        ),
+        sh("cache", "while :; do sleep 10; done"),
+        sh(
+            "metrics",
+            "while :; do echo \"metrics: $(cat /proc/loadavg)\"; sleep 10; done",
+        ),
+    ];
+    manager.create_pool(
+        tenant,
+        PoolRequest {
+            name: DEMO_POOL.into(),
+            node_ids: vec!["dev-1".into(), "dev-2".into(), "dev-3".into()],
+            apps,
+            policy: None,
+        },
+    )?;
+    Ok(())
+}
+
+/// `DIR/edgectl.toml`, which edgectl picks up from the current directory
+/// (`./edgepool-dev/edgectl.toml`) or through `--config`.
+fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by `cloud-manager dev`; paths are relative to this file.\n\
+         manager = \"{addr}\"\n\
+         ca_cert = \"ca.pem\"\n\
+         cert = \"tenant.pem\"\n\
+         key = \"tenant.key\"\n"
+    );
+    edgepool_common::fsutil::write_public(&dir.join("edgectl.toml"), text.as_bytes())?;
+    Ok(())
+}
+
+/// Every process in session `sid` (an agent and all its apps).
+fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split_whitespace().nth(3)?.parse::<i32>().ok()
+                })
+                == Some(sid)
+        })
+        .collect()
+}
+
 /// SIGTERM to every agent's session, then SIGKILL after the grace period.
 async fn stop_agents(agents: &mut [DevAgent]) {
     let signal_all = |agents: &mut [DevAgent], sig: Signal| {
@@ -209,11 +315,19 @@ async fn stop_agents(agents: &mut [DevAgent]) {
     }
     signal_all(agents, Signal::SIGKILL);
     for a in agents.iter_mut() {
+        let sid = a.child.id().map(|p| p as i32);
         let _ = a.child.wait().await;
+        // Apps live in their own process groups inside the agent's session:
+        // whatever the agent did not stop goes now.
+        if let Some(sid) = sid {
+            for pid in session_members(sid) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
     }
 }
 
-fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent]) {
+fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
     let d = dir.display();
     let creds = format!("-cacert {d}/ca.pem -cert {d}/tenant.pem -key {d}/tenant.key");
     let last = agents.last().map(|a| a.node_id.as_str()).unwrap_or("dev-1");
@@ -232,10 +346,21 @@ fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent]) {
            grpcurl {creds} -d '{{\"node_id\": \"dev-1\"}}' {addr} edge.v1.TenantService/GetNode\n  \
            grpcurl {creds} -d '{{\"ttl_seconds\": 600}}' {addr} edge.v1.TenantService/CreateJoinToken\n\
          \n\
+         {demo_text}\
          Crash a simulated machine (its agent and everything in its session):\n  \
            pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n\
          Agent logs: {d}/agents/dev-N/agent.log\n\
          Stop everything: Ctrl-C\n",
         n = agents.len(),
+        demo_text = if demo {
+            format!(
+                "The demo pool (dev-1..dev-3 run its apps, dev-4 is the spare):\n  \
+                   grpcurl {creds} -d '{{\"name\": \"demo\"}}' {addr} edge.v1.TenantService/GetPool\n  \
+                   edgectl pool get demo        (edgectl reads {d}/edgectl.toml when run from the parent directory)\n  \
+                   edgectl events -f\n\n"
+            )
+        } else {
+            String::new()
+        },
     );
 }

@@ -3,6 +3,9 @@
 mod auth;
 mod cli;
 mod dev;
+mod edgectl; // TEMP (edgectl helper)
 mod enrollment;
 mod grpcurl;
+mod peers;
+mod pools;
 mod stream;

@@ -66,19 +66,77 @@ where
     }
 }
 
-/// A child process in its own process group, killed (group and all) on drop.
+/// A child process in its own process group (or, for agents, its own
+/// session), killed (group or session and all) on drop.
 pub struct Proc {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
+    /// The process made itself a session leader: kill the whole session.
+    pub session: bool,
+}
+
+/// Every process whose session id is `sid`.
+pub fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat_field(*pid, 6) == Some(sid as i64))
+        .collect()
+}
+
+/// Field `n` (1-based, as in proc(5)) of /proc/<pid>/stat, for n >= 3.
+pub fn stat_field(pid: i32, n: usize) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+/// The command line of a process, arguments joined by spaces.
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// Live (non-zombie) processes whose command line is exactly `cmd`.
+pub fn processes_running(cmd: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| cmdline(*pid) == cmd)
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat.contains(") Z ")
+        })
+        .collect()
 }
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
         use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        Self::spawn_inner(name, cmd, log, false)
+    }
+
+    /// For a program started with `--new-session` (it calls setsid itself).
+    pub fn spawn_session(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        Self::spawn_inner(name, cmd, log, true)
+    }
+
+    fn spawn_inner(name: &str, cmd: &mut Command, log: &Path, session: bool) -> Proc {
         let file = std::fs::File::create(log).expect("log file");
         let child = cmd
-            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log clone"))
             .stderr(file)
@@ -89,6 +147,7 @@ impl Proc {
             name: name.to_string(),
             child,
             log: log.to_path_buf(),
+            session,
         }
     }
 
@@ -104,10 +163,19 @@ impl Proc {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid()), sig);
     }
 
-    /// SIGKILL to the whole group, then reap.
+    /// SIGKILL to the whole group (or session), then reap.
     pub fn kill(&mut self) {
+        let pid = self.pid();
         self.signal(nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
+        if self.session {
+            for p in session_members(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     /// Waits for exit up to `deadline`.
@@ -125,9 +193,8 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill();
-        }
+        // Always: an agent that already exited may have left apps behind.
+        self.kill();
     }
 }
 
@@ -318,16 +385,36 @@ pub async fn enroll(manager: &Manager, root: &Path, node_id: &str) -> AgentDir {
     }
 }
 
-/// Starts `edge-agent run` for an enrolled data dir.
+/// Starts `edge-agent run` for an enrolled data dir, in its own session
+/// (so the agent and its apps are killed together at the end), with a
+/// fast peer probe.
 pub fn start_agent(agent: &AgentDir, manager_addr: &SocketAddr, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("edge-agent"));
-    cmd.args(["run", "--data-dir"])
+    cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&agent.dir)
         .args(["--manager", &manager_addr.to_string()])
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
+        .args(["--peer-probe-interval-ms", "300"])
         .args(extra);
-    Proc::spawn(&agent.node_id, &mut cmd, &agent.dir.join("agent.log"))
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = agent.dir.join(format!("agent-{n}.log"));
+    Proc::spawn_session(&agent.node_id, &mut cmd, &log)
+}
+
+/// Waits until `node_id` is connected and has reported its capacity.
+pub async fn wait_connected(m: &Manager, node_id: &str) -> pb::Node {
+    eventually(&format!("{node_id} connected"), DEADLINE, || {
+        let mut t = m.tenant();
+        let id = node_id.to_string();
+        async move {
+            get_node(&mut t, &id)
+                .await
+                .filter(|n| n.connected && n.capacity.is_some_and(|c| c.memory_mb > 0))
+        }
+    })
+    .await
 }
 
 /// The node as the tenant sees it, if it exists.
