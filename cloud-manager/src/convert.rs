@@ -325,6 +325,8 @@ impl From<&PoolView> for pb::Pool {
                     restarts: pl.run.restarts,
                     usage: Some(pl.run.usage.into()),
                     last_exit: pl.run.last_exit.clone(),
+                    disk_read_bytes_per_sec: pl.run.disk_read_bytes_per_sec,
+                    disk_write_bytes_per_sec: pl.run.disk_write_bytes_per_sec,
                 })
                 .collect(),
             policy: Some((&p.policy).into()),
@@ -376,6 +378,8 @@ impl From<pb::AppReport> for AppReport {
                     restarts: p.restarts,
                     usage: p.usage.map(Into::into).unwrap_or_default(),
                     last_exit: p.last_exit.chars().take(256).collect(),
+                    disk_read_bytes_per_sec: p.disk_read_bytes_per_sec,
+                    disk_write_bytes_per_sec: p.disk_write_bytes_per_sec,
                 })
                 .collect(),
             peers: r

@@ -174,7 +174,7 @@ impl Manager {
         let mut current = self.registry()?;
         let mut next = current.clone();
         let out = f(&mut next)?;
-        self.store.save(&next)?;
+        self.store.save(&current, &next)?;
         let seen = current.events.next_seq;
         *current = next;
         for e in current.events.since(seen) {

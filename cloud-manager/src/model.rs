@@ -114,6 +114,8 @@ pub struct AppRun {
     pub restarts: u32,
     pub usage: Resources,
     pub last_exit: String,
+    pub disk_read_bytes_per_sec: u64,
+    pub disk_write_bytes_per_sec: u64,
 }
 
 /// What an agent runs, as it last reported.

@@ -18,7 +18,7 @@ use crate::api::TenantApi;
 use crate::ca::{self, Ca, CaFiles};
 use crate::config::ManagerConfig;
 use crate::manager::Manager;
-use crate::store::FileStore;
+use crate::store::RedbStore;
 
 /// How long a graceful shutdown waits for connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -57,7 +57,7 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let key = tls::read_key(&files.server_key())?;
     let roots = tls::roots(&tls::certs_from_pem(ca.cert_pem(), "ca.pem")?)?;
     let tls_config = tls::server_config(chain, key, tls::ClientAuth::Optional(roots))?;
-    let store = FileStore::new(&dir);
+    let store = RedbStore::open(&dir)?;
     let listen = config.listen;
     let manager = Arc::new(Manager::new(config, ca, Box::new(store))?);
     let listener = TcpListener::bind(listen)

@@ -198,6 +198,8 @@ impl Shared {
                         network_mbps: 0,
                     }),
                     last_exit: s.last_exit.unwrap_or_default(),
+                    disk_read_bytes_per_sec: s.usage.disk_read_bytes_per_sec,
+                    disk_write_bytes_per_sec: s.usage.disk_write_bytes_per_sec,
                 })
                 .collect(),
             peers: lock(&self.peers)

@@ -90,7 +90,7 @@ async fn bad_tokens_are_refused_and_create_nothing() {
     let mut tenant = m.tenant();
     let mut other = m.other_tenant("other");
     let before = list_nodes(&mut tenant).await.len();
-    let state_before = std::fs::read_to_string(m.dir.join("state.json")).unwrap();
+    let state_before = std::fs::read(m.dir.join("state.redb")).unwrap();
 
     // Expired: a 1-second token, used after it ran out.
     let expired = create_token(&mut tenant, 1).await;
@@ -102,8 +102,11 @@ async fn bad_tokens_are_refused_and_create_nothing() {
     let before = before + 1;
     // Another tenant's valid token cannot take over this tenant's node id.
     let others = create_token(&mut other, 600).await;
-    let state_before_cases = std::fs::read_to_string(m.dir.join("state.json")).unwrap();
-    assert_ne!(state_before, state_before_cases);
+    let state_before_cases = std::fs::read(m.dir.join("state.redb")).unwrap();
+    assert!(
+        state_before != state_before_cases,
+        "a successful join must write"
+    );
 
     let cases: [(&str, &str, &str, &[&str]); 5] = [
         ("expired", &expired, "expired", &[]),
@@ -127,9 +130,9 @@ async fn bad_tokens_are_refused_and_create_nothing() {
     // Nothing was created or changed, for either tenant.
     assert_eq!(list_nodes(&mut tenant).await.len(), before);
     assert!(list_nodes(&mut other).await.is_empty());
-    assert_eq!(
-        std::fs::read_to_string(m.dir.join("state.json")).unwrap(),
-        state_before_cases
+    assert!(
+        std::fs::read(m.dir.join("state.redb")).unwrap() == state_before_cases,
+        "refused enrollments changed the store"
     );
     // The other tenant cannot see this tenant's node either.
     assert!(get_node(&mut other, "owned").await.is_none());

@@ -268,7 +268,7 @@ async fn invalid_pool_requests_are_refused_and_change_nothing() {
     let token = create_token(&mut other, 600).await;
     let out = join(&f.m, &f.tmp.path().join("theirs"), "theirs", &token, &[]);
     assert!(out.ok, "{}", out.stderr);
-    let state_before = std::fs::read_to_string(f.m.dir.join("state.json")).unwrap();
+    let state_before = std::fs::read(f.m.dir.join("state.redb")).unwrap();
     let pools_before =
         f.m.tenant()
             .list_pools(pb::ListPoolsRequest {})
@@ -424,9 +424,9 @@ async fn invalid_pool_requests_are_refused_and_change_nothing() {
 
     // Nothing changed: same durable state byte for byte, same pools, the
     // nodes named in refused requests are still free.
-    assert_eq!(
-        std::fs::read_to_string(f.m.dir.join("state.json")).unwrap(),
-        state_before
+    assert!(
+        std::fs::read(f.m.dir.join("state.redb")).unwrap() == state_before,
+        "refused requests changed the store"
     );
     let pools =
         f.m.tenant()
