@@ -3,7 +3,7 @@
 mod auth;
 mod cli;
 mod dev;
-mod edgectl; // TEMP (edgectl helper)
+mod edgectl;
 mod enrollment;
 mod grpcurl;
 mod peers;

@@ -1,0 +1,311 @@
+//! The pool file (`pool.toml`) of `edgectl pool create -f` and
+//! `edgectl pool apps -f`. Unknown keys are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use edgepool_common::proto as pb;
+use serde::Deserialize;
+
+/// The format, shown by `edgectl pool create --help` (and documented at the
+/// top of `cloud-manager/pool.example.toml`).
+pub const FORMAT_HELP: &str = "\
+The pool file (TOML; unknown keys are errors):
+
+  name = \"web\"                        # 1-63 characters of [a-z0-9-]
+  nodes = [\"dev-1\", \"dev-2\", \"dev-3\"]  # M >= 2 FREE nodes; nodes[i] gets slot i+1
+
+  [policy]                            # optional, and so is every field in it
+  target = \"single\"                   # or \"spread\"
+  sustain_seconds = 10
+  cooldown_seconds = 60
+  cpu = { high = 0.8, low = 0.6 }     # also memory, disk, network (fractions 0..1)
+
+  [[apps]]                            # N >= M apps
+  name = \"api\"
+  command = [\"sleep\", \"1000\"]         # argv; command[0] is looked up in PATH on the node
+  env = { MODE = \"prod\" }             # optional
+  resources = { cpu_millis = 100, memory_mb = 64, disk_mb = 0, network_mbps = 0 }  # optional
+  priority = 0                        # optional; lower is offloaded first
+  offloadable = true                  # optional, default true
+  slot = 1                            # optional explicit group 1..M
+
+`edgectl pool apps NAME -f FILE` uses only the [[apps]] of such a file
+(`name` and `nodes` may then be left out). See cloud-manager/pool.example.toml.";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    pub policy: Option<PolicyFile>,
+    #[serde(default)]
+    pub apps: Vec<AppFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub target: Option<Target>,
+    pub sustain_seconds: Option<u32>,
+    pub cooldown_seconds: Option<u32>,
+    pub cpu: Option<ThresholdFile>,
+    pub memory: Option<ThresholdFile>,
+    pub disk: Option<ThresholdFile>,
+    pub network: Option<ThresholdFile>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    #[serde(alias = "SINGLE")]
+    Single,
+    #[serde(alias = "SPREAD")]
+    Spread,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdFile {
+    pub high: f64,
+    pub low: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppFile {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: ResourcesFile,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default = "yes")]
+    pub offloadable: bool,
+    pub slot: Option<u32>,
+    #[serde(default)]
+    pub artifact: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesFile {
+    #[serde(default)]
+    pub cpu_millis: u64,
+    #[serde(default)]
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub disk_mb: u64,
+    #[serde(default)]
+    pub network_mbps: u64,
+}
+
+/// Parses a pool file's text.
+pub fn parse(text: &str) -> Result<PoolFile, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// Reads and parses a pool file; errors name the file (and the key).
+pub fn load(path: &Path) -> anyhow::Result<PoolFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read pool file {}", path.display()))?;
+    parse(&text).map_err(|e| anyhow::anyhow!("pool file {}: {e}", path.display()))
+}
+
+impl PoolFile {
+    /// The `CreatePool` request; `name` and `nodes` are required here.
+    pub fn create_request(&self, path: &Path) -> anyhow::Result<pb::CreatePoolRequest> {
+        let Some(name) = self.name.clone().filter(|n| !n.is_empty()) else {
+            bail!(
+                "pool file {}: `name` is missing (e.g. name = \"web\")",
+                path.display()
+            );
+        };
+        if self.nodes.is_empty() {
+            bail!(
+                "pool file {}: `nodes` is missing or empty (e.g. nodes = [\"dev-1\", \"dev-2\"])",
+                path.display()
+            );
+        }
+        if self.apps.is_empty() {
+            bail!(
+                "pool file {}: no [[apps]] (a pool needs at least as many apps as nodes)",
+                path.display()
+            );
+        }
+        Ok(pb::CreatePoolRequest {
+            name,
+            node_ids: self.nodes.clone(),
+            apps: self.app_specs(),
+            policy: self.policy.as_ref().map(PolicyFile::to_proto),
+        })
+    }
+
+    /// The apps as wire specs.
+    pub fn app_specs(&self) -> Vec<pb::AppSpec> {
+        self.apps.iter().map(AppFile::to_proto).collect()
+    }
+}
+
+impl PolicyFile {
+    /// Left-out fields stay unset (0 / absent), which the manager reads as
+    /// "use the default".
+    pub fn to_proto(&self) -> pb::Policy {
+        let t = |t: Option<ThresholdFile>| {
+            t.map(|t| pb::Threshold {
+                high: t.high,
+                low: t.low,
+            })
+        };
+        pb::Policy {
+            cpu: t(self.cpu),
+            memory: t(self.memory),
+            disk: t(self.disk),
+            network: t(self.network),
+            sustain_seconds: self.sustain_seconds.unwrap_or(0),
+            cooldown_seconds: self.cooldown_seconds.unwrap_or(0),
+            target: match self.target {
+                None => pb::TargetMode::Unspecified,
+                Some(Target::Single) => pb::TargetMode::Single,
+                Some(Target::Spread) => pb::TargetMode::Spread,
+            } as i32,
+            version: 0,
+        }
+    }
+}
+
+impl AppFile {
+    pub fn to_proto(&self) -> pb::AppSpec {
+        pb::AppSpec {
+            name: self.name.clone(),
+            command: self.command.clone(),
+            env: self.env.clone().into_iter().collect(),
+            resources: Some(pb::Resources {
+                cpu_millis: self.resources.cpu_millis,
+                memory_mb: self.resources.memory_mb,
+                disk_mb: self.resources.disk_mb,
+                network_mbps: self.resources.network_mbps,
+            }),
+            priority: self.priority,
+            offloadable: self.offloadable,
+            slot: self.slot,
+            artifact: self.artifact.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name = "web"
+nodes = ["dev-1", "dev-2", "dev-3"]
+[policy]
+target = "spread"
+sustain_seconds = 5
+cpu = { high = 0.9, low = 0.5 }
+[[apps]]
+name = "api"
+command = ["sleep", "1000"]
+env = { MODE = "prod" }
+resources = { cpu_millis = 100, memory_mb = 64 }
+priority = 3
+slot = 2
+[[apps]]
+name = "worker"
+command = ["sh", "-c", "sleep 1000"]
+offloadable = false
+"#;
+
+    #[test]
+    fn full_file_converts() {
+        let f = parse(FULL).unwrap();
+        let req = f.create_request(Path::new("p.toml")).unwrap();
+        assert_eq!(req.name, "web");
+        assert_eq!(req.node_ids, ["dev-1", "dev-2", "dev-3"]);
+        let p = req.policy.unwrap();
+        assert_eq!(p.target, pb::TargetMode::Spread as i32);
+        assert_eq!(p.sustain_seconds, 5);
+        assert_eq!(p.cooldown_seconds, 0);
+        assert_eq!(p.cpu.map(|t| (t.high, t.low)), Some((0.9, 0.5)));
+        assert!(p.memory.is_none());
+        assert_eq!(req.apps.len(), 2);
+        let a = &req.apps[0];
+        assert_eq!(a.env.get("MODE").map(String::as_str), Some("prod"));
+        assert_eq!(
+            a.resources.map(|r| (r.cpu_millis, r.memory_mb, r.disk_mb)),
+            Some((100, 64, 0))
+        );
+        assert_eq!((a.priority, a.offloadable, a.slot), (3, true, Some(2)));
+        assert!(!req.apps[1].offloadable);
+        assert_eq!(req.apps[1].slot, None);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_at_every_level() {
+        for (text, key) in [
+            ("name = \"p\"\ncolour = \"red\"\n", "colour"),
+            ("[policy]\ntargett = \"single\"\n", "targett"),
+            ("[policy]\ncpu = { high = 0.8, lo = 0.1 }\n", "lo"),
+            (
+                "[[apps]]\nname = \"a\"\ncommand = [\"x\"]\nrestart = \"always\"\n",
+                "restart",
+            ),
+            (
+                "[[apps]]\nname = \"a\"\ncommand = [\"x\"]\nresources = { gpus = 1 }\n",
+                "gpus",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let err = parse("[policy]\ntarget = \"all\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("all"), "{err}");
+    }
+
+    #[test]
+    fn create_needs_name_nodes_and_apps() {
+        let f = parse("nodes = [\"a\", \"b\"]\n").unwrap();
+        let err = f
+            .create_request(Path::new("p.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`name`"), "{err}");
+        let f = parse("name = \"p\"\n").unwrap();
+        let err = f
+            .create_request(Path::new("p.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`nodes`"), "{err}");
+        // `pool apps` needs only the apps.
+        let f = parse("[[apps]]\nname = \"a\"\ncommand = [\"x\"]\n").unwrap();
+        assert_eq!(f.app_specs().len(), 1);
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../../pool.example.toml");
+        let f = parse(text).unwrap();
+        let req = f.create_request(Path::new("pool.example.toml")).unwrap();
+        assert_eq!(req.node_ids, ["dev-1", "dev-2", "dev-3"]);
+        assert!(req.apps.len() >= 4);
+        for a in &req.apps {
+            assert!(
+                ["sleep", "sh"].contains(&a.command[0].as_str()),
+                "{}",
+                a.name
+            );
+        }
+    }
+}
