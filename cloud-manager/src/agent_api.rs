@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::caller;
 use crate::errors::to_status;
-use crate::manager::{LiveNode, Manager};
+use crate::manager::{Command, LiveNode, Manager};
 use crate::model::{AppReport, Hello, Sample};
 
 /// The agent must send its hello this soon after opening the stream.
@@ -167,6 +167,8 @@ struct Session {
 impl Session {
     async fn run(self, mut inbound: Streaming<pb::AgentMessage>, shutdown: CancellationToken) {
         let mut assignments = self.live.subscribe_assignment();
+        let (cmd_tx, mut commands) = mpsc::channel(16);
+        self.live.set_commands(cmd_tx);
         // The current desired state goes out first, then every change.
         assignments.mark_changed();
         loop {
@@ -183,6 +185,13 @@ impl Session {
                         if self.tx.send(msg).await.is_err() {
                             break;
                         }
+                    }
+                    continue;
+                }
+                Some(Command::PeerCheck { request_id, slot, node_id, peer_address }) = commands.recv() => {
+                    let check = pb::PeerCheck { request_id, slot, node_id, peer_address };
+                    if self.tx.send(down(Down::PeerCheck(check))).await.is_err() {
+                        break;
                     }
                     continue;
                 }
@@ -206,6 +215,13 @@ impl Session {
             }
             match msg.msg {
                 Some(Up::Telemetry(t)) => self.live.record_sample(Sample::from(t)),
+                Some(Up::PeerCheckResult(r)) => {
+                    let answer = crate::failover::CheckAnswer {
+                        reachable: r.reachable,
+                        error: r.error.chars().take(256).collect(),
+                    };
+                    self.manager.answer_check(r.request_id, answer);
+                }
                 Some(Up::AppReport(r)) => {
                     self.manager
                         .record_report(&self.node_id, &self.live, AppReport::from(r));

@@ -127,6 +127,7 @@ impl TenantService for TenantApi {
             node_ids: req.node_ids,
             apps: apps_from(req.apps)?,
             policy,
+            spare_labels: req.spare_labels.into_iter().collect(),
         };
         let manager = self.manager.clone();
         // Key generation, signing and the fsync'd write are blocking work.

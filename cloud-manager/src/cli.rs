@@ -85,6 +85,24 @@ pub struct ServeArgs {
     /// How often to look for member certificates to renew (ms).
     #[arg(long, env = "EDGEPOOL_MEMBER_CERT_CHECK_MS")]
     pub member_cert_check_ms: Option<u32>,
+    /// Heartbeats overdue by this long make a member suspect (ms).
+    #[arg(long, env = "EDGEPOOL_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: Option<u32>,
+    /// A suspect member is failed over after this long (ms).
+    #[arg(long, env = "EDGEPOOL_FAILURE_GRACE_MS")]
+    pub failure_grace_ms: Option<u32>,
+    /// How often the failure detector runs (ms).
+    #[arg(long, env = "EDGEPOOL_FAILURE_CHECK_MS")]
+    pub failure_check_ms: Option<u32>,
+    /// Ask the other members before failing one over (true/false).
+    #[arg(long, env = "EDGEPOOL_PEER_CONFIRMATION")]
+    pub peer_confirmation: Option<bool>,
+    /// How long to wait for the members' answers (ms).
+    #[arg(long, env = "EDGEPOOL_PEER_CHECK_TIMEOUT_MS")]
+    pub peer_check_timeout_ms: Option<u32>,
+    /// How often to ask again about a member its peers still reach (ms).
+    #[arg(long, env = "EDGEPOOL_PEER_RECHECK_MS")]
+    pub peer_recheck_ms: Option<u32>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -129,10 +147,18 @@ impl ServeArgs {
                 &mut c.member_cert_validity_seconds,
             ),
             (self.member_cert_check_ms, &mut c.member_cert_check_ms),
+            (self.heartbeat_timeout_ms, &mut c.heartbeat_timeout_ms),
+            (self.failure_grace_ms, &mut c.failure_grace_ms),
+            (self.failure_check_ms, &mut c.failure_check_ms),
+            (self.peer_check_timeout_ms, &mut c.peer_check_timeout_ms),
+            (self.peer_recheck_ms, &mut c.peer_recheck_ms),
         ] {
             if let Some(v) = flag {
                 *field = v;
             }
+        }
+        if let Some(v) = self.peer_confirmation {
+            c.peer_confirmation = v;
         }
         if let Some(v) = self.log_format {
             c.log_format = v;

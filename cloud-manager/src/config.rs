@@ -44,6 +44,22 @@ pub struct ManagerConfig {
     /// How often the manager looks for member certificates to renew.
     /// Default 10000.
     pub member_cert_check_ms: u32,
+    /// A connected member whose last message is older than this is
+    /// suspect (a dropped stream is suspect at once). Default 3000.
+    pub heartbeat_timeout_ms: u32,
+    /// A suspect member is failed after this long. Default 1000.
+    pub failure_grace_ms: u32,
+    /// How often the failure detector looks at the members. Default 200.
+    pub failure_check_ms: u32,
+    /// Before failing a member over, ask the other members whether they
+    /// still reach it; if one does, it is cut off from the cloud, not dead,
+    /// and is not failed over. Default true.
+    pub peer_confirmation: bool,
+    /// How long to wait for the members' answers. Default 1000.
+    pub peer_check_timeout_ms: u32,
+    /// After a member was found reachable by its peers, ask again this
+    /// often while it stays cut off. Default 2000.
+    pub peer_recheck_ms: u32,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -63,6 +79,12 @@ impl Default for ManagerConfig {
             heartbeat_interval_ms: 1000,
             member_cert_validity_seconds: 24 * 3600,
             member_cert_check_ms: 10_000,
+            heartbeat_timeout_ms: 3000,
+            failure_grace_ms: 1000,
+            failure_check_ms: 200,
+            peer_confirmation: true,
+            peer_check_timeout_ms: 1000,
+            peer_recheck_ms: 2000,
             log_format: LogFormat::Plain,
         }
     }
@@ -132,6 +154,17 @@ impl ManagerConfig {
         }
         if self.member_cert_check_ms < 100 {
             return Err(invalid("member_cert_check_ms", "must be at least 100"));
+        }
+        for (field, v, min) in [
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms, 200),
+            ("failure_grace_ms", self.failure_grace_ms, 0),
+            ("failure_check_ms", self.failure_check_ms, 20),
+            ("peer_check_timeout_ms", self.peer_check_timeout_ms, 50),
+            ("peer_recheck_ms", self.peer_recheck_ms, 100),
+        ] {
+            if v < min || v > 600_000 {
+                return Err(invalid(field, &format!("must be between {min} and 600000")));
+            }
         }
         for (field, v) in [
             ("telemetry_interval_ms", self.telemetry_interval_ms),

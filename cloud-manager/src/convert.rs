@@ -7,7 +7,7 @@ use crate::events::{EventKind, EventRecord};
 use crate::manager::NodeView;
 use crate::model::{AppReport, AppRun, AppRunState, MemberView, NodeAssignment, PoolView};
 use crate::model::{DiskStat, Hello, InterfaceStat, NodeState, Resources, Sample};
-use crate::pool::{AppDef, PolicyDef, PoolError, TargetMode, Threshold};
+use crate::pool::{AppDef, OnDisconnect, PolicyDef, PoolError, TargetMode, Threshold};
 
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -144,7 +144,12 @@ impl From<&NodeView> for pb::Node {
         let sample = v.live.sample.as_ref();
         pb::Node {
             node_id: r.node_id.clone(),
-            state: pb::NodeState::from(r.state) as i32,
+            // A member without its stream is shown SUSPECT (derived, not stored).
+            state: if r.state == NodeState::Member && v.live.conn_id.is_none() {
+                pb::NodeState::Suspect as i32
+            } else {
+                pb::NodeState::from(r.state) as i32
+            },
             pool: r.pool.clone(),
             slot: r.slot,
             labels: r.labels.clone().into_iter().collect(),
@@ -195,6 +200,10 @@ impl From<pb::AppSpec> for AppDef {
             offloadable: a.offloadable,
             slot: a.slot,
             artifact: a.artifact,
+            on_disconnect: match pb::OnDisconnect::try_from(a.on_disconnect) {
+                Ok(pb::OnDisconnect::Stop) => OnDisconnect::Stop,
+                _ => OnDisconnect::KeepRunning,
+            },
         }
     }
 }
@@ -210,6 +219,10 @@ impl From<&AppDef> for pb::AppSpec {
             offloadable: a.offloadable,
             slot: a.slot,
             artifact: a.artifact.clone(),
+            on_disconnect: match a.on_disconnect {
+                OnDisconnect::KeepRunning => pb::OnDisconnect::KeepRunning,
+                OnDisconnect::Stop => pb::OnDisconnect::Stop,
+            } as i32,
         }
     }
 }
@@ -334,6 +347,8 @@ impl From<&PoolView> for pb::Pool {
             apps: p.apps.iter().map(Into::into).collect(),
             created_at: Some(timestamp(p.created_at_ms)),
             tenant: p.tenant.clone(),
+            spare_labels: p.spare_labels.clone().into_iter().collect(),
+            degraded_slots: p.degraded.iter().copied().collect(),
         }
     }
 }
@@ -409,6 +424,13 @@ impl From<&EventRecord> for pb::Event {
             EventKind::AppsUpdated => pb::EventKind::AppsUpdated,
             EventKind::NodeEnrolled => pb::EventKind::NodeEnrolled,
             EventKind::CertRenewed => pb::EventKind::CertRenewed,
+            EventKind::NodeSuspect => pb::EventKind::NodeSuspect,
+            EventKind::FailoverStarted => pb::EventKind::FailoverStarted,
+            EventKind::FailoverDone => pb::EventKind::FailoverDone,
+            EventKind::CertRevoked => pb::EventKind::CertRevoked,
+            EventKind::PoolDegraded => pb::EventKind::PoolDegraded,
+            EventKind::NodeFenced => pb::EventKind::NodeFenced,
+            EventKind::NodeFreed => pb::EventKind::NodeFreed,
         };
         pb::Event {
             time: Some(timestamp(e.at_ms)),

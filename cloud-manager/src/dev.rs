@@ -22,7 +22,7 @@ use crate::cli::DevArgs;
 use crate::config::ManagerConfig;
 use crate::manager::Manager;
 use crate::model::Resources;
-use crate::pool::AppDef;
+use crate::pool::{AppDef, OnDisconnect};
 use crate::pool_ops::PoolRequest;
 
 /// Name of the pool `dev` creates.
@@ -229,6 +229,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
         offloadable: true,
         slot: None,
         artifact: String::new(),
+        on_disconnect: OnDisconnect::KeepRunning,
     };
     let apps = vec![
         sh(
@@ -256,6 +257,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             node_ids: vec!["dev-1".into(), "dev-2".into(), "dev-3".into()],
             apps,
             policy: None,
+            spare_labels: BTreeMap::new(),
         },
     )?;
     Ok(())

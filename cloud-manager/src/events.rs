@@ -19,6 +19,13 @@ pub enum EventKind {
     AppsUpdated,
     NodeEnrolled,
     CertRenewed,
+    NodeSuspect,
+    FailoverStarted,
+    FailoverDone,
+    CertRevoked,
+    PoolDegraded,
+    NodeFenced,
+    NodeFreed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

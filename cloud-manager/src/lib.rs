@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod events;
+pub mod failover;
 pub mod manager;
 pub mod model;
 pub mod partition;

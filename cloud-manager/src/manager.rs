@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use edgepool_common::identity::Identity;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
@@ -52,12 +52,26 @@ pub struct EnrollGrant {
     pub labels: BTreeMap<String, String>,
 }
 
+/// Requests the manager sends to one agent over its stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Does the agent still reach member `slot` (`node_id`) at `peer_address`?
+    PeerCheck {
+        request_id: u64,
+        slot: u32,
+        node_id: String,
+        peer_address: String,
+    },
+}
+
 /// Live (not persisted) state of one node's connection.
 #[derive(Debug)]
 pub struct LiveNode {
     inner: Mutex<LiveData>,
     /// The node's desired state; its stream session sends every new value.
     assign: watch::Sender<Option<Arc<NodeAssignment>>>,
+    /// Commands for the node's current stream session, if it has one.
+    commands: Mutex<Option<mpsc::Sender<Command>>>,
 }
 
 impl Default for LiveNode {
@@ -65,6 +79,7 @@ impl Default for LiveNode {
         LiveNode {
             inner: Mutex::new(LiveData::default()),
             assign: watch::channel(None).0,
+            commands: Mutex::new(None),
         }
     }
 }
@@ -77,6 +92,8 @@ pub struct LiveData {
     pub sample: Option<Sample>,
     /// What the agent last said it runs.
     pub report: Option<AppReport>,
+    /// When the last stream closed (0: never since the manager started).
+    pub disconnected_at_ms: u64,
 }
 
 impl LiveNode {
@@ -119,6 +136,21 @@ impl LiveNode {
     pub(crate) fn set_assignment(&self, a: NodeAssignment) {
         self.assign.send_replace(Some(Arc::new(a)));
     }
+
+    /// Attaches the command channel of a new stream session.
+    pub fn set_commands(&self, tx: mpsc::Sender<Command>) {
+        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Sends a command to the current session; false if there is none or
+    /// it is not keeping up.
+    pub fn send_command(&self, c: Command) -> bool {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(c).is_ok())
+    }
 }
 
 /// A node as the tenant API shows it: durable record + live data.
@@ -136,6 +168,8 @@ pub struct Manager {
     live: RwLock<HashMap<String, Arc<LiveNode>>>,
     next_conn: AtomicU64,
     events: broadcast::Sender<Arc<EventRecord>>,
+    checks: Mutex<HashMap<u64, oneshot::Sender<crate::failover::CheckAnswer>>>,
+    next_check: AtomicU64,
 }
 
 impl Manager {
@@ -149,6 +183,8 @@ impl Manager {
             live: RwLock::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             events: broadcast::channel(1024).0,
+            checks: Mutex::new(HashMap::new()),
+            next_check: AtomicU64::new(1),
         })
     }
 
@@ -182,6 +218,34 @@ impl Manager {
             let _ = self.events.send(Arc::new(e.clone()));
         }
         Ok(out)
+    }
+
+    pub(crate) fn register_check(&self, tx: oneshot::Sender<crate::failover::CheckAnswer>) -> u64 {
+        let id = self.next_check.fetch_add(1, Ordering::Relaxed);
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        id
+    }
+
+    pub(crate) fn forget_check(&self, id: u64) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// An agent's answer to a peer check.
+    pub fn answer_check(&self, id: u64, answer: crate::failover::CheckAnswer) {
+        let tx = self
+            .checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(tx) = tx {
+            let _ = tx.send(answer);
+        }
     }
 
     /// Live events from now on (see also `events_since`).
@@ -319,6 +383,9 @@ impl Manager {
             // Peers learn the new peer address through the membership.
             self.push_pool_of(node_id)?;
         }
+        // A failed node that comes back is fenced before it learns its
+        // (now empty) assignment.
+        self.fence_if_failed(node_id)?;
         // The session sends this first thing (and every later change).
         live.set_assignment(self.assignment_for(node_id)?);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -336,6 +403,7 @@ impl Manager {
         let mut l = live.lock();
         if l.conn_id == Some(conn_id) {
             l.conn_id = None;
+            l.disconnected_at_ms = now_ms();
             tracing::info!(node = %node_id, conn_id, "agent disconnected");
         }
     }

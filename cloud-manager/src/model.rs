@@ -158,4 +158,6 @@ pub struct PoolView {
     pub policy: crate::pool::PolicyDef,
     pub generation: u64,
     pub created_at_ms: u64,
+    pub spare_labels: std::collections::BTreeMap<String, String>,
+    pub degraded: std::collections::BTreeSet<u32>,
 }

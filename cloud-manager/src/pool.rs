@@ -20,6 +20,18 @@ pub struct AppDef {
     /// Explicit group asked for by the tenant.
     pub slot: Option<u32>,
     pub artifact: String,
+    /// What an isolated node does with the app (see `OnDisconnect`).
+    #[serde(default)]
+    pub on_disconnect: OnDisconnect,
+}
+
+/// What a node cut off from the manager and from every peer for longer
+/// than its isolation lease does with an app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnDisconnect {
+    #[default]
+    KeepRunning,
+    Stop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +114,25 @@ pub struct PoolRecord {
     /// start/stop events survive a manager restart without being repeated.
     #[serde(default)]
     pub running: BTreeMap<String, RunningApp>,
+    /// A spare must carry these labels to take over a slot.
+    #[serde(default)]
+    pub spare_labels: BTreeMap<String, String>,
+    /// Slots whose node failed and no suitable spare was free yet.
+    #[serde(default)]
+    pub degraded: BTreeSet<u32>,
+    /// Failovers whose target has not reported the whole group running yet.
+    #[serde(default)]
+    pub inflight: Vec<InFlight>,
+}
+
+/// A slot moved to `node_id`, waiting for its group to run there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub slot: u32,
+    pub node_id: String,
+    pub from_node: String,
+    /// When the failed node was lost (start of the failover's clock).
+    pub lost_at_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +328,7 @@ mod tests {
             offloadable: true,
             slot: None,
             artifact: String::new(),
+            on_disconnect: OnDisconnect::KeepRunning,
         }
     }
 

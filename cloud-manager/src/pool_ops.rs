@@ -28,6 +28,7 @@ pub struct PoolRequest {
     pub node_ids: Vec<String>,
     pub apps: Vec<AppDef>,
     pub policy: Option<PolicyDef>,
+    pub spare_labels: BTreeMap<String, String>,
 }
 
 impl Manager {
@@ -150,6 +151,9 @@ impl Manager {
             generation: 1,
             created_at_ms: now_ms(),
             running: BTreeMap::new(),
+            spare_labels: req.spare_labels.clone(),
+            degraded: BTreeSet::new(),
+            inflight: Vec::new(),
         })
     }
 
@@ -349,6 +353,8 @@ impl Manager {
             policy: record.policy.clone(),
             generation: record.generation,
             created_at_ms: record.created_at_ms,
+            spare_labels: record.spare_labels.clone(),
+            degraded: record.degraded.clone(),
         })
     }
 
@@ -356,20 +362,31 @@ impl Manager {
     /// APP_STARTED / APP_STOPPED / APP_EXITED when something changed.
     pub fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
         let previous = live.swap_report(report.clone());
+        let running_apps = report
+            .apps
+            .iter()
+            .filter(|a| !matches!(a.state, AppRunState::Stopped))
+            .count();
+        if let Err(e) = self.release_fenced(node_id, running_apps) {
+            tracing::warn!(node = %node_id, error = %e, "could not release a fenced node");
+        }
         let known = match self.registry() {
             Ok(r) => r.nodes.get(node_id).and_then(|n| {
                 r.pools
                     .get(&PoolRecord::key(&n.tenant, &report.pool))
-                    .filter(|p| p.member_of(node_id).is_some())
-                    .map(|p| (p.tenant.clone(), p.running.clone()))
+                    .and_then(|p| {
+                        let slot = p.member_of(node_id)?.slot;
+                        Some((p.tenant.clone(), p.running.clone(), slot))
+                    })
             }),
             Err(_) => None,
         };
-        let Some((tenant, running)) = known else {
+        let Some((tenant, running, slot)) = known else {
             return;
         };
         let changes = app_changes(node_id, &report, previous.as_ref(), &running);
-        if changes.events.is_empty() && changes.running == running {
+        let done = self.failover_done(&tenant, &report, node_id, slot);
+        if changes.events.is_empty() && changes.running == running && done.is_none() {
             return;
         }
         let pool = report.pool.clone();
@@ -377,11 +394,21 @@ impl Manager {
             let now = now_ms();
             if let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) {
                 p.running = changes.running;
+                if let Some((from, lost_at)) = &done {
+                    p.inflight.retain(|f| !(f.slot == slot && f.node_id == node_id));
+                    let e = EventRecord::new(&tenant, &pool, EventKind::FailoverDone)
+                        .node(node_id, slot)
+                        .message(format!(
+                            "slot {slot} moved from {from} to {node_id}: its group runs there {} ms after the node was lost",
+                            now.saturating_sub(*lost_at)
+                        ));
+                    r.events.push(e, now);
+                }
             }
             for (kind, app, message) in changes.events {
                 r.events.push(
                     EventRecord::new(&tenant, &pool, kind)
-                        .node(node_id, 0)
+                        .node(node_id, slot)
                         .app(&app)
                         .message(message),
                     now,
@@ -392,6 +419,30 @@ impl Manager {
         if let Err(e) = result {
             tracing::warn!(node = %node_id, error = %e, "could not record app events");
         }
+    }
+
+    /// If `node_id` is the target of an in-flight failover of `slot` and the
+    /// report shows its whole group running: (from node, lost at).
+    fn failover_done(
+        &self,
+        tenant: &str,
+        report: &AppReport,
+        node_id: &str,
+        slot: u32,
+    ) -> Option<(String, u64)> {
+        let r = self.registry().ok()?;
+        let p = r.pools.get(&PoolRecord::key(tenant, &report.pool))?;
+        let f = p
+            .inflight
+            .iter()
+            .find(|f| f.slot == slot && f.node_id == node_id)?;
+        let all_running = p.group(slot).iter().all(|a| {
+            report
+                .apps
+                .iter()
+                .any(|run| run.name == a.name && run.state == AppRunState::Running && run.pid != 0)
+        });
+        all_running.then(|| (f.from_node.clone(), f.lost_at_ms))
     }
 
     /// Renews member certificates with less than a third of their lifetime

@@ -100,6 +100,10 @@ impl ManagerServer {
             tracker.clone(),
         ));
         tracker.spawn(renewal_worker(self.manager.clone(), shutdown.clone()));
+        tracker.spawn(crate::failover::detector_worker(
+            self.manager.clone(),
+            shutdown.clone(),
+        ));
         let incoming = tls::tls_incoming(self.listener, tls::fixed(self.tls), shutdown.clone());
         tracing::info!(addr = %self.local_addr, "manager serving");
         let serve = tonic::transport::Server::builder()

@@ -122,6 +122,9 @@ pub struct RunArgs {
     /// Stop the apps when the agent stops gracefully (true/false).
     #[arg(long, env = "EDGE_AGENT_STOP_APPS_ON_EXIT")]
     pub stop_apps_on_exit: Option<bool>,
+    /// Isolation lease in ms (see agent.example.toml).
+    #[arg(long, env = "EDGE_AGENT_ISOLATION_LEASE_MS")]
+    pub isolation_lease_ms: Option<u64>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -186,6 +189,9 @@ impl RunArgs {
         }
         if let Some(v) = self.stop_apps_on_exit {
             c.stop_apps_on_exit = v;
+        }
+        if let Some(v) = self.isolation_lease_ms {
+            c.isolation_lease_ms = v;
         }
         if let Some(v) = self.log_format {
             c.log_format = v;

@@ -39,6 +39,9 @@ pub struct AgentConfig {
     /// false they keep running and the next agent start adopts them. A
     /// crashed agent never stops them. Default true.
     pub stop_apps_on_exit: bool,
+    /// A member cut off from the manager and from every peer for longer
+    /// than this stops its apps whose `on_disconnect` is STOP. Default 10000.
+    pub isolation_lease_ms: u64,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -70,6 +73,7 @@ impl Default for AgentConfig {
             reconnect_max_ms: 10_000,
             peer_probe_interval_ms: 2000,
             stop_apps_on_exit: true,
+            isolation_lease_ms: 10_000,
             log_format: LogFormat::Plain,
         }
     }

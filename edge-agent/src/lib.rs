@@ -40,6 +40,7 @@ pub struct Agent {
     link: watch::Receiver<LinkState>,
     probe_every: Duration,
     stop_apps_on_exit: bool,
+    isolation_lease: Duration,
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -119,6 +120,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         link,
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
         stop_apps_on_exit: config.stop_apps_on_exit,
+        isolation_lease: Duration::from_millis(config.isolation_lease_ms),
     })
 }
 
@@ -149,7 +151,7 @@ impl Agent {
         // The saved assignment first: apps and membership come back even
         // when the manager is unreachable.
         if let Some(saved) = shared.load_saved()
-            && let Err(e) = shared.apply(saved).await
+            && let Err(e) = shared.apply(saved, node::Source::Saved).await
         {
             tracing::warn!(error = %e, "could not apply the saved assignment");
         }
@@ -164,8 +166,15 @@ impl Agent {
             shutdown.clone(),
         ));
         let applier = tokio::spawn(apply_loop(shared.clone(), self.assignments));
+        let isolation = tokio::spawn(isolation_loop(
+            shared.clone(),
+            self.link.clone(),
+            self.isolation_lease,
+            shutdown.clone(),
+        ));
         self.uplink.run(shutdown.clone()).await;
         let _ = prober.await;
+        let _ = isolation.await;
         applier.abort();
         if self.stop_apps_on_exit {
             shared.runtime.stop_all().await;
@@ -182,8 +191,46 @@ impl Agent {
 /// Applies assignments from the manager, in order, until the uplink ends.
 async fn apply_loop(shared: Arc<node::Shared>, mut rx: mpsc::Receiver<pb::Assignment>) {
     while let Some(a) = rx.recv().await {
-        if let Err(e) = shared.apply(a).await {
+        if let Err(e) = shared.apply(a, node::Source::Manager).await {
             tracing::warn!(error = %e, "could not apply the assignment");
         }
+    }
+}
+
+/// Watches the links to the manager and the peers and moves the node in
+/// and out of isolation (see `node::isolated`).
+async fn isolation_loop(
+    shared: Arc<node::Shared>,
+    link: watch::Receiver<LinkState>,
+    lease: Duration,
+    shutdown: CancellationToken,
+) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let mut down_since = Some(now());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let t = now();
+        down_since = match (*link.borrow(), down_since) {
+            (LinkState::Connected, _) => None,
+            (LinkState::Disconnected, None) => Some(t),
+            (LinkState::Disconnected, since) => since,
+        };
+        let member = shared.membership().is_some();
+        let iso = member
+            && node::isolated(
+                t,
+                down_since,
+                shared.last_peer_ok_ms(),
+                lease.as_millis() as u64,
+            );
+        shared.set_isolated(iso).await;
     }
 }

@@ -6,6 +6,16 @@
 //! reconcile the apps. Applying the same assignment twice changes nothing,
 //! and an assignment older than the current one for the same pool is
 //! ignored.
+//!
+//! Which apps run (`sync_apps`) also depends on two gates:
+//! - *held*: after a restart the saved assignment's apps are not started
+//!   until the manager sends an assignment or a peer accepts our member
+//!   certificate (so it is still current). A node whose slot moved away
+//!   while it was down therefore never starts a second copy of its old
+//!   group; apps still running from before are left alone until then.
+//! - *isolated*: cut off from the manager and from every peer for longer
+//!   than the isolation lease, apps whose `on_disconnect` is STOP are
+//!   stopped (and started again when the node is back in touch).
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -54,6 +64,24 @@ pub struct Shared {
     peer_tls: RwLock<Arc<rustls::ServerConfig>>,
     peers: Mutex<Vec<PeerStatus>>,
     applied: Mutex<Option<pb::Assignment>>,
+    gates: Mutex<Gates>,
+    /// Serialises reconciles coming from assignments, confirmations and
+    /// isolation changes.
+    sync: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Gates {
+    held: bool,
+    isolated: bool,
+}
+
+/// Where an assignment comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Manager,
+    /// Saved by an earlier run of the agent.
+    Saved,
 }
 
 fn read<T: Clone>(l: &RwLock<T>) -> T {
@@ -92,6 +120,8 @@ impl Shared {
             peer_tls: RwLock::new(Arc::new(peer_tls)),
             peers: Mutex::new(Vec::new()),
             applied: Mutex::new(None),
+            gates: Mutex::new(Gates::default()),
+            sync: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -119,6 +149,16 @@ impl Shared {
         *lock(&self.peers) = peers;
     }
 
+    /// When a peer last accepted our member certificate (0: never).
+    pub fn last_peer_ok_ms(&self) -> u64 {
+        lock(&self.peers)
+            .iter()
+            .filter(|p| p.reachable)
+            .map(|p| p.last_ok_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn assignment_path(&self) -> std::path::PathBuf {
         self.data.dir.join("assignment.pb")
     }
@@ -136,7 +176,7 @@ impl Shared {
     }
 
     /// Applies an assignment (see the module comment).
-    pub async fn apply(&self, a: pb::Assignment) -> Result<(), ApplyError> {
+    pub async fn apply(&self, a: pb::Assignment, source: Source) -> Result<(), ApplyError> {
         if let Some(current) = lock(&self.applied).as_ref()
             && current.pool == a.pool
             && a.generation < current.generation
@@ -149,8 +189,11 @@ impl Shared {
             .first()
             .ok_or_else(|| ApplyError::Membership(MembershipError::WrongKey))?;
         let membership = Membership::from_assignment(&a, &self.info, node_cert)?;
-        edgepool_common::fsutil::write_private(&self.assignment_path(), &a.encode_to_vec())
-            .map_err(ApplyError::Save)?;
+        if source == Source::Manager {
+            edgepool_common::fsutil::write_private(&self.assignment_path(), &a.encode_to_vec())
+                .map_err(ApplyError::Save)?;
+        }
+        lock(&self.gates).held = source == Source::Saved && membership.is_some();
         let chain = match &membership {
             Some(m) => m.chain.clone(),
             None => self.node_chain.clone(),
@@ -161,13 +204,63 @@ impl Shared {
             self.set_peers(Vec::new());
         }
         write(&self.membership, membership.map(Arc::new));
-        let apps: Vec<AppSpec> = a.apps.iter().map(app_spec).collect();
-        tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = apps.len(), "applying assignment");
+        tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = a.apps.len(), ?source, "applying assignment");
         *lock(&self.applied) = Some(a);
+        self.sync_apps().await
+    }
+
+    /// Makes the running apps match the applied assignment and the gates.
+    pub async fn sync_apps(&self) -> Result<(), ApplyError> {
+        let _one_at_a_time = self.sync.lock().await;
+        let gates = *lock(&self.gates);
+        if gates.held {
+            return Ok(());
+        }
+        let apps: Vec<AppSpec> = lock(&self.applied)
+            .as_ref()
+            .map(|a| {
+                a.apps
+                    .iter()
+                    .filter(|app| {
+                        !(gates.isolated && app.on_disconnect == pb::OnDisconnect::Stop as i32)
+                    })
+                    .map(app_spec)
+                    .collect()
+            })
+            .unwrap_or_default();
         self.runtime
             .reconcile(apps)
             .await
             .map_err(|e| ApplyError::Runtime(e.to_string()))
+    }
+
+    /// A peer accepted our member certificate: a held saved assignment is
+    /// still current, so its apps may run.
+    pub async fn confirm_membership(&self) {
+        let was_held = std::mem::replace(&mut lock(&self.gates).held, false);
+        if was_held {
+            tracing::info!("a peer accepted our member certificate: starting the saved group");
+            if let Err(e) = self.sync_apps().await {
+                tracing::warn!(error = %e, "could not start the saved group");
+            }
+        }
+    }
+
+    /// Enters or leaves isolation (see the module comment).
+    pub async fn set_isolated(&self, isolated: bool) {
+        let changed = std::mem::replace(&mut lock(&self.gates).isolated, isolated) != isolated;
+        if changed {
+            if isolated {
+                tracing::warn!(
+                    "cut off from the manager and every peer: stopping apps whose on_disconnect is STOP"
+                );
+            } else {
+                tracing::info!("back in touch: running the whole group again");
+            }
+            if let Err(e) = self.sync_apps().await {
+                tracing::warn!(error = %e, "could not apply the isolation change");
+            }
+        }
     }
 
     /// What this node runs and reaches, for the manager.
@@ -219,6 +312,16 @@ impl Shared {
     }
 }
 
+/// Whether a member is isolated: no stream to the manager since
+/// `link_down_since` and no peer accepted us since `last_peer_ok`, both
+/// for longer than `lease_ms`.
+pub fn isolated(now: u64, link_down_since: Option<u64>, last_peer_ok: u64, lease_ms: u64) -> bool {
+    match link_down_since {
+        None => false,
+        Some(down) => now.saturating_sub(down.max(last_peer_ok)) > lease_ms,
+    }
+}
+
 fn app_spec(a: &pb::AppSpec) -> AppSpec {
     AppSpec {
         name: a.name.clone(),
@@ -247,4 +350,21 @@ pub fn peer_server_config(
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, tls::TlsError> {
     tls::server_config(chain, key, tls::ClientAuth::Required(tls::roots(root_ca)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolation_needs_both_links_gone_for_the_lease() {
+        // Connected to the manager: never isolated.
+        assert!(!isolated(100_000, None, 0, 10_000));
+        // Manager gone 20 s, a peer reached 5 s ago: not isolated.
+        assert!(!isolated(100_000, Some(80_000), 95_000, 10_000));
+        // Manager gone 20 s, peers silent for 20 s: isolated.
+        assert!(isolated(100_000, Some(80_000), 70_000, 10_000));
+        // Manager gone only 5 s: not yet.
+        assert!(!isolated(100_000, Some(95_000), 0, 10_000));
+    }
 }

@@ -180,7 +180,11 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
             status.last_ok_ms = last_ok.get(&peer.slot).copied().unwrap_or(0);
             results.push(status);
         }
+        let accepted = results.iter().any(|r| r.reachable);
         shared.set_peers(results);
+        if accepted {
+            shared.confirm_membership().await;
+        }
     }
 }
 
@@ -189,4 +193,21 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Answers the manager's "do you reach member `slot` at `address`?" with
+/// a fresh probe.
+pub async fn check(shared: &Shared, slot: u32, address: &str) -> (bool, String) {
+    let Some(m) = shared.membership() else {
+        return (false, "not a pool member".into());
+    };
+    let mut client = match peer_client(shared, &m, slot, address) {
+        Ok(c) => c,
+        Err(e) => return (false, e.to_string()),
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, client.probe(pb::ProbeRequest {})).await {
+        Ok(Ok(_)) => (true, String::new()),
+        Ok(Err(e)) => (false, e.message().to_string()),
+        Err(_) => (false, "probe timed out".into()),
+    }
 }

@@ -169,6 +169,15 @@ impl Uplink {
                     let _ = tx.try_send(up(Up::Heartbeat(pb::Heartbeat { seq })));
                 }
                 m = inbound.message() => match m {
+                    Ok(Some(pb::ManagerMessage { msg: Some(Down::PeerCheck(c)) })) => {
+                        last_heard = Instant::now();
+                        let (shared, tx) = (self.shared.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let (reachable, error) = crate::peer::check(&shared, c.slot, &c.peer_address).await;
+                            let result = pb::PeerCheckResult { request_id: c.request_id, reachable, error };
+                            let _ = tx.send(up(Up::PeerCheckResult(result))).await;
+                        });
+                    }
                     Ok(Some(pb::ManagerMessage { msg: Some(Down::Assignment(a)) })) => {
                         last_heard = Instant::now();
                         if self.assignments.send(a).await.is_err() {

@@ -66,6 +66,7 @@ pub async fn create_pool(
             node_ids: nodes.iter().map(|s| s.to_string()).collect(),
             apps,
             policy: None,
+            spare_labels: Default::default(),
         })
         .await
         .map(|r| r.into_inner())
@@ -284,6 +285,7 @@ async fn invalid_pool_requests_are_refused_and_change_nothing() {
         node_ids: nodes.iter().map(|s| s.to_string()).collect(),
         apps,
         policy: None,
+        spare_labels: Default::default(),
     };
     let mut big = ok_apps();
     big[0].resources = Some(pb::Resources {

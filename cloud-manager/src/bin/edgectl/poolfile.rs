@@ -30,6 +30,8 @@ The pool file (TOML; unknown keys are errors):
   priority = 0                        # optional; lower is offloaded first
   offloadable = true                  # optional, default true
   slot = 1                            # optional explicit group 1..M
+  on_disconnect = \"keep\"              # optional: \"keep\" running or \"stop\" when the node
+                                      # is cut off from the manager and every peer
 
 `edgectl pool apps NAME -f FILE` uses only the [[apps]] of such a file
 (`name` and `nodes` may then be left out). See cloud-manager/pool.example.toml.";
@@ -41,8 +43,20 @@ pub struct PoolFile {
     #[serde(default)]
     pub nodes: Vec<String>,
     pub policy: Option<PolicyFile>,
+    /// Failover only moves a slot to a FREE node carrying all these labels.
+    #[serde(default)]
+    pub spare_labels: BTreeMap<String, String>,
     #[serde(default)]
     pub apps: Vec<AppFile>,
+}
+
+/// What an app does on a node cut off from the manager and every peer.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnectFile {
+    #[default]
+    Keep,
+    Stop,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +103,8 @@ pub struct AppFile {
     pub slot: Option<u32>,
     #[serde(default)]
     pub artifact: String,
+    #[serde(default)]
+    pub on_disconnect: OnDisconnectFile,
 }
 
 fn yes() -> bool {
@@ -146,6 +162,7 @@ impl PoolFile {
             node_ids: self.nodes.clone(),
             apps: self.app_specs(),
             policy: self.policy.as_ref().map(PolicyFile::to_proto),
+            spare_labels: self.spare_labels.clone().into_iter().collect(),
         })
     }
 
@@ -198,6 +215,10 @@ impl AppFile {
             offloadable: self.offloadable,
             slot: self.slot,
             artifact: self.artifact.clone(),
+            on_disconnect: match self.on_disconnect {
+                OnDisconnectFile::Keep => pb::OnDisconnect::KeepRunning,
+                OnDisconnectFile::Stop => pb::OnDisconnect::Stop,
+            } as i32,
         }
     }
 }
