@@ -5,6 +5,7 @@ mod cli;
 mod dev;
 mod edgectl;
 mod enrollment;
+mod failover;
 mod grpcurl;
 mod peers;
 mod pools;

@@ -17,7 +17,7 @@ use crate::pools::{Fleet, app, create_pool, get_pool, wait_running};
 
 /// Calls Probe on `address` as the holder of `chain`+`key`, expecting the
 /// server to be member `slot` of `pool`.
-async fn probe_as(
+pub async fn probe_as(
     ca: &Path,
     address: &str,
     pool: &str,

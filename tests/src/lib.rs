@@ -6,6 +6,7 @@
 //! The binaries are taken from the cargo target directory next to the test
 //! executable (or `EDGEPOOL_BIN_DIR`); `scripts/test.sh` builds them first.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,6 +230,16 @@ impl Manager {
     }
 
     pub async fn start_on(dir: &Path, listen: SocketAddr, extra: &[&str]) -> Manager {
+        Self::start_with_env(dir, listen, extra, &[]).await
+    }
+
+    /// Like `start_on`, with extra environment variables (fault injection).
+    pub async fn start_with_env(
+        dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Manager {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         std::fs::create_dir_all(dir).expect("manager dir");
@@ -236,7 +247,8 @@ impl Manager {
         let mut cmd = Command::new(bin("cloud-manager"));
         cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
             .arg(dir)
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn("cloud-manager", &mut cmd, &log);
         let addr = eventually("manager to listen", DEADLINE, || {
             let text = proc.log_text();
@@ -435,4 +447,111 @@ pub async fn list_nodes(client: &mut TenantServiceClient<Channel>) -> Vec<pb::No
         .expect("ListNodes")
         .into_inner()
         .nodes
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, whose link can be cut
+/// (every connection dropped, new ones closed at once) and restored: a
+/// network partition between one agent and the manager, on loopback.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, k) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                k.lock().expect("proxy lock").push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("proxy lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Samples, every 20 ms until dropped, how many processes run each of the
+/// given command lines, and remembers the worst: a check that no app ever
+/// runs twice (two owners) during a test.
+pub struct OwnerWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    worst: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OwnerWatch {
+    pub fn start(commands: Vec<String>) -> OwnerWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worst: Arc<std::sync::Mutex<BTreeMap<String, usize>>> = Arc::default();
+        let (s, w) = (stop.clone(), worst.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                for c in &commands {
+                    let n = processes_running(c).len();
+                    let mut w = w.lock().expect("watch lock");
+                    let e = w.entry(c.clone()).or_default();
+                    *e = (*e).max(n);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        OwnerWatch {
+            stop,
+            worst,
+            thread: Some(thread),
+        }
+    }
+
+    /// The largest number of simultaneous copies seen for each command.
+    pub fn worst(&self) -> BTreeMap<String, usize> {
+        self.worst.lock().expect("watch lock").clone()
+    }
+}
+
+impl Drop for OwnerWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
