@@ -365,6 +365,7 @@ pub async fn open_agent_stream(
 }
 
 /// An enrolled agent's data dir (from the real `edge-agent join`).
+#[derive(Clone, Debug)]
 pub struct AgentDir {
     pub dir: PathBuf,
     pub node_id: String,
