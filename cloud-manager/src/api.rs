@@ -196,6 +196,27 @@ impl TenantService for TenantApi {
         Ok(Response::new(pb::Pool::from(&pool)))
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn update_policy(
+        &self,
+        request: Request<pb::UpdatePolicyRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        let tenant = self.tenant(&request)?;
+        let req = request.into_inner();
+        required("pool", &req.pool)?;
+        let policy = req
+            .policy
+            .ok_or_else(|| Status::invalid_argument("policy: required"))
+            .and_then(|p| PolicyDef::try_from(p).map_err(|e| to_status(e.into())))?;
+        let manager = self.manager.clone();
+        let pool =
+            tokio::task::spawn_blocking(move || manager.update_policy(&tenant, &req.pool, policy))
+                .await
+                .map_err(|_| Status::internal("internal error"))?
+                .map_err(to_status)?;
+        Ok(Response::new(pb::Pool::from(&pool)))
+    }
+
     type WatchEventsStream = EventStream;
 
     #[tracing::instrument(skip_all)]

@@ -268,6 +268,12 @@ impl TryFrom<pb::Policy> for PolicyDef {
             },
             target,
             version: d.version,
+            return_home: p.return_home,
+            return_home_seconds: if p.return_home_seconds == 0 {
+                d.return_home_seconds
+            } else {
+                p.return_home_seconds
+            },
         })
     }
 }
@@ -292,6 +298,8 @@ impl From<&PolicyDef> for pb::Policy {
                 TargetMode::Spread => pb::TargetMode::Spread,
             } as i32,
             version: p.version,
+            return_home: p.return_home,
+            return_home_seconds: p.return_home_seconds,
         }
     }
 }
@@ -397,6 +405,25 @@ impl From<pb::AppReport> for AppReport {
                     disk_write_bytes_per_sec: p.disk_write_bytes_per_sec,
                 })
                 .collect(),
+            offloads: r
+                .offloads
+                .into_iter()
+                .take(MAX_REPORTED_APPS)
+                .map(|o| crate::model::OffloadRec {
+                    app: o.app,
+                    from_node: o.from_node,
+                    to_node: o.to_node,
+                    to_slot: o.to_slot,
+                    resource: o.resource.chars().take(32).collect(),
+                    utilisation: if o.utilisation.is_finite() {
+                        o.utilisation
+                    } else {
+                        0.0
+                    },
+                    triggered_at_ms: o.triggered_at.as_ref().map(ms_of).unwrap_or(0),
+                    running_at_ms: o.running_at.as_ref().map(ms_of).unwrap_or(0),
+                })
+                .collect(),
             peers: r
                 .peers
                 .into_iter()
@@ -431,6 +458,8 @@ impl From<&EventRecord> for pb::Event {
             EventKind::PoolDegraded => pb::EventKind::PoolDegraded,
             EventKind::NodeFenced => pb::EventKind::NodeFenced,
             EventKind::NodeFreed => pb::EventKind::NodeFreed,
+            EventKind::Offload => pb::EventKind::Offload,
+            EventKind::PolicyUpdated => pb::EventKind::PolicyUpdated,
         };
         pb::Event {
             time: Some(timestamp(e.at_ms)),

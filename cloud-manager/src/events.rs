@@ -26,6 +26,8 @@ pub enum EventKind {
     PoolDegraded,
     NodeFenced,
     NodeFreed,
+    Offload,
+    PolicyUpdated,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -119,12 +119,26 @@ pub struct AppRun {
 }
 
 /// What an agent runs, as it last reported.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AppReport {
     pub pool: String,
     pub generation: u64,
     pub apps: Vec<AppRun>,
     pub peers: Vec<PeerReach>,
+    pub offloads: Vec<OffloadRec>,
+}
+
+/// An offload an agent reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OffloadRec {
+    pub app: String,
+    pub from_node: String,
+    pub to_node: String,
+    pub to_slot: u32,
+    pub resource: String,
+    pub utilisation: f64,
+    pub triggered_at_ms: u64,
+    pub running_at_ms: u64,
 }
 
 /// Whether a member reaches another member's peer port.

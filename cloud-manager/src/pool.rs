@@ -58,6 +58,11 @@ pub struct PolicyDef {
     pub cooldown_seconds: u32,
     pub target: TargetMode,
     pub version: u64,
+    /// Bring offloaded apps back once the home node stayed under `low`.
+    #[serde(default)]
+    pub return_home: bool,
+    #[serde(default)]
+    pub return_home_seconds: u32,
 }
 
 impl Default for PolicyDef {
@@ -83,6 +88,8 @@ impl Default for PolicyDef {
             cooldown_seconds: 60,
             target: TargetMode::Single,
             version: 1,
+            return_home: false,
+            return_home_seconds: 60,
         }
     }
 }
@@ -123,6 +130,10 @@ pub struct PoolRecord {
     /// Failovers whose target has not reported the whole group running yet.
     #[serde(default)]
     pub inflight: Vec<InFlight>,
+    /// Per node: the decision time of the newest offload already recorded
+    /// as an event (agents resend their records until they are seen).
+    #[serde(default)]
+    pub offloads_seen: BTreeMap<String, u64>,
 }
 
 /// A slot moved to `node_id`, waiting for its group to run there.

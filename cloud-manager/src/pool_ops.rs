@@ -154,6 +154,7 @@ impl Manager {
             spare_labels: req.spare_labels.clone(),
             degraded: BTreeSet::new(),
             inflight: Vec::new(),
+            offloads_seen: BTreeMap::new(),
         })
     }
 
@@ -266,6 +267,34 @@ impl Manager {
         self.view_pool(&record)
     }
 
+    /// Replaces a pool's policy (version + 1) and pushes it to every member.
+    pub fn update_policy(
+        &self,
+        tenant: &str,
+        name: &str,
+        mut policy: PolicyDef,
+    ) -> Result<PoolView, ManagerError> {
+        validate_policy(&policy)?;
+        let record = self.mutate(|r| {
+            let key = PoolRecord::key(tenant, name);
+            let p = r
+                .pools
+                .get_mut(&key)
+                .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
+            policy.version = p.policy.version + 1;
+            p.policy = policy;
+            let record = p.clone();
+            r.events.push(
+                EventRecord::new(tenant, name, EventKind::PolicyUpdated)
+                    .message(format!("policy version {}", record.policy.version)),
+                now_ms(),
+            );
+            Ok(record)
+        })?;
+        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.view_pool(&record)
+    }
+
     /// The desired state of `node_id` (an empty pool if it is no member).
     pub fn assignment_for(&self, node_id: &str) -> Result<NodeAssignment, ManagerError> {
         let r = self.registry()?;
@@ -319,23 +348,53 @@ impl Manager {
 
     fn view_pool(&self, record: &PoolRecord) -> Result<PoolView, ManagerError> {
         let members = members_view(&*self.registry()?, record);
+        // Every member's latest report: an app runs where a report shows it
+        // running (its home member, or the peer it was offloaded to).
+        let mut reports = Vec::with_capacity(members.len());
+        for m in &members {
+            let report = self
+                .live_data(&m.node_id)?
+                .report
+                .filter(|rep| rep.pool == record.name);
+            reports.push((m.node_id.clone(), report));
+        }
         let mut placements = Vec::with_capacity(record.apps.len());
         for app in &record.apps {
             let home_slot = record.groups.get(&app.name).copied().unwrap_or_default();
-            let host = members
+            let home = members
                 .iter()
                 .find(|m| m.slot == home_slot)
                 .map(|m| m.node_id.clone())
                 .unwrap_or_default();
-            let run = self
-                .live_data(&host)?
-                .report
-                .filter(|rep| rep.pool == record.name)
-                .and_then(|rep| rep.apps.into_iter().find(|a| a.name == app.name))
-                .unwrap_or_else(|| AppRun {
-                    name: app.name.clone(),
-                    ..AppRun::default()
-                });
+            let find = |node: &str| {
+                reports
+                    .iter()
+                    .filter(|(n, _)| n == node)
+                    .filter_map(|(_, r)| r.as_ref())
+                    .flat_map(|r| r.apps.iter())
+                    .find(|a| a.name == app.name)
+                    .cloned()
+            };
+            let elsewhere = reports.iter().find_map(|(n, r)| {
+                let run = r
+                    .as_ref()?
+                    .apps
+                    .iter()
+                    .find(|a| a.name == app.name && a.state == AppRunState::Running)?;
+                (*n != home).then(|| (n.clone(), run.clone()))
+            });
+            let (host, run) = match (find(&home), elsewhere) {
+                (Some(run), _) if run.state == AppRunState::Running => (home.clone(), run),
+                (_, Some((node, run))) => (node, run),
+                (Some(run), None) => (home.clone(), run),
+                (None, None) => (
+                    home.clone(),
+                    AppRun {
+                        name: app.name.clone(),
+                        ..AppRun::default()
+                    },
+                ),
+            };
             placements.push(PlacementView {
                 app: app.name.clone(),
                 home_slot,
@@ -386,7 +445,25 @@ impl Manager {
         };
         let changes = app_changes(node_id, &report, previous.as_ref(), &running);
         let done = self.failover_done(&tenant, &report, node_id, slot);
-        if changes.events.is_empty() && changes.running == running && done.is_none() {
+        let seen = self
+            .registry()
+            .ok()
+            .and_then(|r| {
+                r.pools
+                    .get(&PoolRecord::key(&tenant, &report.pool))
+                    .and_then(|p| p.offloads_seen.get(node_id).copied())
+            })
+            .unwrap_or(0);
+        let offloads: Vec<&crate::model::OffloadRec> = report
+            .offloads
+            .iter()
+            .filter(|o| o.triggered_at_ms > seen)
+            .collect();
+        if changes.events.is_empty()
+            && changes.running == running
+            && done.is_none()
+            && offloads.is_empty()
+        {
             return;
         }
         let pool = report.pool.clone();
@@ -394,6 +471,29 @@ impl Manager {
             let now = now_ms();
             if let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) {
                 p.running = changes.running;
+                for o in &offloads {
+                    let message = if o.resource == "return-home" {
+                        format!("{} returned home from {} to {}", o.app, o.from_node, o.to_node)
+                    } else {
+                        format!(
+                            "{} moved from {} to {} (slot {}): {} at {:.0}% of capacity; running there {} ms after the decision",
+                            o.app,
+                            o.from_node,
+                            o.to_node,
+                            o.to_slot,
+                            o.resource,
+                            o.utilisation * 100.0,
+                            o.running_at_ms.saturating_sub(o.triggered_at_ms)
+                        )
+                    };
+                    let e = EventRecord::new(&tenant, &pool, EventKind::Offload)
+                        .node(&o.to_node, o.to_slot)
+                        .app(&o.app)
+                        .message(message);
+                    r.events.push(e, now);
+                    let newest = p.offloads_seen.entry(node_id.to_string()).or_default();
+                    *newest = (*newest).max(o.triggered_at_ms);
+                }
                 if let Some((from, lost_at)) = &done {
                     p.inflight.retain(|f| !(f.slot == slot && f.node_id == node_id));
                     let e = EventRecord::new(&tenant, &pool, EventKind::FailoverDone)

@@ -122,6 +122,12 @@ pub struct RunArgs {
     /// Stop the apps when the agent stops gracefully (true/false).
     #[arg(long, env = "EDGE_AGENT_STOP_APPS_ON_EXIT")]
     pub stop_apps_on_exit: Option<bool>,
+    /// How often the threshold policy is evaluated (ms).
+    #[arg(long, env = "EDGE_AGENT_SCHEDULER_INTERVAL_MS")]
+    pub scheduler_interval_ms: Option<u64>,
+    /// Network accounting: interface or process.
+    #[arg(long, env = "EDGE_AGENT_NETWORK_ACCOUNTING")]
+    pub network_accounting: Option<crate::offload::NetworkAccounting>,
     /// Isolation lease in ms (see agent.example.toml).
     #[arg(long, env = "EDGE_AGENT_ISOLATION_LEASE_MS")]
     pub isolation_lease_ms: Option<u64>,
@@ -192,6 +198,12 @@ impl RunArgs {
         }
         if let Some(v) = self.isolation_lease_ms {
             c.isolation_lease_ms = v;
+        }
+        if let Some(v) = self.scheduler_interval_ms {
+            c.scheduler_interval_ms = v;
+        }
+        if let Some(v) = self.network_accounting {
+            c.network_accounting = v;
         }
         if let Some(v) = self.log_format {
             c.log_format = v;

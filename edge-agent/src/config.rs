@@ -42,6 +42,15 @@ pub struct AgentConfig {
     /// A member cut off from the manager and from every peer for longer
     /// than this stops its apps whose `on_disconnect` is STOP. Default 10000.
     pub isolation_lease_ms: u64,
+    /// How often the threshold policy is evaluated (ms). Default 1000.
+    pub scheduler_interval_ms: u64,
+    /// How the node's network use is measured: `interface` (rx+tx of the
+    /// measured interfaces; one agent per machine) or `process` (each app's
+    /// socket I/O; for several agents on one machine). Default `interface`.
+    pub network_accounting: crate::offload::NetworkAccounting,
+    /// What the node keeps for itself, added to the group's need before it
+    /// is compared with the thresholds. Default all 0.
+    pub reserve: CapacityConfig,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -74,6 +83,9 @@ impl Default for AgentConfig {
             peer_probe_interval_ms: 2000,
             stop_apps_on_exit: true,
             isolation_lease_ms: 10_000,
+            scheduler_interval_ms: 1000,
+            network_accounting: crate::offload::NetworkAccounting::Interface,
+            reserve: CapacityConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -123,6 +135,9 @@ impl AgentConfig {
         }
         if self.peer_probe_interval_ms < 100 {
             return Err(invalid("peer_probe_interval_ms", "must be at least 100"));
+        }
+        if self.scheduler_interval_ms < 50 {
+            return Err(invalid("scheduler_interval_ms", "must be at least 50"));
         }
         if self.reconnect_min_ms == 0 {
             return Err(invalid("reconnect_min_ms", "must be > 0"));

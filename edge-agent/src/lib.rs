@@ -8,8 +8,10 @@ pub mod config;
 pub mod join;
 pub mod membership;
 pub mod node;
+pub mod offload;
 pub mod peer;
 pub mod runtime;
+pub mod scheduler;
 pub mod state;
 pub mod telemetry;
 pub mod uplink;
@@ -41,6 +43,9 @@ pub struct Agent {
     probe_every: Duration,
     stop_apps_on_exit: bool,
     isolation_lease: Duration,
+    scheduler_every: Duration,
+    network_accounting: offload::NetworkAccounting,
+    reserve: [u64; 4],
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -121,6 +126,14 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
         stop_apps_on_exit: config.stop_apps_on_exit,
         isolation_lease: Duration::from_millis(config.isolation_lease_ms),
+        scheduler_every: Duration::from_millis(config.scheduler_interval_ms),
+        network_accounting: config.network_accounting,
+        reserve: [
+            config.reserve.cpu_millis,
+            config.reserve.memory_mb,
+            config.reserve.disk_mb,
+            config.reserve.network_mbps * 1000,
+        ],
     })
 }
 
@@ -166,6 +179,13 @@ impl Agent {
             shutdown.clone(),
         ));
         let applier = tokio::spawn(apply_loop(shared.clone(), self.assignments));
+        let scheduler = tokio::spawn(offload::scheduler_loop(
+            shared.clone(),
+            self.scheduler_every,
+            self.network_accounting,
+            self.reserve,
+            shutdown.clone(),
+        ));
         let isolation = tokio::spawn(isolation_loop(
             shared.clone(),
             self.link.clone(),
@@ -175,6 +195,7 @@ impl Agent {
         self.uplink.run(shutdown.clone()).await;
         let _ = prober.await;
         let _ = isolation.await;
+        let _ = scheduler.await;
         applier.abort();
         if self.stop_apps_on_exit {
             shared.runtime.stop_all().await;

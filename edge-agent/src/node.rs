@@ -49,6 +49,9 @@ pub struct PeerStatus {
     pub reachable: bool,
     pub last_ok_ms: u64,
     pub error: String,
+    /// The peer's capacity and need (scheduler units), from its answer.
+    pub capacity: [u64; 4],
+    pub need: [u64; 4],
 }
 
 pub struct Shared {
@@ -65,6 +68,9 @@ pub struct Shared {
     peers: Mutex<Vec<PeerStatus>>,
     applied: Mutex<Option<pb::Assignment>>,
     gates: Mutex<Gates>,
+    offload: Mutex<crate::offload::OffloadState>,
+    need: Mutex<[u64; 4]>,
+    interface_kbps: Mutex<u64>,
     /// Serialises reconciles coming from assignments, confirmations and
     /// isolation changes.
     sync: tokio::sync::Mutex<()>,
@@ -107,6 +113,7 @@ impl Shared {
         capacity: Resources,
     ) -> Result<Self, tls::TlsError> {
         let peer_tls = peer_server_config(&root_ca, node_chain.clone(), node_key.clone_key())?;
+        let offload = crate::offload::OffloadState::load(&data.dir);
         Ok(Shared {
             info,
             data,
@@ -121,6 +128,9 @@ impl Shared {
             peers: Mutex::new(Vec::new()),
             applied: Mutex::new(None),
             gates: Mutex::new(Gates::default()),
+            offload: Mutex::new(offload),
+            need: Mutex::new([0; 4]),
+            interface_kbps: Mutex::new(0),
             sync: tokio::sync::Mutex::new(()),
         })
     }
@@ -143,6 +153,81 @@ impl Shared {
 
     pub fn usage(&self) -> Resources {
         *lock(&self.usage)
+    }
+
+    /// The group's need as the scheduler computed it last (cpu millicores,
+    /// memory MiB, disk MiB, network kbit/s).
+    pub fn set_need(&self, need: [u64; 4]) {
+        *lock(&self.need) = need;
+    }
+
+    pub fn need(&self) -> [u64; 4] {
+        *lock(&self.need)
+    }
+
+    pub fn set_interface_kbps(&self, kbps: u64) {
+        *lock(&self.interface_kbps) = kbps;
+    }
+
+    pub fn interface_kbps(&self) -> u64 {
+        *lock(&self.interface_kbps)
+    }
+
+    /// Capacity in scheduler units (network in kbit/s).
+    pub fn capacity_amounts(&self) -> [u64; 4] {
+        let c = self.capacity;
+        [c.cpu_millis, c.memory_mb, c.disk_mb, c.network_mbps * 1000]
+    }
+
+    pub fn offload_state(&self) -> crate::offload::OffloadState {
+        lock(&self.offload).clone()
+    }
+
+    /// Changes the offload state and saves it.
+    pub fn update_offload(&self, f: impl FnOnce(&mut crate::offload::OffloadState)) {
+        let mut s = lock(&self.offload);
+        f(&mut s);
+        if let Err(e) = s.save(&self.data.dir) {
+            tracing::warn!(error = %e, "could not save the offload state");
+        }
+    }
+
+    /// The apps of our group (from the applied assignment).
+    pub fn own_apps(&self) -> Vec<pb::AppSpec> {
+        lock(&self.applied)
+            .as_ref()
+            .map(|a| a.apps.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn policy(&self) -> Option<crate::scheduler::Policy> {
+        let applied = lock(&self.applied);
+        let a = applied.as_ref().filter(|a| !a.pool.is_empty())?;
+        Some(crate::offload::policy_of(a.policy.as_ref()?))
+    }
+
+    pub fn return_home(&self) -> bool {
+        lock(&self.applied)
+            .as_ref()
+            .and_then(|a| a.policy.as_ref())
+            .is_some_and(|p| p.return_home)
+    }
+
+    pub fn return_home_ms(&self) -> u64 {
+        lock(&self.applied)
+            .as_ref()
+            .and_then(|a| a.policy.as_ref())
+            .map(|p| u64::from(p.return_home_seconds) * 1000)
+            .unwrap_or(60_000)
+    }
+
+    /// (slot, capacity, need) of every peer that answered its last probe.
+    pub fn peer_loads(&self) -> Vec<(u32, [u64; 4], [u64; 4])> {
+        lock(&self.peers)
+            .iter()
+            .filter(|p| p.reachable)
+            .map(|p| (p.slot, p.capacity, p.need))
+            .collect()
     }
 
     pub fn set_peers(&self, peers: Vec<PeerStatus>) {
@@ -203,6 +288,14 @@ impl Shared {
         if membership.is_none() {
             self.set_peers(Vec::new());
         }
+        let members: Vec<String> = a.members.iter().map(|m| m.node_id.clone()).collect();
+        self.update_offload(|s| {
+            if a.pool.is_empty() {
+                *s = crate::offload::OffloadState::default();
+            } else {
+                s.retain_members(&members);
+            }
+        });
         write(&self.membership, membership.map(Arc::new));
         tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = a.apps.len(), ?source, "applying assignment");
         *lock(&self.applied) = Some(a);
@@ -308,7 +401,29 @@ impl Shared {
                     error: p.error.clone(),
                 })
                 .collect(),
+            offloads: self
+                .offload_state()
+                .records
+                .iter()
+                .map(|r| pb::OffloadRecord {
+                    app: r.app.clone(),
+                    from_node: r.from_node.clone(),
+                    to_node: r.to_node.clone(),
+                    to_slot: r.to_slot,
+                    resource: r.resource.clone(),
+                    utilisation: r.utilisation,
+                    triggered_at: Some(ts(r.triggered_at_ms)),
+                    running_at: Some(ts(r.running_at_ms)),
+                })
+                .collect(),
         }
+    }
+}
+
+fn ts(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
     }
 }
 

@@ -28,7 +28,6 @@ use tonic::{Request, Response, Status};
 
 use crate::membership::Membership;
 use crate::node::{PeerStatus, Shared};
-use crate::uplink::resources;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -95,15 +94,41 @@ impl PeerService for PeerApi {
         request: Request<pb::ProbeRequest>,
     ) -> Result<Response<pb::ProbeResponse>, Status> {
         let (m, caller_slot) = self.authorize(&request)?;
+        // Capacity and need in the scheduler's units (network in kbit/s),
+        // so members compare like with like.
+        let amounts = |a: [u64; 4]| pb::Resources {
+            cpu_millis: a[0],
+            memory_mb: a[1],
+            disk_mb: a[2],
+            network_mbps: a[3],
+        };
         Ok(Response::new(pb::ProbeResponse {
             node_id: self.shared.info.node_id.clone(),
             pool: m.pool.clone(),
             slot: m.slot,
             generation: m.generation,
-            capacity: Some(resources(self.shared.capacity)),
-            usage: Some(resources(self.shared.usage())),
+            capacity: Some(amounts(self.shared.capacity_amounts())),
+            usage: Some(amounts(self.shared.need())),
             caller_slot,
         }))
+    }
+
+    async fn offer(
+        &self,
+        request: Request<pb::OfferRequest>,
+    ) -> Result<Response<pb::OfferResponse>, Status> {
+        let (_, caller_slot) = self.authorize(&request)?;
+        let pid = crate::offload::admit(&self.shared, caller_slot, request.into_inner()).await?;
+        Ok(Response::new(pb::OfferResponse { pid }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let (_, caller_slot) = self.authorize(&request)?;
+        crate::offload::release(&self.shared, caller_slot, &request.into_inner().app).await?;
+        Ok(Response::new(pb::ReleaseResponse {}))
     }
 }
 
@@ -169,7 +194,14 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
             }
             if let Some(client) = clients.get_mut(&key) {
                 match tokio::time::timeout(PROBE_TIMEOUT, client.probe(pb::ProbeRequest {})).await {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(answer)) => {
+                        let a = answer.into_inner();
+                        let amounts = |r: Option<pb::Resources>| {
+                            let r = r.unwrap_or_default();
+                            [r.cpu_millis, r.memory_mb, r.disk_mb, r.network_mbps]
+                        };
+                        status.capacity = amounts(a.capacity);
+                        status.need = amounts(a.usage);
                         status.reachable = true;
                         last_ok.insert(peer.slot, now_ms());
                     }

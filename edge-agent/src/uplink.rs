@@ -151,6 +151,8 @@ impl Uplink {
                 _ = telemetry.tick() => {
                     if let Some(s) = self.sample().await {
                         self.shared.set_usage(s.usage);
+                        let bytes: u64 = s.interfaces.iter().map(|i| i.rx_bytes_per_sec + i.tx_bytes_per_sec).sum();
+                        self.shared.set_interface_kbps(bytes * 8 / 1000);
                         if tx.send(up(Up::Telemetry(to_proto(&s)))).await.is_err() {
                             return Ok(End::Closed);
                         }

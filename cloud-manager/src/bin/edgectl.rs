@@ -143,6 +143,11 @@ enum Cmd {
         #[command(subcommand)]
         command: PoolCmd,
     },
+    /// A pool's resource-threshold policy
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
     /// Show or follow the tenant's events (WatchEvents)
     #[command(long_about = "\
 Show or follow the tenant's events (WatchEvents).
@@ -160,6 +165,19 @@ with the last SEQ you saw).
   edgectl events --pool web -f           new events of pool web until Ctrl-C
   edgectl events --after 41 -f -o json   resume after event 41, as JSON lines")]
     Events(EventsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Replace pool NAME's policy with the [policy] table of a pool file
+    /// (UpdatePolicy; the version goes up by one and every member gets it).
+    Set {
+        /// The pool.
+        name: String,
+        /// Pool file with a [policy] table (see `edgectl pool create --help`).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,6 +333,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pool_file = match &cli.command {
         Cmd::Pool {
             command: PoolCmd::Create { file } | PoolCmd::Apps { file, .. },
+        }
+        | Cmd::Policy {
+            command: PolicyCmd::Set { file, .. },
         } => Some((poolfile::load(file)?, file.clone())),
         _ => None,
     };
@@ -384,6 +405,24 @@ async fn dispatch(
             }
         }
         Cmd::Pool { command } => pool(client, command, pool_file, out).await,
+        Cmd::Policy {
+            command: PolicyCmd::Set { name, .. },
+        } => {
+            let (f, path) = pool_file.context("internal: pool file not loaded")?;
+            let policy = f
+                .policy
+                .as_ref()
+                .with_context(|| format!("pool file {} has no [policy] table", path.display()))?;
+            let req = pb::UpdatePolicyRequest {
+                pool: name,
+                policy: Some(policy.to_proto()),
+            };
+            let p = client.update_policy(call(req)).await?.into_inner();
+            match out {
+                Output::Table => emit(&render::pool_detail(&p)),
+                Output::Json => emit_json(&render::pool(&p)),
+            }
+        }
         Cmd::Events(args) => events(client, args, out).await,
     }
 }

@@ -69,6 +69,9 @@ pub struct PolicyFile {
     pub memory: Option<ThresholdFile>,
     pub disk: Option<ThresholdFile>,
     pub network: Option<ThresholdFile>,
+    /// Bring offloaded apps back home once the home node is calm again.
+    pub return_home: Option<bool>,
+    pub return_home_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -195,6 +198,8 @@ impl PolicyFile {
                 Some(Target::Spread) => pb::TargetMode::Spread,
             } as i32,
             version: 0,
+            return_home: self.return_home.unwrap_or(false),
+            return_home_seconds: self.return_home_seconds.unwrap_or(0),
         }
     }
 }
