@@ -309,7 +309,8 @@ impl Shared {
         if gates.held {
             return Ok(());
         }
-        let apps: Vec<AppSpec> = lock(&self.applied)
+        let offload = self.offload_state();
+        let mut apps: Vec<AppSpec> = lock(&self.applied)
             .as_ref()
             .map(|a| {
                 a.apps
@@ -317,10 +318,17 @@ impl Shared {
                     .filter(|app| {
                         !(gates.isolated && app.on_disconnect == pb::OnDisconnect::Stop as i32)
                     })
+                    .filter(|app| !offload.moved_out.contains_key(&app.name))
                     .map(app_spec)
                     .collect()
             })
             .unwrap_or_default();
+        // Guests run here for their owners (see offload.rs).
+        apps.extend(offload.guests.values().map(|g| AppSpec {
+            name: g.name.clone(),
+            command: g.command.clone(),
+            env: g.env.clone(),
+        }));
         self.runtime
             .reconcile(apps)
             .await

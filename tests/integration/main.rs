@@ -7,6 +7,7 @@ mod edgectl;
 mod enrollment;
 mod failover;
 mod grpcurl;
+mod offload;
 mod peers;
 mod pools;
 mod stream;
