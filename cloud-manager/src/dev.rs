@@ -148,6 +148,9 @@ async fn start_agent(
         ])
         .arg(&agent_dir)
         .args(["--manager", manager_addr])
+        // All dev agents share this machine's interfaces: count network
+        // per app so one agent's traffic does not count against the others.
+        .args(["--network-accounting", "process"])
         .args(["--peer-listen", &format!("127.0.1.{n}:{peer_port}")])
         .arg("--pid-file")
         .arg(agent_dir.join("agent.pid"))

@@ -243,6 +243,7 @@ pub async fn scheduler_loop(
         net: BTreeMap::new(),
     };
     let mut calm_since: Option<u64> = None;
+    let mut pool_key: Option<(String, u32)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -258,6 +259,13 @@ pub async fn scheduler_loop(
         let (Some(m), Some(policy)) = (shared.membership(), shared.policy()) else {
             continue;
         };
+        // A new pool (or a slot moved here) starts with fresh windows and
+        // no cooldown from an earlier pool.
+        if pool_key.as_ref() != Some(&(m.pool.clone(), m.slot)) {
+            pool_key = Some((m.pool.clone(), m.slot));
+            evaluator = Evaluator::new();
+            calm_since = None;
+        }
         let capacity = shared.capacity_amounts();
         let util = scheduler::utilisation(need, capacity);
         let now = now_ms();

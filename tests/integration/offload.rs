@@ -401,3 +401,58 @@ async fn a_peer_at_its_threshold_refuses_and_the_app_stays() {
         "a refused offer started the app"
     );
 }
+
+#[tokio::test]
+async fn an_offloaded_app_returns_home_when_the_policy_asks() {
+    let f = fleet(3, &agent_args(500, 100_000, 100_000, 100_000)).await;
+    let apps = || {
+        vec![
+            load("burner", 1, &["--cpu", "300"], true, 0),
+            load("pad1", 1, &["--cpu", "150"], false, 5),
+            sleeper("i2", 2),
+            sleeper("i3", 3),
+        ]
+    };
+    let mut p = policy("cpu", 0.8, 0.7, pb::TargetMode::Single, 1);
+    p.return_home = true;
+    p.return_home_seconds = 2;
+    create(&f, "rh", apps(), p).await;
+    let away = wait_moved(&f, "burner", &["node-2", "node-3"]).await;
+    // Home is calm but the burner does not fit under `low` with pad1 there:
+    // it stays away.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(host_of(&f, "burner"), vec![away.clone()]);
+    // pad1 goes away: now it fits, and after 2 calm seconds it comes back.
+    let mut without_pad = apps();
+    without_pad.remove(1);
+    f.m.tenant()
+        .update_apps(pb::UpdateAppsRequest {
+            pool: "rh".into(),
+            apps: without_pad,
+        })
+        .await
+        .unwrap();
+    wait_moved(&f, "burner", &["node-1"]).await;
+    let e = eventually("return-home OFFLOAD event", DEADLINE, || async {
+        let mut s =
+            f.m.tenant()
+                .watch_events(pb::WatchEventsRequest {
+                    pool: "rh".into(),
+                    from_start: true,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+        while let Ok(Ok(Some(e))) =
+            tokio::time::timeout(Duration::from_millis(300), s.message()).await
+        {
+            if e.kind() == pb::EventKind::Offload && e.message.contains("returned home") {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(e.app, "burner");
+}
