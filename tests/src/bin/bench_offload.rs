@@ -148,9 +148,8 @@ async fn main() {
             .and_then(|n| n.parse().ok())
             .expect("reaction time in the OFFLOAD message");
         println!(
-            "run {:>2}: {} -> {}: {ms:.0} ms",
+            "run {:>2}: node-1 -> {}: {ms:.0} ms",
             run + 1,
-            "node-1",
             event.node_id
         );
         times.push(ms);
