@@ -609,3 +609,74 @@ async fn a_restarted_agent_adopts_its_apps_without_duplicates() {
         );
     }
 }
+
+#[tokio::test]
+async fn update_policy_bumps_the_version_and_refuses_bad_policies() {
+    let f = Fleet::start(2, &[]).await;
+    create_pool(
+        &f.m,
+        "pol",
+        &["node-1", "node-2"],
+        vec![
+            app("p1", &["sleep", "900001"]),
+            app("p2", &["sleep", "900002"]),
+        ],
+    )
+    .await
+    .unwrap();
+    let before = get_pool(&f.m, "pol").await;
+    assert_eq!(before.policy.as_ref().unwrap().version, 1);
+    let new = pb::Policy {
+        cpu: Some(pb::Threshold {
+            high: 0.7,
+            low: 0.4,
+        }),
+        target: pb::TargetMode::Spread as i32,
+        sustain_seconds: 5,
+        ..Default::default()
+    };
+    let after =
+        f.m.tenant()
+            .update_policy(pb::UpdatePolicyRequest {
+                pool: "pol".into(),
+                policy: Some(new),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let p = after.policy.unwrap();
+    assert_eq!(
+        (p.version, p.target(), p.sustain_seconds),
+        (2, pb::TargetMode::Spread, 5)
+    );
+    assert_eq!(p.cpu.unwrap().high, 0.7);
+    // Refused: low above high; nothing changes.
+    let bad = pb::Policy {
+        memory: Some(pb::Threshold {
+            high: 0.3,
+            low: 0.6,
+        }),
+        ..Default::default()
+    };
+    let err =
+        f.m.tenant()
+            .update_policy(pb::UpdatePolicyRequest {
+                pool: "pol".into(),
+                policy: Some(bad),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("policy.memory"), "{err}");
+    assert_eq!(get_pool(&f.m, "pol").await.policy.unwrap().version, 2);
+    // Another tenant cannot touch it.
+    let err =
+        f.m.other_tenant("other")
+            .update_policy(pb::UpdatePolicyRequest {
+                pool: "pol".into(),
+                policy: Some(pb::Policy::default()),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
