@@ -30,6 +30,7 @@ impl From<pb::Resources> for Resources {
             memory_mb: r.memory_mb,
             disk_mb: r.disk_mb,
             network_mbps: r.network_mbps,
+            disk_io_kbps: r.disk_io_kbps,
         }
     }
 }
@@ -41,6 +42,7 @@ impl From<Resources> for pb::Resources {
             memory_mb: r.memory_mb,
             disk_mb: r.disk_mb,
             network_mbps: r.network_mbps,
+            disk_io_kbps: r.disk_io_kbps,
         }
     }
 }
@@ -256,6 +258,7 @@ impl TryFrom<pb::Policy> for PolicyDef {
             memory: t(p.memory, d.memory),
             disk: t(p.disk, d.disk),
             network: t(p.network, d.network),
+            disk_io: t(p.disk_io, d.disk_io),
             sustain_seconds: if p.sustain_seconds == 0 {
                 d.sustain_seconds
             } else {
@@ -291,6 +294,7 @@ impl From<&PolicyDef> for pb::Policy {
             memory: t(p.memory),
             disk: t(p.disk),
             network: t(p.network),
+            disk_io: t(p.disk_io),
             sustain_seconds: p.sustain_seconds,
             cooldown_seconds: p.cooldown_seconds,
             target: match p.target {

@@ -227,6 +227,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             memory_mb: 16,
             disk_mb: 1,
             network_mbps: 0,
+            disk_io_kbps: 0,
         },
         priority: 0,
         offloadable: true,

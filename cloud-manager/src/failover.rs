@@ -190,6 +190,7 @@ impl Manager {
                 memory_mb: acc.memory_mb + a.resources.memory_mb,
                 disk_mb: acc.disk_mb + a.resources.disk_mb,
                 network_mbps: acc.network_mbps + a.resources.network_mbps,
+                disk_io_kbps: acc.disk_io_kbps + a.resources.disk_io_kbps,
             });
             let candidates: Vec<Candidate> = r
                 .nodes
@@ -513,6 +514,7 @@ mod tests {
                 memory_mb: 1000,
                 disk_mb: 1000,
                 network_mbps: 100,
+                disk_io_kbps: 0,
             },
             labels: labels
                 .iter()

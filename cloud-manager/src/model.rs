@@ -3,13 +3,16 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Amounts of the four scheduled resources.
+/// Amounts of the five scheduled resources.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     pub cpu_millis: u64,
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub network_mbps: u64,
+    /// Disk read+write rate in KiB/s (capacity or usage).
+    #[serde(default)]
+    pub disk_io_kbps: u64,
 }
 
 /// Lifecycle state of a node (see `NodeState` in the proto).

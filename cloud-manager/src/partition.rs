@@ -590,6 +590,7 @@ mod tests {
             memory_mb,
             disk_mb,
             network_mbps,
+            disk_io_kbps: 0,
         }
     }
 

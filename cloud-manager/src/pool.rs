@@ -54,6 +54,10 @@ pub struct PolicyDef {
     pub memory: Threshold,
     pub disk: Threshold,
     pub network: Threshold,
+    /// Disk read+write rate against the node's disk I/O capacity (absent in
+    /// pools stored before it existed: the default).
+    #[serde(default = "default_disk_io")]
+    pub disk_io: Threshold,
     pub sustain_seconds: u32,
     pub cooldown_seconds: u32,
     pub target: TargetMode,
@@ -63,6 +67,14 @@ pub struct PolicyDef {
     pub return_home: bool,
     #[serde(default)]
     pub return_home_seconds: u32,
+}
+
+/// The default disk I/O thresholds (the same as for disk space).
+fn default_disk_io() -> Threshold {
+    Threshold {
+        high: 0.9,
+        low: 0.8,
+    }
 }
 
 impl Default for PolicyDef {
@@ -84,6 +96,7 @@ impl Default for PolicyDef {
                 high: 0.8,
                 low: 0.6,
             },
+            disk_io: default_disk_io(),
             sustain_seconds: 10,
             cooldown_seconds: 60,
             target: TargetMode::Single,
@@ -279,6 +292,7 @@ pub fn validate_policy(p: &PolicyDef) -> Result<(), PoolError> {
         ("memory", p.memory),
         ("disk", p.disk),
         ("network", p.network),
+        ("disk_io", p.disk_io),
     ] {
         let ok = t.high.is_finite()
             && t.low.is_finite()
@@ -425,6 +439,25 @@ mod tests {
             low: 0.6,
         };
         assert!(validate_policy(&p).is_err());
+        p.memory = PolicyDef::default().memory;
+        p.disk_io = Threshold {
+            high: 0.7,
+            low: 0.8,
+        };
+        assert!(
+            validate_policy(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("policy.disk_io")
+        );
+    }
+
+    #[test]
+    fn policy_without_disk_io_loads_with_the_default() {
+        let mut v = serde_json::to_value(PolicyDef::default()).unwrap();
+        v.as_object_mut().unwrap().remove("disk_io");
+        let p: PolicyDef = serde_json::from_value(v).unwrap();
+        assert_eq!(p.disk_io, default_disk_io());
     }
 
     #[test]
@@ -434,6 +467,7 @@ mod tests {
             memory_mb: 1000,
             disk_mb: 1000,
             network_mbps: 100,
+            disk_io_kbps: 0,
         };
         let apps = vec![app("a"), app("b"), app("c")];
         let pinned: BTreeMap<String, u32> = [("a".to_string(), 2)].into();

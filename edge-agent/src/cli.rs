@@ -33,7 +33,7 @@ pub enum Command {
     Join(JoinArgs),
     /// Run the agent: connect to the manager with the node certificate,
     /// report telemetry, serve the peer port. Stops on SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +111,10 @@ pub struct RunArgs {
     pub disk_mb: Option<u64>,
     #[arg(long, env = "EDGE_AGENT_NETWORK_MBPS")]
     pub network_mbps: Option<u64>,
+    /// Disk read+write rate capacity in KiB/s (0 or absent = unknown: the
+    /// disk I/O threshold is not evaluated).
+    #[arg(long, env = "EDGE_AGENT_DISK_IO_KBPS")]
+    pub disk_io_kbps: Option<u64>,
     /// Reconnect backoff bounds in ms.
     #[arg(long, env = "EDGE_AGENT_RECONNECT_MIN_MS")]
     pub reconnect_min_ms: Option<u64>,
@@ -179,6 +183,7 @@ impl RunArgs {
             (self.memory_mb, &mut c.capacity.memory_mb),
             (self.disk_mb, &mut c.capacity.disk_mb),
             (self.network_mbps, &mut c.capacity.network_mbps),
+            (self.disk_io_kbps, &mut c.capacity.disk_io_kbps),
         ] {
             if let Some(v) = flag {
                 *field = v;
@@ -220,7 +225,7 @@ pub fn main(cli: Cli) -> ExitCode {
             logging::init(LogFormat::Plain, "warn");
             runtime().and_then(|rt| rt.block_on(join(args)))
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

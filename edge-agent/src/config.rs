@@ -26,7 +26,8 @@ pub struct AgentConfig {
     pub heartbeat_interval_ms: u32,
     /// Network interfaces to measure. Empty = every interface except `lo`.
     pub interfaces: Vec<String>,
-    /// Capacity reported to the manager; 0 in a field = detect it.
+    /// Capacity reported to the manager; 0 in a field = detect it (except
+    /// `disk_io_kbps`, which is not detected: 0 = not evaluated).
     pub capacity: CapacityConfig,
     /// First reconnect delay after the stream drops. Default 200.
     pub reconnect_min_ms: u64,
@@ -57,7 +58,9 @@ pub struct AgentConfig {
 
 /// Capacity overrides. Detection: CPU = logical CPUs x 1000, memory = RAM,
 /// disk = the sum of real file systems, network = the link speed of the
-/// measured interfaces (`/sys/class/net/*/speed`, via sysinfo).
+/// measured interfaces (`/sys/class/net/*/speed`, via sysinfo). The disk
+/// I/O rate is not detected: `disk_io_kbps` 0 = capacity 0, so the disk I/O
+/// threshold is not evaluated on the node.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapacityConfig {
@@ -65,6 +68,8 @@ pub struct CapacityConfig {
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub network_mbps: u64,
+    /// Disk read+write rate in KiB/s (0 = unknown; not detected).
+    pub disk_io_kbps: u64,
 }
 
 impl Default for AgentConfig {

@@ -45,7 +45,7 @@ pub struct Agent {
     isolation_lease: Duration,
     scheduler_every: Duration,
     network_accounting: offload::NetworkAccounting,
-    reserve: [u64; 4],
+    reserve: [u64; 5],
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -133,6 +133,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
             config.reserve.memory_mb,
             config.reserve.disk_mb,
             config.reserve.network_mbps * 1000,
+            config.reserve.disk_io_kbps,
         ],
     })
 }

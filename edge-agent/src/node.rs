@@ -50,8 +50,8 @@ pub struct PeerStatus {
     pub last_ok_ms: u64,
     pub error: String,
     /// The peer's capacity and need (scheduler units), from its answer.
-    pub capacity: [u64; 4],
-    pub need: [u64; 4],
+    pub capacity: [u64; 5],
+    pub need: [u64; 5],
 }
 
 pub struct Shared {
@@ -69,7 +69,7 @@ pub struct Shared {
     applied: Mutex<Option<pb::Assignment>>,
     gates: Mutex<Gates>,
     offload: Mutex<crate::offload::OffloadState>,
-    need: Mutex<[u64; 4]>,
+    need: Mutex<[u64; 5]>,
     interface_kbps: Mutex<u64>,
     /// Serialises reconciles coming from assignments, confirmations and
     /// isolation changes.
@@ -129,7 +129,7 @@ impl Shared {
             applied: Mutex::new(None),
             gates: Mutex::new(Gates::default()),
             offload: Mutex::new(offload),
-            need: Mutex::new([0; 4]),
+            need: Mutex::new([0; 5]),
             interface_kbps: Mutex::new(0),
             sync: tokio::sync::Mutex::new(()),
         })
@@ -156,12 +156,12 @@ impl Shared {
     }
 
     /// The group's need as the scheduler computed it last (cpu millicores,
-    /// memory MiB, disk MiB, network kbit/s).
-    pub fn set_need(&self, need: [u64; 4]) {
+    /// memory MiB, disk MiB, network kbit/s, disk I/O KiB/s).
+    pub fn set_need(&self, need: [u64; 5]) {
         *lock(&self.need) = need;
     }
 
-    pub fn need(&self) -> [u64; 4] {
+    pub fn need(&self) -> [u64; 5] {
         *lock(&self.need)
     }
 
@@ -173,10 +173,16 @@ impl Shared {
         *lock(&self.interface_kbps)
     }
 
-    /// Capacity in scheduler units (network in kbit/s).
-    pub fn capacity_amounts(&self) -> [u64; 4] {
+    /// Capacity in scheduler units (network in kbit/s, disk I/O in KiB/s).
+    pub fn capacity_amounts(&self) -> [u64; 5] {
         let c = self.capacity;
-        [c.cpu_millis, c.memory_mb, c.disk_mb, c.network_mbps * 1000]
+        [
+            c.cpu_millis,
+            c.memory_mb,
+            c.disk_mb,
+            c.network_mbps * 1000,
+            c.disk_io_kbps,
+        ]
     }
 
     pub fn offload_state(&self) -> crate::offload::OffloadState {
@@ -222,7 +228,7 @@ impl Shared {
     }
 
     /// (slot, capacity, need) of every peer that answered its last probe.
-    pub fn peer_loads(&self) -> Vec<(u32, [u64; 4], [u64; 4])> {
+    pub fn peer_loads(&self) -> Vec<(u32, [u64; 5], [u64; 5])> {
         lock(&self.peers)
             .iter()
             .filter(|p| p.reachable)
@@ -390,6 +396,9 @@ impl Shared {
                         memory_mb: s.usage.memory_mb,
                         disk_mb: 0,
                         network_mbps: 0,
+                        disk_io_kbps: (s.usage.disk_read_bytes_per_sec
+                            + s.usage.disk_write_bytes_per_sec)
+                            / 1024,
                     }),
                     last_exit: s.last_exit.unwrap_or_default(),
                     disk_read_bytes_per_sec: s.usage.disk_read_bytes_per_sec,

@@ -49,8 +49,24 @@ pub struct MovedOut {
     pub to_node: String,
     pub to_slot: u32,
     pub at_ms: u64,
-    /// What the app used when it left (for the return-home check).
-    pub usage: [u64; 4],
+    /// What the app used when it left (for the return-home check). Older
+    /// state files hold four amounts; the missing ones read as 0.
+    #[serde(deserialize_with = "amounts_padded")]
+    pub usage: [u64; 5],
+}
+
+/// Reads a list of up to five amounts, padding missing ones with 0.
+fn amounts_padded<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Amounts, D::Error> {
+    let v = Vec::<u64>::deserialize(d)?;
+    if v.len() > 5 {
+        return Err(serde::de::Error::invalid_length(
+            v.len(),
+            &"at most 5 amounts",
+        ));
+    }
+    let mut out = [0; 5];
+    out[..v.len()].copy_from_slice(&v);
+    Ok(out)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +198,7 @@ pub fn policy_of(p: &pb::Policy) -> scheduler::Policy {
             w(&p.memory, (0.85, 0.7)),
             w(&p.disk, (0.9, 0.8)),
             w(&p.network, (0.8, 0.6)),
+            w(&p.disk_io, (0.9, 0.8)),
         ],
         sustain_ms: u64::from(p.sustain_seconds) * 1000,
         cooldown_ms: u64::from(p.cooldown_seconds) * 1000,
@@ -193,8 +210,8 @@ pub fn policy_of(p: &pb::Policy) -> scheduler::Policy {
     }
 }
 
-/// Measures per-app usage (cpu, memory, disk space, network) between
-/// samples.
+/// Measures per-app usage (cpu, memory, disk space, network, disk I/O
+/// rate) between samples.
 struct Meter {
     net: BTreeMap<String, (u64, u64)>,
 }
@@ -220,9 +237,17 @@ impl Meter {
                 }
                 self.net.insert(s.name.clone(), (bytes, now));
             }
+            let disk_io_kbps =
+                (s.usage.disk_read_bytes_per_sec + s.usage.disk_write_bytes_per_sec) / 1024;
             out.insert(
                 s.name.clone(),
-                [s.usage.cpu_millis, s.usage.memory_mb, disk_mb, kbps],
+                [
+                    s.usage.cpu_millis,
+                    s.usage.memory_mb,
+                    disk_mb,
+                    kbps,
+                    disk_io_kbps,
+                ],
             );
         }
         self.net.retain(|k, _| out.contains_key(k));
@@ -412,6 +437,7 @@ async fn offer(
             memory_mb: usage[1],
             disk_mb: usage[2],
             network_mbps: usage[3],
+            disk_io_kbps: usage[4],
         }),
         reason: resource.name().to_string(),
     };
@@ -433,9 +459,12 @@ async fn return_home(
     let state = shared.offload_state();
     let mut planned = need;
     for (app, out) in &state.moved_out {
-        let fits = (0..4).all(|i| {
+        let fits = Resource::ALL.iter().all(|r| {
+            let i = r.index();
             let cap = capacity[i] as f64;
-            (planned[i] + out.usage[i]) as f64 <= policy.marks[i].low * cap || out.usage[i] == 0
+            !r.evaluated(capacity[i])
+                || (planned[i] + out.usage[i]) as f64 <= policy.marks[i].low * cap
+                || out.usage[i] == 0
         });
         if !fits {
             continue;
@@ -506,22 +535,21 @@ pub async fn admit(
         )));
     }
     let u = req.usage.unwrap_or_default();
-    let usage = [u.cpu_millis, u.memory_mb, u.disk_mb, u.network_mbps];
+    let usage = [
+        u.cpu_millis,
+        u.memory_mb,
+        u.disk_mb,
+        u.network_mbps,
+        u.disk_io_kbps,
+    ];
     let need = shared.need();
     let capacity = shared.capacity_amounts();
     if !shared.offload_state().guests.contains_key(&spec.name)
-        && !scheduler::admits(need, capacity, &policy.marks, usage)
+        && let Some(over) = scheduler::over_high(need, capacity, &policy.marks, usage)
     {
-        let over = Resource::ALL
-            .iter()
-            .find(|r| {
-                let i = r.index();
-                (need[i] + usage[i]) as f64 > policy.marks[i].high * capacity[i] as f64
-            })
-            .map(|r| r.name())
-            .unwrap_or("a resource");
         return Err(tonic::Status::resource_exhausted(format!(
-            "would cross this node's high watermark for {over}"
+            "would cross this node's high watermark for {}",
+            over.name()
         )));
     }
     let guest = Guest {
@@ -592,4 +620,20 @@ pub async fn release(shared: &Shared, caller_slot: u32, app: &str) -> Result<(),
         .sync_apps()
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moved_out_usage_of_an_older_state_file_is_padded() {
+        let old = r#"{"to_node":"n2","to_slot":2,"at_ms":5,"usage":[1,2,3,4]}"#;
+        let m: MovedOut = serde_json::from_str(old).unwrap();
+        assert_eq!(m.usage, [1, 2, 3, 4, 0]);
+        let new: MovedOut = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(new, m);
+        let too_long = r#"{"to_node":"n2","to_slot":2,"at_ms":5,"usage":[1,2,3,4,5,6]}"#;
+        assert!(serde_json::from_str::<MovedOut>(too_long).is_err());
+    }
 }

@@ -94,13 +94,14 @@ impl PeerService for PeerApi {
         request: Request<pb::ProbeRequest>,
     ) -> Result<Response<pb::ProbeResponse>, Status> {
         let (m, caller_slot) = self.authorize(&request)?;
-        // Capacity and need in the scheduler's units (network in kbit/s),
-        // so members compare like with like.
-        let amounts = |a: [u64; 4]| pb::Resources {
+        // Capacity and need in the scheduler's units (network in kbit/s,
+        // disk I/O in KiB/s), so members compare like with like.
+        let amounts = |a: [u64; 5]| pb::Resources {
             cpu_millis: a[0],
             memory_mb: a[1],
             disk_mb: a[2],
             network_mbps: a[3],
+            disk_io_kbps: a[4],
         };
         Ok(Response::new(pb::ProbeResponse {
             node_id: self.shared.info.node_id.clone(),
@@ -198,7 +199,13 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
                         let a = answer.into_inner();
                         let amounts = |r: Option<pb::Resources>| {
                             let r = r.unwrap_or_default();
-                            [r.cpu_millis, r.memory_mb, r.disk_mb, r.network_mbps]
+                            [
+                                r.cpu_millis,
+                                r.memory_mb,
+                                r.disk_mb,
+                                r.network_mbps,
+                                r.disk_io_kbps,
+                            ]
                         };
                         status.capacity = amounts(a.capacity);
                         status.need = amounts(a.usage);

@@ -2,7 +2,8 @@
 //! every telemetry sample to decide whether, what and where to offload.
 //!
 //! **Resources needed to run group i.** For each resource `r` (compute as
-//! CPU milli-cores, memory, storage as disk, network):
+//! CPU milli-cores, memory, storage as disk space and disk I/O rate,
+//! network):
 //!
 //! ```text
 //! need_i[r] = Σ_{a in group i} usage_a[r] + reserve_i[r]
@@ -20,7 +21,7 @@
 //! sample with `util_i[r] <= high[r]` (or not a number) resets the window of
 //! `r`; an offload resets every window. When several resources qualify, the
 //! one with the highest utilisation wins (ties: compute, memory, disk,
-//! network, in that order).
+//! network, disk I/O, in that order).
 //!
 //! **Plan.** The trigger moves the node's offloadable, non-cooling apps,
 //! lowest priority first and larger usage of `r` first, until
@@ -31,27 +32,37 @@
 
 use std::collections::BTreeSet;
 
-/// The four resources, in the index order used by [`Amounts`].
+/// The five resources, in the index order used by [`Amounts`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
     Cpu,
     Memory,
     Disk,
     Network,
+    DiskIo,
 }
 
 impl Resource {
     /// Every resource, in index order.
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 5] = [
         Resource::Cpu,
         Resource::Memory,
         Resource::Disk,
         Resource::Network,
+        Resource::DiskIo,
     ];
 
     /// The position of this resource in [`Amounts`] and in per-resource arrays.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Whether the resource is evaluated on a node with this capacity. Disk
+    /// I/O capacity is not detected, only configured: 0 means unknown, and an
+    /// unknown disk I/O capacity is not evaluated (utilisation 0, admits any
+    /// usage). Every other resource is always evaluated.
+    pub fn evaluated(self, capacity: u64) -> bool {
+        capacity > 0 || self != Resource::DiskIo
     }
 
     /// The lower-case name used in logs and events.
@@ -61,13 +72,15 @@ impl Resource {
             Resource::Memory => "memory",
             Resource::Disk => "disk",
             Resource::Network => "network",
+            Resource::DiskIo => "disk_io",
         }
     }
 }
 
 /// Amounts per resource: CPU milli-cores, memory MB, disk MB, network
-/// throughput. Units only have to be consistent per index.
-pub type Amounts = [u64; 4];
+/// throughput, disk I/O rate (read + write). Units only have to be
+/// consistent per index.
+pub type Amounts = [u64; 5];
 
 /// The two utilisation thresholds of one resource, as fractions of capacity.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -91,7 +104,7 @@ pub enum Target {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     /// Watermarks per resource, in [`Resource`] index order.
-    pub marks: [Watermarks; 4],
+    pub marks: [Watermarks; 5],
     /// How long a resource must stay above its high watermark to trigger.
     pub sustain_ms: u64,
     /// Quiet time after an offload, for the node and for each moved app.
@@ -137,10 +150,12 @@ pub fn need(app_usage: &[Amounts], reserve: Amounts) -> Amounts {
 }
 
 /// Utilisation per resource, `need / capacity`. A zero capacity gives 0 when
-/// the need is 0 too and infinity otherwise.
-pub fn utilisation(need: Amounts, capacity: Amounts) -> [f64; 4] {
+/// the need is 0 too and infinity otherwise, except for a resource that is
+/// not [evaluated](Resource::evaluated) (disk I/O of unknown capacity): 0.
+pub fn utilisation(need: Amounts, capacity: Amounts) -> [f64; 5] {
     std::array::from_fn(|i| match (need[i], capacity[i]) {
         (0, 0) => 0.0,
+        (_, 0) if !Resource::ALL[i].evaluated(0) => 0.0,
         (_, 0) => f64::INFINITY,
         (n, c) => n as f64 / c as f64,
     })
@@ -148,14 +163,30 @@ pub fn utilisation(need: Amounts, capacity: Amounts) -> [f64; 4] {
 
 /// Admission on the receiving peer: true iff `need + usage <= high *
 /// capacity` for every resource. A resource with capacity 0 admits only zero
-/// usage of that resource.
-pub fn admits(need: Amounts, capacity: Amounts, marks: &[Watermarks; 4], usage: Amounts) -> bool {
-    Resource::ALL.iter().all(|r| {
+/// usage of that resource, unless it is not
+/// [evaluated](Resource::evaluated) (disk I/O of unknown capacity): then it
+/// admits any usage.
+pub fn admits(need: Amounts, capacity: Amounts, marks: &[Watermarks; 5], usage: Amounts) -> bool {
+    over_high(need, capacity, marks, usage).is_none()
+}
+
+/// The first resource (in index order) in which `need + usage` would cross
+/// the high watermark, as [`admits`] decides it.
+pub fn over_high(
+    need: Amounts,
+    capacity: Amounts,
+    marks: &[Watermarks; 5],
+    usage: Amounts,
+) -> Option<Resource> {
+    Resource::ALL.into_iter().find(|r| {
         let i = r.index();
-        if capacity[i] == 0 {
-            return usage[i] == 0;
+        if !r.evaluated(capacity[i]) {
+            return false;
         }
-        need[i].saturating_add(usage[i]) as f64 <= marks[i].high * capacity[i] as f64
+        if capacity[i] == 0 {
+            return usage[i] != 0;
+        }
+        need[i].saturating_add(usage[i]) as f64 > marks[i].high * capacity[i] as f64
     })
 }
 
@@ -180,7 +211,7 @@ pub struct Trigger {
 #[derive(Clone, Debug, Default)]
 pub struct Evaluator {
     /// Time of the first sample of the current run above high, per resource.
-    above_since: [Option<u64>; 4],
+    above_since: [Option<u64>; 5],
     /// Time of the last offload.
     last_offload_ms: Option<u64>,
 }
@@ -197,7 +228,7 @@ impl Evaluator {
     /// `policy.cooldown_ms` of the last [`Evaluator::offloaded`]. Windows keep
     /// being tracked during the cooldown. The trigger repeats on each later
     /// sample while the condition holds and no offload is reported.
-    pub fn observe(&mut self, now_ms: u64, util: [f64; 4], policy: &Policy) -> Option<Trigger> {
+    pub fn observe(&mut self, now_ms: u64, util: [f64; 5], policy: &Policy) -> Option<Trigger> {
         self.track(now_ms, util, policy);
         if self.cooling(now_ms, policy.cooldown_ms) {
             return None;
@@ -209,7 +240,7 @@ impl Evaluator {
     /// every window.
     pub fn offloaded(&mut self, now_ms: u64) {
         self.last_offload_ms = Some(now_ms);
-        self.above_since = [None; 4];
+        self.above_since = [None; 5];
     }
 
     /// Whether the node is still cooling down at `now_ms`.
@@ -220,7 +251,7 @@ impl Evaluator {
 
     /// Opens or keeps the window of each resource above high, and resets the
     /// others.
-    fn track(&mut self, now_ms: u64, util: [f64; 4], policy: &Policy) {
+    fn track(&mut self, now_ms: u64, util: [f64; 5], policy: &Policy) {
         for (i, since) in self.above_since.iter_mut().enumerate() {
             if util[i] > policy.marks[i].high {
                 since.get_or_insert(now_ms);
@@ -232,7 +263,7 @@ impl Evaluator {
 
     /// The resource whose window reached `sustain_ms` with the highest
     /// utilisation, lower index first on ties.
-    fn sustained(&self, now_ms: u64, util: [f64; 4], sustain_ms: u64) -> Option<Trigger> {
+    fn sustained(&self, now_ms: u64, util: [f64; 5], sustain_ms: u64) -> Option<Trigger> {
         let mut best: Option<Trigger> = None;
         for r in Resource::ALL {
             let Some(since) = self.above_since[r.index()] else {
@@ -275,7 +306,7 @@ pub struct PeerLoad {
     /// The resources needed to run the peer's own group.
     pub need: Amounts,
     /// The peer's watermarks (it runs the same policy).
-    pub marks: [Watermarks; 4],
+    pub marks: [Watermarks; 5],
 }
 
 impl PeerLoad {
@@ -405,7 +436,7 @@ fn by_headroom(peers: &[PeerLoad], r: usize) -> Vec<&PeerLoad> {
 
 /// The usage of the apps the goal calls for, ignoring where they could go.
 fn wanted_usage(cands: &[&AppLoad], r: usize, goal: Goal) -> Amounts {
-    let (_, total) = cands.iter().fold(([0; 4], [0; 4]), |(moved, total), a| {
+    let (_, total) = cands.iter().fold(([0; 5], [0; 5]), |(moved, total), a| {
         if goal.reached(moved[r]) {
             (moved, total)
         } else {
@@ -475,15 +506,15 @@ mod tests {
 
     fn policy(target: Target) -> Policy {
         Policy {
-            marks: [M; 4],
+            marks: [M; 5],
             sustain_ms: 2_000,
             cooldown_ms: 10_000,
             target,
         }
     }
 
-    fn cpu(u: f64) -> [f64; 4] {
-        [u, 0.1, 0.1, 0.1]
+    fn cpu(u: f64) -> [f64; 5] {
+        [u, 0.1, 0.1, 0.1, 0.0]
     }
 
     fn app(name: &str, usage: Amounts, priority: i32) -> AppLoad {
@@ -501,7 +532,7 @@ mod tests {
             slot,
             capacity,
             need,
-            marks: [M; 4],
+            marks: [M; 5],
         }
     }
 
@@ -520,7 +551,7 @@ mod tests {
     #[test]
     fn resource_names_and_indices() {
         let names: Vec<_> = Resource::ALL.iter().map(|r| r.name()).collect();
-        assert_eq!(names, ["cpu", "memory", "disk", "network"]);
+        assert_eq!(names, ["cpu", "memory", "disk", "network", "disk_io"]);
         for (i, r) in Resource::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
@@ -528,16 +559,23 @@ mod tests {
 
     #[test]
     fn need_sums_apps_and_reserve() {
-        let n = need(&[[100, 10, 1, 0], [200, 20, 2, 5]], [50, 5, 0, 1]);
-        assert_eq!(n, [350, 35, 3, 6]);
-        assert_eq!(need(&[], [1, 2, 3, 4]), [1, 2, 3, 4]);
-        assert_eq!(need(&[[u64::MAX, 0, 0, 0]], [1, 0, 0, 0])[0], u64::MAX);
+        let n = need(&[[100, 10, 1, 0, 0], [200, 20, 2, 5, 0]], [50, 5, 0, 1, 0]);
+        assert_eq!(n, [350, 35, 3, 6, 0]);
+        assert_eq!(need(&[], [1, 2, 3, 4, 0]), [1, 2, 3, 4, 0]);
+        assert_eq!(
+            need(&[[u64::MAX, 0, 0, 0, 0]], [1, 0, 0, 0, 0])[0],
+            u64::MAX
+        );
     }
 
     #[test]
     fn utilisation_handles_zero_capacity() {
-        let u = utilisation([500, 0, 7, 0], [1000, 0, 0, 10]);
-        assert_eq!(u, [0.5, 0.0, f64::INFINITY, 0.0]);
+        let u = utilisation([500, 0, 7, 0, 0], [1000, 0, 0, 10, 0]);
+        assert_eq!(u, [0.5, 0.0, f64::INFINITY, 0.0, 0.0]);
+        // Disk I/O of unknown capacity is not evaluated.
+        let u = utilisation([0, 0, 0, 0, 500], [1, 1, 1, 1, 0]);
+        assert_eq!(u[Resource::DiskIo.index()], 0.0);
+        assert!(Resource::Cpu.evaluated(0) && !Resource::DiskIo.evaluated(0));
     }
 
     #[test]
@@ -639,13 +677,48 @@ mod tests {
         p.sustain_ms = 0;
         let mut ev = Evaluator::new();
         let t = ev
-            .observe(0, [0.85, 0.95, 0.9, 0.1], &p)
+            .observe(0, [0.85, 0.95, 0.9, 0.1, 0.0], &p)
             .map(|t| t.resource);
         assert_eq!(t, Some(Resource::Memory));
-        let t = ev.observe(1, [0.1, 0.9, 0.9, 0.9], &p).map(|t| t.resource);
+        let t = ev
+            .observe(1, [0.1, 0.9, 0.9, 0.9, 0.0], &p)
+            .map(|t| t.resource);
         assert_eq!(t, Some(Resource::Memory));
-        let t = ev.observe(2, [0.1, 0.1, 0.9, 0.9], &p).map(|t| t.resource);
+        let t = ev
+            .observe(2, [0.1, 0.1, 0.9, 0.9, 0.0], &p)
+            .map(|t| t.resource);
         assert_eq!(t, Some(Resource::Disk));
+    }
+
+    #[test]
+    fn disk_io_triggers_and_plans_like_the_others() {
+        let p = policy(Target::Single);
+        let capacity = [1000, 1000, 1000, 1000, 4096];
+        let apps = [
+            app("writer", [10, 10, 10, 0, 3000], 0),
+            app("quiet", [10, 10, 10, 0, 0], 0),
+        ];
+        let need = need(&[apps[0].usage, apps[1].usage], [0, 0, 0, 0, 600]);
+        let util = utilisation(need, capacity);
+        let mut ev = Evaluator::new();
+        assert!(ev.observe(0, util, &p).is_none());
+        let t = ev.observe(2_000, util, &p).expect("fires after the window");
+        assert_eq!(t.resource, Resource::DiskIo);
+        assert_eq!(t.resource.name(), "disk_io");
+        assert_eq!(t.utilisation, 3600.0 / 4096.0);
+        let peers = [peer(1, capacity, [0; 5])];
+        let moves = plan(t.resource, need, capacity, &apps, &peers, &p, 2_000);
+        assert_eq!(names(&moves), [("writer", 1)]);
+        // A node of unknown disk I/O capacity never triggers on it, and
+        // admits an app whatever its disk I/O.
+        let blind = [1000, 1000, 1000, 1000, 0];
+        let util = utilisation(need, blind);
+        let mut ev = Evaluator::new();
+        assert!(ev.observe(0, util, &p).is_none());
+        assert!(ev.observe(5_000, util, &p).is_none());
+        let peers = [peer(2, blind, [0; 5])];
+        let moves = plan(t.resource, need, capacity, &apps, &peers, &p, 2_000);
+        assert_eq!(names(&moves), [("writer", 2)]);
     }
 
     #[test]
@@ -653,8 +726,8 @@ mod tests {
         let mut p = policy(Target::Single);
         p.sustain_ms = 1_000;
         let mut ev = Evaluator::new();
-        assert!(ev.observe(0, [0.9, 0.1, 0.1, 0.1], &p).is_none());
-        let t = ev.observe(1_000, [0.85, 0.99, 0.1, 0.1], &p);
+        assert!(ev.observe(0, [0.9, 0.1, 0.1, 0.1, 0.0], &p).is_none());
+        let t = ev.observe(1_000, [0.85, 0.99, 0.1, 0.1, 0.0], &p);
         assert_eq!(t.map(|t| t.resource), Some(Resource::Cpu));
     }
 
@@ -663,45 +736,57 @@ mod tests {
         let mut p = policy(Target::Single);
         p.sustain_ms = 0;
         let mut ev = Evaluator::new();
-        let t = ev.observe(0, [f64::NAN, f64::INFINITY, 0.0, 0.0], &p);
+        let t = ev.observe(0, [f64::NAN, f64::INFINITY, 0.0, 0.0, 0.0], &p);
         assert_eq!(t.map(|t| t.resource), Some(Resource::Memory));
     }
 
     #[test]
     fn admits_checks_every_resource() {
-        let cap = [1000, 1000, 1000, 1000];
-        assert!(admits([700, 0, 0, 0], cap, &[M; 4], [100, 0, 0, 0]));
-        assert!(!admits([700, 0, 0, 0], cap, &[M; 4], [101, 0, 0, 0]));
+        let cap = [1000; 5];
+        assert!(admits([700, 0, 0, 0, 0], cap, &[M; 5], [100, 0, 0, 0, 0]));
+        assert!(!admits([700, 0, 0, 0, 0], cap, &[M; 5], [101, 0, 0, 0, 0]));
         // Already above high in memory: nothing more is admitted.
-        assert!(!admits([0, 900, 0, 0], cap, &[M; 4], [1, 0, 0, 0]));
+        assert!(!admits([0, 900, 0, 0, 0], cap, &[M; 5], [1, 0, 0, 0, 0]));
         assert!(admits(
-            [0, 0, 0, 0],
-            [1000, 1000, 0, 1000],
-            &[M; 4],
-            [1, 1, 0, 1]
+            [0, 0, 0, 0, 0],
+            [1000, 1000, 0, 1000, 0],
+            &[M; 5],
+            [1, 1, 0, 1, 0]
         ));
         assert!(!admits(
-            [0, 0, 0, 0],
-            [1000, 1000, 0, 1000],
-            &[M; 4],
-            [1, 1, 1, 1]
+            [0, 0, 0, 0, 0],
+            [1000, 1000, 0, 1000, 0],
+            &[M; 5],
+            [1, 1, 1, 1, 0]
         ));
+        // Unknown disk I/O capacity admits any disk I/O; a known one is
+        // checked like the others.
+        assert!(admits(
+            [0; 5],
+            [1000, 1000, 1000, 1000, 0],
+            &[M; 5],
+            [1, 1, 1, 1, 9999]
+        ));
+        assert_eq!(
+            over_high([0; 5], [1000; 5], &[M; 5], [1, 1, 1, 1, 801]),
+            Some(Resource::DiskIo)
+        );
     }
 
     #[test]
     fn plan_takes_lowest_priority_then_largest_first() {
         let apps = [
-            app("important", [400, 1, 1, 1], 5),
-            app("small", [100, 1, 1, 1], 0),
-            app("big", [300, 1, 1, 1], 0),
-            app("mid", [200, 1, 1, 1], 1),
+            app("important", [400, 1, 1, 1, 0], 5),
+            app("small", [100, 1, 1, 1, 0], 0),
+            app("big", [300, 1, 1, 1, 0], 0),
+            app("mid", [200, 1, 1, 1, 0], 1),
         ];
-        let peers = [peer(2, [4000; 4], [0; 4])];
+        let peers = [peer(2, [4000; 5], [0; 5])];
         // need 900 of 1000, low 500: 400 must move; big (300) + small (100).
         let p = plan(
             Resource::Cpu,
-            [900, 0, 0, 0],
-            [1000; 4],
+            [900, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -711,8 +796,8 @@ mod tests {
         // 450 must move: the mid app is next.
         let p = plan(
             Resource::Cpu,
-            [950, 0, 0, 0],
-            [1000; 4],
+            [950, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -724,15 +809,15 @@ mod tests {
     #[test]
     fn plan_uses_fewest_moves_within_a_priority() {
         let apps = [
-            app("a", [100, 0, 0, 0], 0),
-            app("b", [100, 0, 0, 0], 0),
-            app("c", [350, 0, 0, 0], 0),
+            app("a", [100, 0, 0, 0, 0], 0),
+            app("b", [100, 0, 0, 0, 0], 0),
+            app("c", [350, 0, 0, 0, 0], 0),
         ];
-        let peers = [peer(1, [4000; 4], [0; 4])];
+        let peers = [peer(1, [4000; 5], [0; 5])];
         let p = plan(
             Resource::Cpu,
-            [850, 0, 0, 0],
-            [1000; 4],
+            [850, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Spread),
@@ -743,18 +828,18 @@ mod tests {
 
     #[test]
     fn plan_respects_cooldown_and_offloadable() {
-        let mut pinned = app("pinned", [500, 0, 0, 0], 0);
+        let mut pinned = app("pinned", [500, 0, 0, 0, 0], 0);
         pinned.offloadable = false;
-        let mut recent = app("recent", [500, 0, 0, 0], 0);
+        let mut recent = app("recent", [500, 0, 0, 0, 0], 0);
         recent.moved_at_ms = Some(95_000);
-        let mut old = app("old", [100, 0, 0, 0], 1);
+        let mut old = app("old", [100, 0, 0, 0, 0], 1);
         old.moved_at_ms = Some(90_000);
-        let apps = [pinned, recent, old, app("idle", [0, 10, 0, 0], 0)];
-        let peers = [peer(1, [4000; 4], [0; 4])];
+        let apps = [pinned, recent, old, app("idle", [0, 10, 0, 0, 0], 0)];
+        let peers = [peer(1, [4000; 5], [0; 5])];
         let p = plan(
             Resource::Cpu,
-            [900, 0, 0, 0],
-            [1000; 4],
+            [900, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -765,12 +850,12 @@ mod tests {
 
     #[test]
     fn plan_is_empty_when_already_at_low() {
-        let apps = [app("a", [100, 0, 0, 0], 0)];
-        let peers = [peer(1, [4000; 4], [0; 4])];
+        let apps = [app("a", [100, 0, 0, 0, 0], 0)];
+        let peers = [peer(1, [4000; 5], [0; 5])];
         let p = plan(
             Resource::Cpu,
-            [500, 0, 0, 0],
-            [1000; 4],
+            [500, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -781,16 +866,19 @@ mod tests {
 
     #[test]
     fn single_picks_the_peer_with_most_headroom() {
-        let apps = [app("a", [200, 10, 0, 0], 0), app("b", [200, 10, 0, 0], 0)];
+        let apps = [
+            app("a", [200, 10, 0, 0, 0], 0),
+            app("b", [200, 10, 0, 0, 0], 0),
+        ];
         let peers = [
-            peer(1, [1000; 4], [500, 0, 0, 0]),
-            peer(2, [1000; 4], [100, 0, 0, 0]),
-            peer(3, [1000; 4], [100, 0, 0, 0]),
+            peer(1, [1000; 5], [500, 0, 0, 0, 0]),
+            peer(2, [1000; 5], [100, 0, 0, 0, 0]),
+            peer(3, [1000; 5], [100, 0, 0, 0, 0]),
         ];
         let p = plan(
             Resource::Cpu,
-            [900, 0, 0, 0],
-            [1000; 4],
+            [900, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -801,15 +889,18 @@ mod tests {
 
     #[test]
     fn single_skips_a_peer_that_would_exceed_another_resource() {
-        let apps = [app("a", [200, 300, 0, 0], 0), app("b", [200, 300, 0, 0], 0)];
+        let apps = [
+            app("a", [200, 300, 0, 0, 0], 0),
+            app("b", [200, 300, 0, 0, 0], 0),
+        ];
         let peers = [
-            peer(1, [1000; 4], [0, 500, 0, 0]),
-            peer(2, [1000; 4], [300, 0, 0, 0]),
+            peer(1, [1000; 5], [0, 500, 0, 0, 0]),
+            peer(2, [1000; 5], [300, 0, 0, 0, 0]),
         ];
         let p = plan(
             Resource::Cpu,
-            [900, 0, 0, 0],
-            [1000; 4],
+            [900, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -820,16 +911,19 @@ mod tests {
 
     #[test]
     fn single_drops_what_does_not_fit_and_never_exceeds_high() {
-        let apps = [app("a", [300, 0, 0, 0], 0), app("b", [300, 0, 0, 0], 0)];
+        let apps = [
+            app("a", [300, 0, 0, 0, 0], 0),
+            app("b", [300, 0, 0, 0, 0], 0),
+        ];
         let peers = [
-            peer(1, [1000; 4], [400, 0, 0, 0]),
-            peer(2, [1000; 4], [450, 0, 0, 0]),
+            peer(1, [1000; 5], [400, 0, 0, 0, 0]),
+            peer(2, [1000; 5], [450, 0, 0, 0, 0]),
         ];
         // Neither peer takes both (400 + 600 > 800); slot 1 takes one.
         let p = plan(
             Resource::Cpu,
-            [1000, 0, 0, 0],
-            [1000; 4],
+            [1000, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Single),
@@ -840,15 +934,18 @@ mod tests {
 
     #[test]
     fn spread_uses_both_peers_when_one_cannot_take_everything() {
-        let apps = [app("a", [300, 0, 0, 0], 0), app("b", [300, 0, 0, 0], 0)];
+        let apps = [
+            app("a", [300, 0, 0, 0, 0], 0),
+            app("b", [300, 0, 0, 0, 0], 0),
+        ];
         let peers = [
-            peer(1, [1000; 4], [400, 0, 0, 0]),
-            peer(2, [1000; 4], [450, 0, 0, 0]),
+            peer(1, [1000; 5], [400, 0, 0, 0, 0]),
+            peer(2, [1000; 5], [450, 0, 0, 0, 0]),
         ];
         let p = plan(
             Resource::Cpu,
-            [1000, 0, 0, 0],
-            [1000; 4],
+            [1000, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Spread),
@@ -860,16 +957,16 @@ mod tests {
     #[test]
     fn spread_balances_equal_headroom() {
         let apps = [
-            app("a", [100, 0, 0, 0], 0),
-            app("b", [100, 0, 0, 0], 0),
-            app("c", [100, 0, 0, 0], 0),
-            app("d", [100, 0, 0, 0], 0),
+            app("a", [100, 0, 0, 0, 0], 0),
+            app("b", [100, 0, 0, 0, 0], 0),
+            app("c", [100, 0, 0, 0, 0], 0),
+            app("d", [100, 0, 0, 0, 0], 0),
         ];
-        let peers = [peer(7, [1000; 4], [0; 4]), peer(3, [1000; 4], [0; 4])];
+        let peers = [peer(7, [1000; 5], [0; 5]), peer(3, [1000; 5], [0; 5])];
         let p = plan(
             Resource::Cpu,
-            [900, 0, 0, 0],
-            [1000; 4],
+            [900, 0, 0, 0, 0],
+            [1000; 5],
             &apps,
             &peers,
             &policy(Target::Spread),
@@ -880,13 +977,16 @@ mod tests {
 
     #[test]
     fn moves_some_load_when_the_goal_is_out_of_reach() {
-        let apps = [app("huge", [900, 0, 0, 0], 0), app("a", [100, 0, 0, 0], 1)];
-        let peers = [peer(1, [1000; 4], [500, 0, 0, 0])];
+        let apps = [
+            app("huge", [900, 0, 0, 0, 0], 0),
+            app("a", [100, 0, 0, 0, 0], 1),
+        ];
+        let peers = [peer(1, [1000; 5], [500, 0, 0, 0, 0])];
         for target in [Target::Single, Target::Spread] {
             let p = plan(
                 Resource::Cpu,
-                [1000, 0, 0, 0],
-                [1000; 4],
+                [1000, 0, 0, 0, 0],
+                [1000; 5],
                 &apps,
                 &peers,
                 &policy(target),
@@ -898,16 +998,16 @@ mod tests {
 
     #[test]
     fn empty_plan_when_every_peer_is_at_its_threshold() {
-        let apps = [app("a", [100, 0, 0, 0], 0)];
+        let apps = [app("a", [100, 0, 0, 0, 0], 0)];
         let peers = [
-            peer(1, [1000; 4], [800, 0, 0, 0]),
-            peer(2, [1000; 4], [0, 0, 900, 0]),
+            peer(1, [1000; 5], [800, 0, 0, 0, 0]),
+            peer(2, [1000; 5], [0, 0, 900, 0, 0]),
         ];
         for target in [Target::Single, Target::Spread] {
             let p = plan(
                 Resource::Cpu,
-                [1000, 0, 0, 0],
-                [1000; 4],
+                [1000, 0, 0, 0, 0],
+                [1000; 5],
                 &apps,
                 &peers,
                 &policy(target),
@@ -916,8 +1016,8 @@ mod tests {
             assert!(p.is_empty(), "{target:?}");
             let none = plan(
                 Resource::Cpu,
-                [1000, 0, 0, 0],
-                [1000; 4],
+                [1000, 0, 0, 0, 0],
+                [1000; 5],
                 &apps,
                 &[],
                 &policy(target),
@@ -989,7 +1089,7 @@ mod tests {
     }
 
     fn random_case(rng: &mut Rng) -> Case {
-        let marks: [Watermarks; 4] = std::array::from_fn(|_| {
+        let marks: [Watermarks; 5] = std::array::from_fn(|_| {
             let low = 0.2 + rng.below(40) as f64 / 100.0;
             Watermarks {
                 high: low + 0.1 + rng.below(30) as f64 / 100.0,
@@ -1029,7 +1129,7 @@ mod tests {
             .collect();
         let capacity = rng.amounts(2_000, 5);
         Case {
-            resource: Resource::ALL[rng.below(4) as usize],
+            resource: Resource::ALL[rng.below(5) as usize],
             need: capacity.map(|c| c / 2 + rng.below(c + 1)),
             capacity,
             apps,
@@ -1043,7 +1143,7 @@ mod tests {
     fn check(case: &Case, moves: &[Move]) {
         let r = case.resource.index();
         let mut seen = BTreeSet::new();
-        let mut added: Vec<Amounts> = vec![[0; 4]; case.peers.len()];
+        let mut added: Vec<Amounts> = vec![[0; 5]; case.peers.len()];
         let mut moved = 0u64;
         for m in moves {
             assert!(seen.insert(m.app.clone()), "{} moved twice", m.app);
@@ -1066,14 +1166,16 @@ mod tests {
             moved += a.usage[r];
         }
         for (p, extra) in case.peers.iter().zip(&added) {
-            for i in 0..4 {
-                let ok = if p.capacity[i] == 0 {
+            for i in 0..5 {
+                let ok = if !Resource::ALL[i].evaluated(p.capacity[i]) {
+                    true
+                } else if p.capacity[i] == 0 {
                     extra[i] == 0
                 } else {
                     (p.need[i] + extra[i]) as f64 <= p.marks[i].high * p.capacity[i] as f64
                 };
                 assert!(
-                    ok || *extra == [0; 4],
+                    ok || *extra == [0; 5],
                     "peer {} exceeds high in {i}",
                     p.slot
                 );
@@ -1114,7 +1216,7 @@ mod tests {
         let mut rng = Rng(42);
         for _ in 0..300 {
             let mut case = random_case(&mut rng);
-            case.peers.push(peer(1_000, [u64::MAX / 4; 4], [0; 4]));
+            case.peers.push(peer(1_000, [u64::MAX / 4; 5], [0; 5]));
             let r = case.resource.index();
             let goal = Goal {
                 need: case.need[r],
@@ -1127,7 +1229,7 @@ mod tests {
     }
 
     /// A reference model of the trigger rule, from the full sample history.
-    fn reference(history: &[(u64, [f64; 4])], p: &Policy, cooling: bool) -> Option<Resource> {
+    fn reference(history: &[(u64, [f64; 5])], p: &Policy, cooling: bool) -> Option<Resource> {
         let &(now, util) = history.last()?;
         if cooling {
             return None;
@@ -1162,7 +1264,7 @@ mod tests {
             let mut now = 0;
             for _ in 0..60 {
                 now += 250 + rng.below(1_000);
-                let util: [f64; 4] = std::array::from_fn(|_| rng.below(100) as f64 / 90.0);
+                let util: [f64; 5] = std::array::from_fn(|_| rng.below(100) as f64 / 90.0);
                 history.push((now, util));
                 let cooling = last_offload.is_some_and(|t| now < t + p.cooldown_ms);
                 let want = reference(&history, &p, cooling);

@@ -20,13 +20,15 @@ const MIB: u64 = 1024 * 1024;
 /// (common in VMs); set `capacity.network_mbps` to the real uplink.
 pub const FALLBACK_LINK_MBPS: u64 = 1000;
 
-/// Amounts of the four scheduled resources.
+/// Amounts of the five scheduled resources.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Resources {
     pub cpu_millis: u64,
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub network_mbps: u64,
+    /// Disk read+write rate in KiB/s.
+    pub disk_io_kbps: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,6 +135,8 @@ impl Sampler {
             memory_mb: pick(self.overrides.memory_mb, memory),
             disk_mb: pick(self.overrides.disk_mb, disk),
             network_mbps: pick(self.overrides.network_mbps, network),
+            // Not detected: only the configured value.
+            disk_io_kbps: self.overrides.disk_io_kbps,
         }
     }
 
@@ -195,6 +199,11 @@ impl Sampler {
             memory_mb: self.sys.used_memory() / MIB,
             disk_mb: disks.iter().map(|d| d.used_mb).sum(),
             network_mbps: net_bytes * 8 / 1_000_000,
+            disk_io_kbps: disks
+                .iter()
+                .map(|d| d.read_bytes_per_sec + d.write_bytes_per_sec)
+                .sum::<u64>()
+                / 1024,
         };
         Sample {
             cpu_percent,
@@ -232,6 +241,7 @@ mod tests {
             memory_mb: 64,
             disk_mb: 10,
             network_mbps: 7,
+            disk_io_kbps: 4096,
         };
         let s = Sampler::new(vec!["nonexistent0".into()], over).unwrap();
         assert_eq!(
@@ -240,7 +250,8 @@ mod tests {
                 cpu_millis: 500,
                 memory_mb: 64,
                 disk_mb: 10,
-                network_mbps: 7
+                network_mbps: 7,
+                disk_io_kbps: 4096,
             }
         );
     }

@@ -237,5 +237,6 @@ pub fn resources(r: crate::telemetry::Resources) -> pb::Resources {
         memory_mb: r.memory_mb,
         disk_mb: r.disk_mb,
         network_mbps: r.network_mbps,
+        disk_io_kbps: r.disk_io_kbps,
     }
 }

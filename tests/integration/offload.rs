@@ -1,7 +1,7 @@
 //! Threshold scheduling with real load: a node over a threshold moves apps
-//! to peers on its own (SINGLE and SPREAD), for CPU, memory, disk and
-//! network, also while the manager is down, and a peer at its own
-//! threshold refuses. The load comes from the real `edgepool-load` program.
+//! to peers on its own (SINGLE and SPREAD), for CPU, memory, disk space,
+//! network and disk I/O, also while the manager is down, and a peer at its
+//! own threshold refuses. The load comes from the real `edgepool-load` program.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -79,6 +79,7 @@ fn policy(resource: &str, high: f64, low: f64, target: pb::TargetMode, sustain: 
         memory: quiet,
         disk: quiet,
         network: quiet,
+        disk_io: quiet,
         sustain_seconds: sustain,
         cooldown_seconds: 300,
         target: target as i32,
@@ -89,6 +90,7 @@ fn policy(resource: &str, high: f64, low: f64, target: pb::TargetMode, sustain: 
         "cpu" => p.cpu = t,
         "memory" => p.memory = t,
         "disk" => p.disk = t,
+        "disk_io" => p.disk_io = t,
         _ => p.network = t,
     }
     p
@@ -165,7 +167,7 @@ async fn offload_event(f: &Fleet, pool: &str, app: &str) -> pb::Event {
 async fn cpu_over_threshold_moves_an_app_to_the_peer_with_most_headroom() {
     let f = fleet(3, &agent_args(500, 100_000, 100_000, 100_000)).await;
     let apps = vec![
-        load("burner", 1, &["--cpu", "300"], true, 0),
+        load("burner", 1, &["--cpu", "350"], true, 0),
         load("pad1", 1, &["--cpu", "150"], false, 5),
         load("busy2", 2, &["--cpu", "150"], false, 0),
         sleeper("idle3", 3),
@@ -177,7 +179,8 @@ async fn cpu_over_threshold_moves_an_app_to_the_peer_with_most_headroom() {
         policy("cpu", 0.8, 0.5, pb::TargetMode::Single, 1),
     )
     .await;
-    // node-1: 450/500 > 0.8. node-2 (150 used) would go to 450 > 400 with
+    // node-1: 500/500 > 0.8 (a 100-millicore margin for noise). node-2 (150
+    // used) would go to 500 > 400 with
     // the burner; node-3 (idle) has the most headroom.
     assert_eq!(wait_moved(&f, "burner", &["node-3"]).await, "node-3");
     let e = offload_event(&f, "cpu", "burner").await;
@@ -202,7 +205,7 @@ async fn spread_puts_apps_on_every_other_member() {
         load("m1", 1, &["--cpu", "130"], true, 0),
         load("m2", 1, &["--cpu", "130"], true, 0),
         load("m3", 1, &["--cpu", "130"], true, 1),
-        load("pad", 1, &["--cpu", "80"], false, 5),
+        load("pad", 1, &["--cpu", "120"], false, 5),
         sleeper("i2", 2),
         sleeper("i3", 3),
     ];
@@ -210,10 +213,10 @@ async fn spread_puts_apps_on_every_other_member() {
         &f,
         "sp",
         apps,
-        policy("cpu", 0.8, 0.5, pb::TargetMode::Spread, 1),
+        policy("cpu", 0.8, 0.6, pb::TargetMode::Spread, 1),
     )
     .await;
-    // 470/500 over 0.8; down to low 250 takes two movers, one per peer.
+    // 510/500 over 0.8; down to low 300 takes two movers, one per peer.
     let a = wait_moved(&f, "m1", &["node-2", "node-3"]).await;
     let b = wait_moved(&f, "m2", &["node-2", "node-3"]).await;
     assert_ne!(a, b, "SPREAD put both apps on {a}");
@@ -295,20 +298,55 @@ async fn memory_disk_and_network_thresholds_each_trigger() {
 }
 
 #[tokio::test]
+async fn disk_io_threshold_triggers() {
+    // Disk read+write rate of the apps' processes (/proc/<pid>/io, via
+    // sysinfo) against a configured 4096 KiB/s: 3600 KiB/s is over 0.8.
+    let mut args = agent_args(100_000, 100_000, 100_000, 100_000);
+    args.extend(["--disk-io-kbps".to_string(), "4096".to_string()]);
+    let f = fleet(3, &args).await;
+    let apps = vec![
+        load("churner", 1, &["--disk-io", "3000"], true, 0),
+        load("iopad", 1, &["--disk-io", "600"], false, 5),
+        sleeper("i2", 2),
+        sleeper("i3", 3),
+    ];
+    create(
+        &f,
+        "dio",
+        apps,
+        policy("disk_io", 0.8, 0.5, pb::TargetMode::Single, 1),
+    )
+    .await;
+    let to = wait_moved(&f, "churner", &["node-2", "node-3"]).await;
+    let e = offload_event(&f, "dio", "churner").await;
+    assert_eq!(e.node_id, to);
+    assert!(e.message.contains("disk_io"), "{}", e.message);
+    // The pinned app stayed home, and the manager sees the rate it writes.
+    assert_eq!(host_of(&f, "iopad"), vec!["node-1"]);
+    eventually("GetPool shows iopad writing", DEADLINE, || async {
+        let p = get_pool(&f.m, "dio").await;
+        let pl = p.placements.iter().find(|p| p.app == "iopad")?;
+        let kbps = pl.usage.as_ref()?.disk_io_kbps;
+        (pl.disk_write_bytes_per_sec > 0 && kbps > 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn offloading_works_while_the_manager_is_down() {
     let mut f = fleet(3, &agent_args(500, 100_000, 100_000, 100_000)).await;
     let apps = vec![
-        load("burner", 1, &["--cpu", "300"], true, 0),
+        load("burner", 1, &["--cpu", "350"], true, 0),
         load("pad1", 1, &["--cpu", "150"], false, 5),
         sleeper("i2", 2),
         sleeper("i3", 3),
     ];
-    // A 6 s sustain window: the decision falls while the manager is down.
+    // A 4 s sustain window: the decision falls while the manager is down.
     create(
         &f,
         "away",
         apps,
-        policy("cpu", 0.8, 0.5, pb::TargetMode::Single, 6),
+        policy("cpu", 0.8, 0.5, pb::TargetMode::Single, 4),
     )
     .await;
     wait_running(&f.m, "away").await;
@@ -408,18 +446,18 @@ async fn an_offloaded_app_returns_home_when_the_policy_asks() {
     let apps = || {
         vec![
             load("burner", 1, &["--cpu", "300"], true, 0),
-            load("pad1", 1, &["--cpu", "150"], false, 5),
+            load("pad1", 1, &["--cpu", "200"], false, 5),
             sleeper("i2", 2),
             sleeper("i3", 3),
         ]
     };
-    let mut p = policy("cpu", 0.8, 0.7, pb::TargetMode::Single, 1);
+    let mut p = policy("cpu", 0.8, 0.75, pb::TargetMode::Single, 1);
     p.return_home = true;
     p.return_home_seconds = 2;
     create(&f, "rh", apps(), p).await;
     let away = wait_moved(&f, "burner", &["node-2", "node-3"]).await;
-    // Home is calm but the burner does not fit under `low` with pad1 there:
-    // it stays away.
+    // 500/500 was over 0.8; home is calm now (200 <= low 375) but the
+    // burner (300) does not fit back under low with pad1 there: it stays away.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(host_of(&f, "burner"), vec![away.clone()]);
     // pad1 goes away: now it fits, and after 2 calm seconds it comes back.

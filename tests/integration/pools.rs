@@ -18,6 +18,7 @@ pub fn app(name: &str, command: &[&str]) -> pb::AppSpec {
             memory_mb: 8,
             disk_mb: 0,
             network_mbps: 0,
+            disk_io_kbps: 0,
         }),
         offloadable: true,
         ..Default::default()

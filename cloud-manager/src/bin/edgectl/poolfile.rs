@@ -21,6 +21,8 @@ The pool file (TOML; unknown keys are errors):
   sustain_seconds = 10
   cooldown_seconds = 60
   cpu = { high = 0.8, low = 0.6 }     # also memory, disk, network (fractions 0..1)
+  disk_io = { high = 0.9, low = 0.8 } # disk read+write rate vs the node's
+                                      # capacity.disk_io_kbps (0 there = not evaluated)
 
   [[apps]]                            # N >= M apps
   name = \"api\"
@@ -69,6 +71,8 @@ pub struct PolicyFile {
     pub memory: Option<ThresholdFile>,
     pub disk: Option<ThresholdFile>,
     pub network: Option<ThresholdFile>,
+    /// Disk read+write rate against the node's disk I/O capacity.
+    pub disk_io: Option<ThresholdFile>,
     /// Bring offloaded apps back home once the home node is calm again.
     pub return_home: Option<bool>,
     pub return_home_seconds: Option<u32>,
@@ -125,6 +129,8 @@ pub struct ResourcesFile {
     pub disk_mb: u64,
     #[serde(default)]
     pub network_mbps: u64,
+    #[serde(default)]
+    pub disk_io_kbps: u64,
 }
 
 /// Parses a pool file's text.
@@ -190,6 +196,7 @@ impl PolicyFile {
             memory: t(self.memory),
             disk: t(self.disk),
             network: t(self.network),
+            disk_io: t(self.disk_io),
             sustain_seconds: self.sustain_seconds.unwrap_or(0),
             cooldown_seconds: self.cooldown_seconds.unwrap_or(0),
             target: match self.target {
@@ -215,6 +222,7 @@ impl AppFile {
                 memory_mb: self.resources.memory_mb,
                 disk_mb: self.resources.disk_mb,
                 network_mbps: self.resources.network_mbps,
+                disk_io_kbps: self.resources.disk_io_kbps,
             }),
             priority: self.priority,
             offloadable: self.offloadable,
@@ -239,6 +247,7 @@ nodes = ["dev-1", "dev-2", "dev-3"]
 target = "spread"
 sustain_seconds = 5
 cpu = { high = 0.9, low = 0.5 }
+disk_io = { high = 0.7, low = 0.4 }
 [[apps]]
 name = "api"
 command = ["sleep", "1000"]
@@ -264,6 +273,7 @@ offloadable = false
         assert_eq!(p.cooldown_seconds, 0);
         assert_eq!(p.cpu.map(|t| (t.high, t.low)), Some((0.9, 0.5)));
         assert!(p.memory.is_none());
+        assert_eq!(p.disk_io.map(|t| (t.high, t.low)), Some((0.7, 0.4)));
         assert_eq!(req.apps.len(), 2);
         let a = &req.apps[0];
         assert_eq!(a.env.get("MODE").map(String::as_str), Some("prod"));

@@ -173,6 +173,7 @@ pub fn resources(r: Option<&pb::Resources>) -> Value {
             "memoryMb": r.memory_mb,
             "diskMb": r.disk_mb,
             "networkMbps": r.network_mbps,
+            "diskIoKbps": r.disk_io_kbps,
         }),
         None => Value::Null,
     }
@@ -230,6 +231,7 @@ pub fn policy(p: Option<&pb::Policy>) -> Value {
             "memory": threshold(p.memory.as_ref()),
             "disk": threshold(p.disk.as_ref()),
             "network": threshold(p.network.as_ref()),
+            "diskIo": threshold(p.disk_io.as_ref()),
             "sustainSeconds": p.sustain_seconds,
             "cooldownSeconds": p.cooldown_seconds,
             "target": target_mode(p.target),
@@ -415,6 +417,10 @@ pub fn node_detail(n: &pb::Node) -> String {
             "Network",
             format!("{} Mbit/s", used_cap(u.network_mbps, cap.network_mbps)),
         ),
+        (
+            "Disk I/O",
+            format!("{} KiB/s", used_cap(u.disk_io_kbps, cap.disk_io_kbps)),
+        ),
     ]);
     if !n.disks.is_empty() {
         let mut t = Table::new(&["MOUNT", "FS", "USED/TOTAL(MiB)", "READ(B/s)", "WRITE(B/s)"]);
@@ -483,7 +489,7 @@ fn policy_line(p: Option<&pb::Policy>) -> String {
         None => format!("{name}=-"),
     };
     format!(
-        "target={} sustain={}s cooldown={}s {} {} {} {} (low/high)",
+        "target={} sustain={}s cooldown={}s {} {} {} {} {} (low/high)",
         short_enum(target_mode(p.target), "TARGET_MODE_"),
         p.sustain_seconds,
         p.cooldown_seconds,
@@ -491,6 +497,7 @@ fn policy_line(p: Option<&pb::Policy>) -> String {
         th("memory", p.memory.as_ref()),
         th("disk", p.disk.as_ref()),
         th("network", p.network.as_ref()),
+        th("disk_io", p.disk_io.as_ref()),
     )
 }
 
