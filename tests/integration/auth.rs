@@ -45,21 +45,6 @@ fn real_ca(manager_dir: &Path) -> Issuer<'static, KeyPair> {
     .unwrap()
 }
 
-/// A certificate refused in the TLS handshake never reaches a handler: the
-/// client sees a transport failure (connection refused by an alert, or
-/// closed under the request with TLS 1.3, where the client's certificate is
-/// checked after the client already considers the handshake done). A status
-/// made by a handler never carries a transport error as its source.
-fn refused_at_tls(err: &tonic::Status) -> bool {
-    let transport = std::error::Error::source(err)
-        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
-    transport
-        || matches!(
-            err.code(),
-            tonic::Code::Unavailable | tonic::Code::Cancelled
-        )
-}
-
 async fn list_as(m: &Manager, id: Option<(&Path, &Path)>) -> Result<Vec<pb::Node>, tonic::Status> {
     tenant_client(&m.addr, &m.ca(), id)
         .list_nodes(pb::ListNodesRequest {})

@@ -79,16 +79,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn refused_at_tls(err: &tonic::Status) -> bool {
-    let transport = std::error::Error::source(err)
-        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
-    transport
-        || matches!(
-            err.code(),
-            tonic::Code::Unavailable | tonic::Code::Cancelled
-        )
-}
-
 /// Waits until every member of `pool` reports every other member reachable.
 async fn wait_full_matrix(f: &Fleet, pool: &str, members: &[&str]) {
     eventually(&format!("full peer matrix of {pool}"), DEADLINE, || async {

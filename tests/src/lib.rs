@@ -556,3 +556,29 @@ impl Drop for OwnerWatch {
         }
     }
 }
+
+/// Whether an RPC failed in the TLS handshake rather than in a handler: a
+/// certificate refused there never reaches one. The client sees a transport
+/// failure (the connection refused by an alert, or closed under the request
+/// with TLS 1.3, where the client's certificate is checked after the client
+/// already considers the handshake done); a status made by a handler never
+/// carries a transport error as its source.
+pub fn refused_at_tls(err: &tonic::Status) -> bool {
+    let transport = std::error::Error::source(err)
+        .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
+    transport
+        || matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled
+        )
+}
+
+/// The number after flag `name` on the command line (benchmark programs).
+pub fn number_arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -16,15 +16,6 @@ use std::time::{Duration, Instant};
 use edgepool_common::proto as pb;
 use edgepool_tests::*;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -35,7 +26,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let runs = arg("--runs", 20) as usize;
+    let runs = number_arg("--runs", 20) as usize;
     let tmp = TempDir::new().expect("tempdir");
     let m = Manager::start(&tmp.path().join("m")).await;
     let ids: Vec<String> = (1..=4).map(|i| format!("node-{i}")).collect();

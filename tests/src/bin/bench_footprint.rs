@@ -13,16 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edgepool_tests::{Proc, TempDir, bin, eventually};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use edgepool_tests::{Proc, TempDir, bin, eventually, number_arg};
 
 fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -62,9 +53,9 @@ fn read_pid(p: &Path) -> Option<i32> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let agents = arg("--agents", 4);
-    let seconds = arg("--seconds", 30);
-    let warmup = arg("--warmup", 5);
+    let agents = number_arg("--agents", 4);
+    let seconds = number_arg("--seconds", 30);
+    let warmup = number_arg("--warmup", 5);
     let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()

@@ -17,15 +17,6 @@ use std::time::Duration;
 use edgepool_common::proto as pb;
 use edgepool_tests::*;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn load(name: &str, slot: u32, cpu: &str, offloadable: bool) -> pb::AppSpec {
     pb::AppSpec {
         name: name.into(),
@@ -44,7 +35,7 @@ fn load(name: &str, slot: u32, cpu: &str, offloadable: bool) -> pb::AppSpec {
 
 #[tokio::main]
 async fn main() {
-    let runs = arg("--runs", 20) as usize;
+    let runs = number_arg("--runs", 20) as usize;
     let tmp = TempDir::new().expect("tempdir");
     let m = Manager::start(&tmp.path().join("m")).await;
     let args = [
