@@ -1,3 +1,6 @@
+//! Tests of the app runtime: this module is compiled only under
+//! #[cfg(test)] (see `mod tests;` in mod.rs), with real processes.
+
 use super::*;
 
 /// An apps_dir that kills whatever its app.json files record when the
