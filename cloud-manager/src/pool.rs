@@ -273,6 +273,14 @@ pub fn validate_apps(apps: &[AppDef], m: usize) -> Result<(), PoolError> {
                 ));
             }
         }
+        if !app.artifact.is_empty() {
+            // Nothing can upload an artifact yet: refuse rather than run
+            // the app without it.
+            return Err(invalid(
+                format!("apps[{i}].artifact"),
+                "artifacts are not supported yet; leave it empty and name the program in `command`",
+            ));
+        }
         if let Some(slot) = app.slot
             && (slot == 0 || slot as usize > m)
         {
@@ -411,6 +419,18 @@ mod tests {
             }
         }
         validate_apps(&[app("a"), app("b_1.x")], 2).unwrap();
+    }
+
+    #[test]
+    fn artifacts_are_refused_until_they_can_be_uploaded() {
+        let with_artifact = AppDef {
+            artifact: "site.tar".into(),
+            ..app("b")
+        };
+        match validate_apps(&[app("a"), with_artifact], 2) {
+            Err(PoolError::Invalid { field, .. }) => assert_eq!(field, "apps[1].artifact"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
