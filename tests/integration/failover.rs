@@ -28,22 +28,7 @@ fn commands(apps: &[pb::AppSpec]) -> Vec<String> {
 }
 
 async fn events_of(m: &Manager, pool: &str) -> Vec<pb::Event> {
-    let mut s = m
-        .tenant()
-        .watch_events(pb::WatchEventsRequest {
-            pool: pool.into(),
-            after_seq: 0,
-            from_start: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_millis(300), s.message()).await
-    {
-        out.push(e);
-    }
-    out
+    retained_events(m, pool, Duration::from_millis(300)).await
 }
 
 fn kinds(events: &[pb::Event]) -> Vec<pb::EventKind> {

@@ -140,26 +140,13 @@ async fn wait_moved(f: &Fleet, tag: &str, to: &[&str]) -> String {
 }
 
 async fn offload_event(f: &Fleet, pool: &str, app: &str) -> pb::Event {
-    eventually(&format!("OFFLOAD event for {app}"), DEADLINE, || async {
-        let mut s =
-            f.m.tenant()
-                .watch_events(pb::WatchEventsRequest {
-                    pool: pool.into(),
-                    from_start: true,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-        while let Ok(Ok(Some(e))) =
-            tokio::time::timeout(Duration::from_millis(300), s.message()).await
-        {
-            if e.kind() == pb::EventKind::Offload && e.app == app {
-                return Some(e);
-            }
-        }
-        None
-    })
+    wait_event(
+        &f.m,
+        pool,
+        &format!("OFFLOAD event for {app}"),
+        DEADLINE,
+        |e| e.kind() == pb::EventKind::Offload && e.app == app,
+    )
     .await
 }
 
@@ -471,25 +458,8 @@ async fn an_offloaded_app_returns_home_when_the_policy_asks() {
         .await
         .unwrap();
     wait_moved(&f, "burner", &["node-1"]).await;
-    let e = eventually("return-home OFFLOAD event", DEADLINE, || async {
-        let mut s =
-            f.m.tenant()
-                .watch_events(pb::WatchEventsRequest {
-                    pool: "rh".into(),
-                    from_start: true,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-        while let Ok(Ok(Some(e))) =
-            tokio::time::timeout(Duration::from_millis(300), s.message()).await
-        {
-            if e.kind() == pb::EventKind::Offload && e.message.contains("returned home") {
-                return Some(e);
-            }
-        }
-        None
+    let e = wait_event(&f.m, "rh", "return-home OFFLOAD event", DEADLINE, |e| {
+        e.kind() == pb::EventKind::Offload && e.message.contains("returned home")
     })
     .await;
     assert_eq!(e.app, "burner");

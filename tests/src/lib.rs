@@ -582,3 +582,42 @@ pub fn number_arg(name: &str, default: u64) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// The retained events of `pool` (all pools if empty), replayed from the
+/// start; stops when none arrives for `quiet`.
+pub async fn retained_events(m: &Manager, pool: &str, quiet: Duration) -> Vec<pb::Event> {
+    let Ok(response) = m
+        .tenant()
+        .watch_events(pb::WatchEventsRequest {
+            pool: pool.into(),
+            from_start: true,
+            ..Default::default()
+        })
+        .await
+    else {
+        return Vec::new();
+    };
+    let mut stream = response.into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(e))) = tokio::time::timeout(quiet, stream.message()).await {
+        out.push(e);
+    }
+    out
+}
+
+/// Waits until a retained event of `pool` satisfies `wanted`.
+pub async fn wait_event(
+    m: &Manager,
+    pool: &str,
+    what: &str,
+    deadline: Duration,
+    wanted: impl Fn(&pb::Event) -> bool,
+) -> pb::Event {
+    eventually(what, deadline, || async {
+        retained_events(m, pool, Duration::from_millis(200))
+            .await
+            .into_iter()
+            .find(|e| wanted(e))
+    })
+    .await
+}

@@ -94,25 +94,8 @@ async fn main() {
             })
             .await
             .expect("CreatePool");
-        let event = eventually("OFFLOAD", Duration::from_secs(60), || async {
-            let mut s = m
-                .tenant()
-                .watch_events(pb::WatchEventsRequest {
-                    pool: pool.clone(),
-                    from_start: true,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-            while let Ok(Ok(Some(e))) =
-                tokio::time::timeout(Duration::from_millis(200), s.message()).await
-            {
-                if e.kind() == pb::EventKind::Offload {
-                    return Some(e);
-                }
-            }
-            None
+        let event = wait_event(&m, &pool, "OFFLOAD", Duration::from_secs(60), |e| {
+            e.kind() == pb::EventKind::Offload
         })
         .await;
         // Really there: the process runs under the target's agent.
