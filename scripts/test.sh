@@ -2,8 +2,10 @@
 # The project's test command: installs what the tests need on a fresh
 # machine, then runs formatting and lint checks and every test.
 #
-#   scripts/test.sh            everything (what CI runs)
-#   scripts/test.sh --no-lint  skip rustfmt/clippy
+#   scripts/test.sh                everything (what CI runs)
+#   scripts/test.sh --no-lint      skip rustfmt/clippy
+#   scripts/test.sh --no-packages  skip building and checking the Debian
+#                                  packages (scripts/package.sh --fast --check)
 #
 # Needs: the Rust toolchain (cargo, rustfmt, clippy; cargo-nextest is used
 # when present), python3 with pip (for grpcurl), and root or sudo for
@@ -12,10 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lint=1
+packages=1
 for arg in "$@"; do
   case "$arg" in
     --no-lint) lint=0 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --no-packages) packages=0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "scripts/test.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +35,7 @@ as_root() {
 missing=()
 command -v pkill >/dev/null || missing+=(procps)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
@@ -56,6 +61,11 @@ fi
 
 say "build (the integration tests start the real binaries)"
 cargo build --workspace --bins --locked
+
+if [ "$packages" -eq 1 ]; then
+  say "Debian packages (release build, cargo-deb, then a look inside)"
+  scripts/package.sh --fast --check
+fi
 
 say "tests"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -11,6 +11,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::tenant_caller;
 use crate::convert::timestamp;
@@ -44,11 +45,14 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 
 pub struct TenantApi {
     manager: Arc<Manager>,
+    /// Fires when the manager stops: open event streams then end with
+    /// `UNAVAILABLE` instead of holding the graceful drain open.
+    shutdown: CancellationToken,
 }
 
 impl TenantApi {
-    pub fn new(manager: Arc<Manager>) -> Self {
-        TenantApi { manager }
+    pub fn new(manager: Arc<Manager>, shutdown: CancellationToken) -> Self {
+        TenantApi { manager, shutdown }
     }
 
     fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -239,6 +243,7 @@ impl TenantService for TenantApi {
         let wanted = move |e: &crate::events::EventRecord| {
             e.tenant == tenant && (pool.is_empty() || e.pool == pool)
         };
+        let shutdown = self.shutdown.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = req.after_seq;
             for e in backlog.iter().filter(|e| wanted(e)) {
@@ -248,7 +253,17 @@ impl TenantService for TenantApi {
                 }
             }
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    _ = shutdown.cancelled() => {
+                        let msg = format!("manager is shutting down; resume with after_seq={last}");
+                        let _ = tx.send(Err(Status::unavailable(msg))).await;
+                        return;
+                    }
+                    // The client went away: end now rather than at the next event.
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(e) if e.seq > last && wanted(&e) => {
                         last = e.seq;
                         if tx.send(Ok(pb::Event::from(&*e))).await.is_err() {

@@ -258,6 +258,30 @@ impl Ca {
 pub struct InitReport {
     pub fingerprint: String,
     pub files: CaFiles,
+    /// The names the server certificate covers.
+    pub server_names: Vec<String>,
+}
+
+/// The names the server certificate covers: the ones given, then
+/// localhost, 127.0.0.1, ::1 and this host's name, each once. Loopback is
+/// always included so that a manager initialised for its public name can
+/// still be reached (and checked) on the machine itself.
+pub fn server_names_with_defaults(given: &[String]) -> Vec<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let mut names: Vec<String> = Vec::new();
+    for n in given
+        .iter()
+        .map(|n| n.trim().to_string())
+        .chain(["localhost", "127.0.0.1", "::1"].map(String::from))
+        .chain(std::iter::once(host))
+    {
+        if !n.is_empty() && !names.iter().any(|m| m.eq_ignore_ascii_case(&n)) {
+            names.push(n);
+        }
+    }
+    names
 }
 
 /// Creates the root CA, the server certificate and the first tenant bundle
@@ -277,8 +301,9 @@ pub fn init(
         path: dir.to_path_buf(),
         source,
     })?;
+    let server_names = server_names_with_defaults(server_names);
     let ca = Ca::generate(domain)?;
-    let server = ca.issue_server(server_names)?;
+    let server = ca.issue_server(&server_names)?;
     let tenant_bundle = ca.issue_tenant_client(tenant, "admin")?;
     let ca_key = ca.issuer.key().serialize_pem();
     // Key first: a crash between the two writes leaves no certificate without its key.
@@ -294,6 +319,7 @@ pub fn init(
     Ok(InitReport {
         fingerprint: fingerprint_of_pem(&ca.cert_pem)?,
         files,
+        server_names,
     })
 }
 

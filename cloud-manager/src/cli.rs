@@ -32,6 +32,9 @@ pub enum Command {
     /// Run a manager and K local agents in one command, for trying things
     /// out; Ctrl-C stops every process it started.
     Dev(DevArgs),
+    /// Print the root CA's fingerprint (what `edge-agent join
+    /// --ca-fingerprint` takes) from a data dir.
+    Fingerprint(FingerprintArgs),
     /// Run the edge agent built into this binary (same commands as the
     /// `edge-agent` binary; `dev` uses it for its local agents).
     Agent {
@@ -54,7 +57,9 @@ pub struct ServeArgs {
     /// SPIFFE trust domain (default edgepool.local).
     #[arg(long, env = "EDGEPOOL_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
-    /// Host name or IP for the server certificate (repeat; used when the CA is created).
+    /// Host name or IP for the server certificate (repeat; used when the CA
+    /// is created; localhost, 127.0.0.1, ::1 and this host's name are always
+    /// included).
     #[arg(
         long = "server-name",
         env = "EDGEPOOL_SERVER_NAMES",
@@ -170,14 +175,22 @@ impl ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// Directory to create the CA in (the manager's data dir).
-    #[arg(long, env = "EDGEPOOL_DATA_DIR", default_value = "./edgepool-data")]
+    /// The manager's data dir, where the CA is created (what `serve
+    /// --data-dir` then uses).
+    #[arg(
+        long = "data-dir",
+        visible_alias = "dir",
+        env = "EDGEPOOL_DATA_DIR",
+        default_value = "./edgepool-data"
+    )]
     pub dir: PathBuf,
     /// SPIFFE trust domain.
     #[arg(long, default_value = "edgepool.local")]
     pub trust_domain: String,
-    /// Host names and IPs for the server certificate (repeat or comma-separate).
-    #[arg(long = "server-name", value_delimiter = ',', default_values = ["localhost", "127.0.0.1", "::1"])]
+    /// Host name or IP the agents and tenants dial, for the server
+    /// certificate (repeat or comma-separate). localhost, 127.0.0.1, ::1 and
+    /// this host's name are always included.
+    #[arg(long = "server-name", value_delimiter = ',')]
     pub server_names: Vec<String>,
     /// Tenant of the first client bundle.
     #[arg(long, default_value = "default")]
@@ -191,7 +204,12 @@ pub struct InitArgs {
 #[derive(Debug, Args)]
 pub struct TenantBundleArgs {
     /// The manager's data dir holding ca.pem and ca.key.
-    #[arg(long, env = "EDGEPOOL_DATA_DIR", default_value = "./edgepool-data")]
+    #[arg(
+        long = "data-dir",
+        visible_alias = "dir",
+        env = "EDGEPOOL_DATA_DIR",
+        default_value = "./edgepool-data"
+    )]
     pub dir: PathBuf,
     /// Trust domain of the CA.
     #[arg(long, default_value = "edgepool.local")]
@@ -208,9 +226,25 @@ pub struct TenantBundleArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct FingerprintArgs {
+    /// The manager's data dir holding ca.pem.
+    #[arg(
+        long = "data-dir",
+        visible_alias = "dir",
+        env = "EDGEPOOL_DATA_DIR",
+        default_value = "./edgepool-data"
+    )]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct DevArgs {
     /// Directory for the CA, the state and the agents' data.
-    #[arg(long, default_value = "./edgepool-dev")]
+    #[arg(
+        long = "data-dir",
+        visible_alias = "dir",
+        default_value = "./edgepool-dev"
+    )]
     pub dir: PathBuf,
     /// Number of local agents (dev-1 .. dev-K), 1 to 250.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=250))]
@@ -225,4 +259,10 @@ pub struct DevArgs {
     /// left free as the spare; needs --agents 4 or more).
     #[arg(long)]
     pub no_demo: bool,
+    /// Do not start a fleet: ask the `dev` already running on this data dir
+    /// to start agent NODE (e.g. dev-2) again after it crashed or was
+    /// killed. The agent runs under that `dev` (its log is appended to, and
+    /// Ctrl-C there stops it).
+    #[arg(long, value_name = "NODE")]
+    pub restart_agent: Option<String>,
 }

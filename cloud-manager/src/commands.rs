@@ -5,7 +5,7 @@ use edgepool_common::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::{self, Ca, CaFiles};
-use crate::cli::{Command, InitArgs, TenantBundleArgs};
+use crate::cli::{Command, FingerprintArgs, InitArgs, TenantBundleArgs};
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -22,6 +22,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Init(args) => init(args),
         Command::TenantBundle(args) => tenant_bundle(args),
+        Command::Fingerprint(args) => fingerprint(args),
         Command::Dev(args) => {
             logging::init(LogFormat::Plain, "warn,cloud_manager::dev=info");
             runtime()?.block_on(crate::dev::run(args))
@@ -56,7 +57,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     println!(
         "  server cert      {} for {}",
         f.server_cert().display(),
-        args.server_names.join(", ")
+        report.server_names.join(", ")
     );
     println!(
         "  tenant bundle    {} + {} (tenant {:?})",
@@ -68,6 +69,19 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         "CA fingerprint (for edge-agent join --ca-fingerprint): {}",
         report.fingerprint
     );
+    Ok(())
+}
+
+fn fingerprint(args: FingerprintArgs) -> anyhow::Result<()> {
+    let path = CaFiles::new(&args.dir).ca_cert();
+    let pem = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a manager data dir? `cloud-manager init --data-dir DIR` makes one)",
+            path.display(),
+            args.dir.display()
+        )
+    })?;
+    println!("{}", ca::fingerprint_of_pem(&pem)?);
     Ok(())
 }
 

@@ -21,7 +21,8 @@ pub struct ManagerConfig {
     /// Default `edgepool.local`.
     pub trust_domain: String,
     /// DNS names and IP addresses put in the server certificate when it is
-    /// created; agents and grpcurl must dial one of them.
+    /// created; agents and grpcurl must dial one of them. localhost,
+    /// 127.0.0.1, ::1 and the host's name are always added.
     /// Default `["localhost", "127.0.0.1", "::1"]`.
     pub server_names: Vec<String>,
     /// Tenant of the client bundle (`tenant.pem`/`tenant.key`) created with

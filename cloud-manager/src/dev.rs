@@ -4,9 +4,16 @@
 //! agent run ...`), so `cargo run -p cloud-manager -- dev` needs nothing
 //! else built. Each agent leads its own process session (`setsid`), writes
 //! its pid to `DIR/agents/dev-N/agent.pid` and logs to `agent.log` there;
-//! `pkill -KILL -s <pid>` crashes one simulated machine as a whole. Ctrl-C
-//! (or SIGTERM) stops every agent session, then the manager; agents also
-//! exit by themselves if this process dies.
+//! `pkill -KILL -s <pid>` crashes one simulated machine as a whole, and
+//! `cloud-manager dev --restart-agent dev-N` asks the running `dev` to
+//! start it again (a request file in the agent's dir that the supervisor
+//! answers). Ctrl-C (or SIGTERM) stops every agent session and the manager
+//! together, within about 2 s; agents also exit by themselves if this
+//! process dies.
+//!
+//! `DIR/bin/` gets two small scripts, `edgectl` and `cloud-manager`, that
+//! run this same binary (edgectl is built into it) with `DIR/edgectl.toml`,
+//! so `export PATH="DIR/bin:$PATH"` is the only install step.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,8 +35,20 @@ use crate::pool_ops::PoolRequest;
 /// Name of the pool `dev` creates.
 const DEMO_POOL: &str = "demo";
 
-/// How long agents get to stop after SIGTERM before SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long agents get to stop after SIGTERM before SIGKILL. Together with
+/// the manager's drain (which runs at the same time) Ctrl-C ends
+/// everything in about 2 s.
+const STOP_GRACE: Duration = Duration::from_millis(1500);
+/// How long the manager waits for connections to finish after Ctrl-C
+/// (open event streams end at once; this bounds clients that stopped
+/// reading).
+const DRAIN: Duration = Duration::from_secs(1);
+/// How long `--restart-agent` waits for the running `dev` to answer.
+const RESTART_DEADLINE: Duration = Duration::from_secs(10);
+/// The request file `--restart-agent` writes into the agent's dir, and the
+/// answer the supervisor writes back.
+const RESTART_REQUEST: &str = "restart.request";
+const RESTART_ANSWER: &str = "restart.answer";
 /// How long start-up waits for every agent to connect.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -37,11 +56,23 @@ struct DevAgent {
     node_id: String,
     dir: PathBuf,
     child: Child,
+    /// How to start it again (`--restart-agent`).
+    launch: Launch,
+}
+
+/// What starting one agent process needs.
+#[derive(Clone)]
+struct Launch {
+    exe: PathBuf,
+    manager_addr: String,
+    peer_listen: String,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if let Some(node) = &args.restart_agent {
+        return request_restart(&args.dir, node).await;
+    }
     let dir = args.dir.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let config = ManagerConfig {
         listen: args.listen,
         data_dir: dir.clone(),
@@ -51,12 +82,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
 
+    // Binds first, then takes the store's lock: a taken port or a dir in
+    // use by another manager fails here, before anything is written.
     let server = crate::server::build(config).await?;
     let addr = server.local_addr();
     let manager = server.manager();
-    let manager_task = tokio::spawn(server.run(shutdown.clone()));
+    let manager_task = tokio::spawn(server.run_with_drain(shutdown.clone(), DRAIN));
     let exe = std::env::current_exe().context("locating this executable")?;
     let manager_addr = addr.to_string();
+    let pid_file = dir.join("dev.pid");
+    edgepool_common::fsutil::write_public(
+        &pid_file,
+        format!("{}\n", std::process::id()).as_bytes(),
+    )?;
+    edgepool_common::fsutil::write_public(
+        &dir.join("manager.addr"),
+        format!("{manager_addr}\n").as_bytes(),
+    )?;
 
     let mut agents = Vec::new();
     let started = async {
@@ -77,24 +119,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         wait_connected(&manager, &tenant, args.agents.into(), &shutdown).await
     };
     let mut result = started.await;
+    let mut demo = false;
     if result.is_ok() && !args.no_demo {
-        result = create_demo_pool(&manager, &tenant, args.agents);
+        match create_demo_pool(&manager, &tenant, args.agents) {
+            Ok(Demo::Created) | Ok(Demo::Exists) => demo = true,
+            Ok(Demo::Skipped(why)) => println!("no demo pool: {why}"),
+            Err(e) => result = Err(e),
+        }
     }
     if result.is_ok() {
         result = write_edgectl_config(&dir, &manager_addr);
     }
+    if result.is_ok() {
+        result = write_bin_scripts(&dir, &exe);
+    }
     if result.is_ok() && !shutdown.is_cancelled() {
-        print_banner(
-            &dir,
-            &manager_addr,
-            &agents,
-            !args.no_demo && args.agents >= 4,
-        );
+        print_banner(&dir, &manager_addr, &agents, demo);
         supervise(&mut agents, &shutdown).await;
     }
+    // Agents and manager stop together: the manager ends open event
+    // streams with UNAVAILABLE while the agents stop their apps.
     shutdown.cancel();
-    stop_agents(&mut agents).await;
-    let _ = manager_task.await;
+    let started = Instant::now();
+    let (_, _) = tokio::join!(stop_agents(&mut agents), manager_task);
+    tracing::info!("stopped in {} ms", started.elapsed().as_millis());
+    let _ = std::fs::remove_file(&pid_file);
     result
 }
 
@@ -137,8 +186,39 @@ async fn start_agent(
             .await?;
         anyhow::ensure!(status.success(), "join of {node_id} failed ({status})");
     }
-    let log = std::fs::File::create(agent_dir.join("agent.log"))?;
-    let child = Command::new(exe)
+    let launch = Launch {
+        exe: exe.to_path_buf(),
+        manager_addr: manager_addr.to_string(),
+        peer_listen: format!("127.0.1.{n}:{peer_port}"),
+    };
+    let child = spawn_agent(&launch, &agent_dir)?;
+    Ok(DevAgent {
+        node_id,
+        dir: agent_dir,
+        child,
+        launch,
+    })
+}
+
+/// Starts one agent process in its own session. Its log is appended to
+/// (a line marks each start), so a crashed agent's last words survive.
+fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<Child> {
+    use std::io::Write;
+    let log_path = agent_dir.join("agent.log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    writeln!(
+        log,
+        "---- cloud-manager dev: agent starting at {} (unix time) ----",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    )?;
+    let child = Command::new(&launch.exe)
         .args([
             "agent",
             "run",
@@ -146,23 +226,20 @@ async fn start_agent(
             "--exit-with-parent",
             "--data-dir",
         ])
-        .arg(&agent_dir)
-        .args(["--manager", manager_addr])
+        .arg(agent_dir)
+        .args(["--manager", &launch.manager_addr])
         // All dev agents share this machine's interfaces: count network
         // per app so one agent's traffic does not count against the others.
         .args(["--network-accounting", "process"])
-        .args(["--peer-listen", &format!("127.0.1.{n}:{peer_port}")])
+        .args(["--peer-listen", &launch.peer_listen])
         .arg("--pid-file")
         .arg(agent_dir.join("agent.pid"))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .spawn()?;
-    Ok(DevAgent {
-        node_id,
-        dir: agent_dir,
-        child,
-    })
+        .spawn()
+        .context("starting the agent process")?;
+    Ok(child)
 }
 
 async fn wait_connected(
@@ -189,34 +266,146 @@ async fn wait_connected(
     }
 }
 
-/// Reports agents that exit (for example after `pkill -s`) until shutdown.
+/// Reports agents that exit (for example after `pkill -s`) and answers
+/// `--restart-agent` requests, until shutdown.
 async fn supervise(agents: &mut [DevAgent], shutdown: &CancellationToken) {
     let mut reported = vec![false; agents.len()];
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         for (i, a) in agents.iter_mut().enumerate() {
             if !reported[i]
                 && let Ok(Some(status)) = a.child.try_wait()
             {
                 reported[i] = true;
-                tracing::warn!(node = %a.node_id, %status, "agent exited; see {}", a.dir.join("agent.log").display());
+                tracing::warn!(
+                    node = %a.node_id,
+                    %status,
+                    "agent exited; see {}; start it again with `cloud-manager dev --restart-agent {}`",
+                    a.dir.join("agent.log").display(),
+                    a.node_id
+                );
+            }
+            if a.dir.join(RESTART_REQUEST).exists() {
+                let answer = restart(a);
+                if answer.starts_with("restarted") {
+                    reported[i] = false;
+                }
+                tracing::info!(node = %a.node_id, "{answer}");
+                let _ = std::fs::remove_file(a.dir.join(RESTART_REQUEST));
+                let _ = edgepool_common::fsutil::write_public(
+                    &a.dir.join(RESTART_ANSWER),
+                    format!("{answer}\n").as_bytes(),
+                );
             }
         }
     }
 }
 
+/// Starts a dev agent again if it is not running; says what happened.
+fn restart(a: &mut DevAgent) -> String {
+    if let Ok(None) = a.child.try_wait() {
+        return format!(
+            "{} is still running (pid {}): nothing to do",
+            a.node_id,
+            a.child.id().unwrap_or(0)
+        );
+    }
+    // Whatever the crashed agent left in its session goes first, so the
+    // new agent re-adopts or starts its apps from a clean slate.
+    if let Some(sid) = std::fs::read_to_string(a.dir.join("agent.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        for pid in session_members(sid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    match spawn_agent(&a.launch, &a.dir) {
+        Ok(child) => {
+            let pid = child.id().unwrap_or(0);
+            a.child = child;
+            format!("restarted {} (pid {pid})", a.node_id)
+        }
+        Err(e) => format!("could not restart {}: {e:#}", a.node_id),
+    }
+}
+
+/// `cloud-manager dev --restart-agent NODE`: asks the `dev` running on
+/// `dir` to start NODE again, and prints its answer.
+async fn request_restart(dir: &Path, node: &str) -> anyhow::Result<()> {
+    let running = std::fs::read_to_string(dir.join("dev.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|pid| nix::sys::signal::kill(Pid::from_raw(*pid), None).is_ok());
+    let Some(dev_pid) = running else {
+        anyhow::bail!(
+            "no `cloud-manager dev` is running on {} (start it with `cloud-manager dev --data-dir {}`)",
+            dir.display(),
+            dir.display()
+        );
+    };
+    let agent_dir = dir.join("agents").join(node);
+    anyhow::ensure!(
+        agent_dir.is_dir(),
+        "{node} is not an agent of the dev fleet in {} (expected dev-1 .. dev-K)",
+        dir.display()
+    );
+    let answer_path = agent_dir.join(RESTART_ANSWER);
+    let _ = std::fs::remove_file(&answer_path);
+    edgepool_common::fsutil::write_public(&agent_dir.join(RESTART_REQUEST), b"restart\n")?;
+    let deadline = Instant::now() + RESTART_DEADLINE;
+    loop {
+        if let Ok(answer) = std::fs::read_to_string(&answer_path) {
+            let _ = std::fs::remove_file(&answer_path);
+            let answer = answer.trim();
+            println!("{answer}");
+            anyhow::ensure!(!answer.starts_with("could not"), "restart failed");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = std::fs::remove_file(agent_dir.join(RESTART_REQUEST));
+            anyhow::bail!("the dev (pid {dev_pid}) did not answer within {RESTART_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What became of the demo pool.
+enum Demo {
+    Created,
+    Exists,
+    /// Not made, and why (one line for the user).
+    Skipped(String),
+}
+
 /// The demo pool: dev-1..dev-3 with sample apps, dev-4 left free as the
-/// spare. Needs 4 agents; an existing `demo` pool is kept as it is.
-fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Result<()> {
+/// spare. Needs 4 agents; an existing `demo` pool is kept as it is, and it
+/// is not made when its nodes are taken (by the tenant's own pools).
+fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Result<Demo> {
     if agents < 4 {
-        tracing::info!("fewer than 4 agents: no demo pool (it needs 3 members and a spare)");
-        return Ok(());
+        return Ok(Demo::Skipped(
+            "it needs 4 agents (3 members and a spare); run with --agents 4 or more".into(),
+        ));
     }
     if manager.get_pool(tenant, DEMO_POOL).is_ok() {
-        return Ok(());
+        return Ok(Demo::Exists);
+    }
+    let nodes = ["dev-1", "dev-2", "dev-3"];
+    let taken: Vec<String> = nodes
+        .iter()
+        .filter_map(|id| {
+            let n = manager.get_node(tenant, id).ok()?;
+            (!n.record.pool.is_empty()).then(|| format!("{id} is in pool {:?}", n.record.pool))
+        })
+        .collect();
+    if !taken.is_empty() {
+        return Ok(Demo::Skipped(format!(
+            "{} (your pools are kept; --no-demo silences this)",
+            taken.join(", ")
+        )));
     }
     let sh = |name: &str, script: &str| AppDef {
         name: name.to_string(),
@@ -258,17 +447,18 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
         tenant,
         PoolRequest {
             name: DEMO_POOL.into(),
-            node_ids: vec!["dev-1".into(), "dev-2".into(), "dev-3".into()],
+            node_ids: nodes.iter().map(|n| n.to_string()).collect(),
             apps,
             policy: None,
             spare_labels: BTreeMap::new(),
         },
     )?;
-    Ok(())
+    Ok(Demo::Created)
 }
 
-/// `DIR/edgectl.toml`, which edgectl picks up from the current directory
-/// (`./edgepool-dev/edgectl.toml`) or through `--config`.
+/// `DIR/edgectl.toml`: what `DIR/bin/edgectl` uses, and what a plain
+/// `edgectl` picks up from the current directory (`./edgepool-dev/`) or
+/// through `--config`.
 fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
     let text = format!(
         "# Written by `cloud-manager dev`; paths are relative to this file.\n\
@@ -278,6 +468,46 @@ fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
          key = \"tenant.key\"\n"
     );
     edgepool_common::fsutil::write_public(&dir.join("edgectl.toml"), text.as_bytes())?;
+    Ok(())
+}
+
+/// `DIR/bin/edgectl` and `DIR/bin/cloud-manager`: scripts that run this
+/// binary, so that `export PATH="DIR/bin:$PATH"` gives both commands with
+/// nothing else built or installed. edgectl gets `DIR/edgectl.toml` unless
+/// EDGECTL_CONFIG says otherwise.
+fn write_bin_scripts(dir: &Path, exe: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let abs_dir = std::path::absolute(dir)?;
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let scripts = [
+        (
+            "edgectl",
+            format!(
+                "#!/bin/sh\n# Written by `cloud-manager dev`: edgectl with this dev fleet's settings.\n\
+                 : \"${{EDGECTL_CONFIG:={config}}}\"\n\
+                 export EDGECTL_CONFIG\n\
+                 exec {exe} edgectl \"$@\"\n",
+                config = abs_dir.join("edgectl.toml").display(),
+                exe = quote(exe),
+            ),
+        ),
+        (
+            "cloud-manager",
+            format!(
+                "#!/bin/sh\n# Written by `cloud-manager dev`: the binary that runs this dev fleet.\n\
+                 exec {exe} \"$@\"\n",
+                exe = quote(exe),
+            ),
+        ),
+    ];
+    for (name, text) in scripts {
+        let path = bin.join(name);
+        edgepool_common::fsutil::write_public(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
     Ok(())
 }
 
@@ -336,6 +566,10 @@ async fn stop_agents(agents: &mut [DevAgent]) {
 fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
     let d = dir.display();
     let creds = format!("-cacert {d}/ca.pem -cert {d}/tenant.pem -key {d}/tenant.key");
+    let bin = std::path::absolute(dir.join("bin"))
+        .unwrap_or_else(|_| dir.join("bin"))
+        .display()
+        .to_string();
     let last = agents.last().map(|a| a.node_id.as_str()).unwrap_or("dev-1");
     let crash = agents
         .get(1)
@@ -352,9 +586,14 @@ fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
            grpcurl {creds} -d '{{\"node_id\": \"dev-1\"}}' {addr} edge.v1.TenantService/GetNode\n  \
            grpcurl {creds} -d '{{\"ttl_seconds\": 600}}' {addr} edge.v1.TenantService/CreateJoinToken\n\
          \n\
+         edgectl (the tenant CLI) and cloud-manager for this fleet, in any shell:\n  \
+           export PATH=\"{bin}:$PATH\"\n  \
+           edgectl node ls\n\
+         \n\
          {demo_text}\
-         Crash a simulated machine (its agent and everything in its session):\n  \
-           pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n\
+         Crash a simulated machine (its agent and everything in its session), then start it again:\n  \
+           pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n  \
+           cloud-manager dev --data-dir {d} --restart-agent {crash}\n\
          Agent logs: {d}/agents/dev-N/agent.log\n\
          Stop everything: Ctrl-C\n",
         n = agents.len(),
@@ -362,7 +601,7 @@ fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
             format!(
                 "The demo pool (dev-1..dev-3 run its apps, dev-4 is the spare):\n  \
                    grpcurl {creds} -d '{{\"name\": \"demo\"}}' {addr} edge.v1.TenantService/GetPool\n  \
-                   edgectl pool get demo        (edgectl reads {d}/edgectl.toml when run from the parent directory)\n  \
+                   edgectl pool get demo\n  \
                    edgectl events -f\n\n"
             )
         } else {

@@ -326,25 +326,65 @@ pub fn validate_policy(p: &PolicyDef) -> Result<(), PoolError> {
     Ok(())
 }
 
-/// Decides the group of every app: apps in `pinned` (already running in a
-/// slot) and apps with an explicit slot keep it; the rest are bin-packed
-/// against `capacities` (capacities[i] = slot i + 1).
+/// Decides the group of every app: apps with an explicit slot get it; apps
+/// in `pinned` (already running in a slot) keep theirs when they can; the
+/// rest are bin-packed against `capacities` (capacities[i] = slot i + 1).
+///
+/// Keeping every running app where it is can leave a slot empty (all of
+/// its apps were removed). Then kept apps are let go one at a time, from
+/// the most crowded slot first and, among those, apps in `changed` first
+/// (they restart anyway), until the apps fit; an error names what is left
+/// when only the explicit slots remain.
 pub fn plan_groups(
     apps: &[AppDef],
     capacities: &[Resources],
     pinned: &BTreeMap<String, u32>,
+    changed: &BTreeSet<String>,
 ) -> Result<BTreeMap<String, u32>, PoolError> {
-    let requests: Vec<AppRequest> = apps
+    let mut kept: BTreeMap<String, u32> = apps
         .iter()
-        .map(|a| AppRequest {
-            name: a.name.clone(),
-            request: a.resources,
-            slot: a.slot.or_else(|| pinned.get(&a.name).copied()),
-        })
+        .filter(|a| a.slot.is_none())
+        .filter_map(|a| pinned.get(&a.name).map(|s| (a.name.clone(), *s)))
         .collect();
-    let slots = partition(&requests, capacities)
-        .map_err(|e| precondition("apps", format!("cannot place the apps: {e}")))?;
-    Ok(apps.iter().map(|a| a.name.clone()).zip(slots).collect())
+    loop {
+        let requests: Vec<AppRequest> = apps
+            .iter()
+            .map(|a| AppRequest {
+                name: a.name.clone(),
+                request: a.resources,
+                slot: a.slot.or_else(|| kept.get(&a.name).copied()),
+            })
+            .collect();
+        match partition(&requests, capacities) {
+            Ok(slots) => return Ok(apps.iter().map(|a| a.name.clone()).zip(slots).collect()),
+            Err(e) => match unpin_one(&kept, changed) {
+                Some(name) => {
+                    kept.remove(&name);
+                }
+                None => {
+                    return Err(precondition("apps", format!("cannot place the apps: {e}")));
+                }
+            },
+        }
+    }
+}
+
+/// The kept app to let move next: from a slot that keeps more than one app,
+/// an app that restarts anyway, then by name (deterministic).
+fn unpin_one(kept: &BTreeMap<String, u32>, changed: &BTreeSet<String>) -> Option<String> {
+    let mut per_slot: BTreeMap<u32, usize> = BTreeMap::new();
+    for slot in kept.values() {
+        *per_slot.entry(*slot).or_default() += 1;
+    }
+    kept.iter()
+        .min_by_key(|(name, slot)| {
+            (
+                per_slot.get(slot).copied().unwrap_or(0) <= 1,
+                !changed.contains(*name),
+                (*name).clone(),
+            )
+        })
+        .map(|(name, _)| name.clone())
 }
 
 #[cfg(test)]
@@ -491,8 +531,48 @@ mod tests {
         };
         let apps = vec![app("a"), app("b"), app("c")];
         let pinned: BTreeMap<String, u32> = [("a".to_string(), 2)].into();
-        let groups = plan_groups(&apps, &[cap, cap], &pinned).unwrap();
+        let groups = plan_groups(&apps, &[cap, cap], &pinned, &BTreeSet::new()).unwrap();
         assert_eq!(groups["a"], 2);
         assert_eq!(groups.len(), 3);
+    }
+
+    #[test]
+    fn kept_apps_move_when_a_slot_would_be_empty() {
+        let cap = Resources {
+            cpu_millis: 1000,
+            memory_mb: 1000,
+            disk_mb: 1000,
+            network_mbps: 100,
+            disk_io_kbps: 0,
+        };
+        // web and db ran in slot 2, queue (now removed) alone in slot 1.
+        let apps = vec![app("web"), app("db")];
+        let pinned: BTreeMap<String, u32> = [
+            ("web".to_string(), 2),
+            ("db".to_string(), 2),
+            ("queue".to_string(), 1),
+        ]
+        .into();
+        // web restarts anyway (its spec changed): it is the one that moves.
+        let changed: BTreeSet<String> = ["web".to_string()].into();
+        let groups = plan_groups(&apps, &[cap, cap], &pinned, &changed).unwrap();
+        assert_eq!(groups["db"], 2);
+        assert_eq!(groups["web"], 1);
+        // Without a changed app, one of them still moves: no empty slot.
+        let groups = plan_groups(&apps, &[cap, cap], &pinned, &BTreeSet::new()).unwrap();
+        assert_ne!(groups["db"], groups["web"]);
+        // An explicit slot that leaves another slot empty is still refused.
+        let pinned_apps = vec![
+            AppDef {
+                slot: Some(2),
+                ..app("web")
+            },
+            AppDef {
+                slot: Some(2),
+                ..app("db")
+            },
+        ];
+        let err = plan_groups(&pinned_apps, &[cap, cap], &pinned, &changed).unwrap_err();
+        assert!(err.to_string().contains("cannot place the apps"), "{err}");
     }
 }

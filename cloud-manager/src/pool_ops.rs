@@ -119,7 +119,7 @@ impl Manager {
         let mut policy = req.policy.clone().unwrap_or_default();
         validate_policy(&policy)?;
         policy.version = 1;
-        let groups = plan_groups(&req.apps, &capacities, &BTreeMap::new())?;
+        let groups = plan_groups(&req.apps, &capacities, &BTreeMap::new(), &BTreeSet::new())?;
         let ca = issue_pool_ca(&self.ca, tenant, &req.name)?;
         let mut members = Vec::with_capacity(m);
         for (i, id) in req.node_ids.iter().enumerate() {
@@ -244,7 +244,19 @@ impl Manager {
                         .unwrap_or_default()
                 })
                 .collect();
-            let groups = plan_groups(&apps, &capacities, &record.groups)?;
+            // Apps whose spec changes restart anyway: they are the first to
+            // move if the kept placement leaves a group empty.
+            // (The slot is where it runs, not what it runs.)
+            let spec = |a: &AppDef| AppDef {
+                slot: None,
+                ..a.clone()
+            };
+            let changed: BTreeSet<String> = apps
+                .iter()
+                .filter(|a| !record.apps.iter().any(|o| spec(o) == spec(a)))
+                .map(|a| a.name.clone())
+                .collect();
+            let groups = plan_groups(&apps, &capacities, &record.groups, &changed)?;
             let before: BTreeSet<&str> = record.apps.iter().map(|a| a.name.as_str()).collect();
             let after: BTreeSet<&str> = apps.iter().map(|a| a.name.as_str()).collect();
             let message = format!(
@@ -469,6 +481,17 @@ impl Manager {
         let pool = report.pool.clone();
         let result = self.mutate(|r| {
             let now = now_ms();
+            // App events first: a failover is done (and an offload shown)
+            // once the apps it started are.
+            for (kind, app, message) in changes.events {
+                r.events.push(
+                    EventRecord::new(&tenant, &pool, kind)
+                        .node(node_id, slot)
+                        .app(&app)
+                        .message(message),
+                    now,
+                );
+            }
             if let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) {
                 p.running = changes.running;
                 for o in &offloads {
@@ -504,15 +527,6 @@ impl Manager {
                         ));
                     r.events.push(e, now);
                 }
-            }
-            for (kind, app, message) in changes.events {
-                r.events.push(
-                    EventRecord::new(&tenant, &pool, kind)
-                        .node(node_id, slot)
-                        .app(&app)
-                        .message(message),
-                    now,
-                );
             }
             Ok(())
         });
@@ -642,10 +656,32 @@ fn app_changes(
     let mut events = Vec::new();
     for app in &report.apps {
         let known = running.get(&app.name).filter(|r| r.node_id == node_id);
+        let before = previous.and_then(|p| p.apps.iter().find(|a| a.name == app.name));
+        let crashed = before.is_some_and(|b| app.restarts > b.restarts);
+        if crashed {
+            events.push((
+                EventKind::AppExited,
+                app.name.clone(),
+                app.last_exit.clone(),
+            ));
+        }
         if app.state == AppRunState::Running
             && app.pid != 0
             && known.map(|k| k.pid) != Some(app.pid)
         {
+            // A new process under a name this node already ran. Unless the
+            // old one exited by itself (APP_EXITED above), it was stopped to
+            // be replaced (its spec changed): say so before the start.
+            if let Some(k) = known
+                && k.pid != 0
+                && !crashed
+            {
+                events.push((
+                    EventKind::AppStopped,
+                    app.name.clone(),
+                    format!("pid {} (replaced)", k.pid),
+                ));
+            }
             events.push((
                 EventKind::AppStarted,
                 app.name.clone(),
@@ -659,16 +695,6 @@ fn app_changes(
                 },
             );
         }
-        let before = previous.and_then(|p| p.apps.iter().find(|a| a.name == app.name));
-        if let Some(b) = before
-            && app.restarts > b.restarts
-        {
-            events.push((
-                EventKind::AppExited,
-                app.name.clone(),
-                app.last_exit.clone(),
-            ));
-        }
     }
     let still: BTreeSet<&str> = report
         .apps
@@ -676,6 +702,7 @@ fn app_changes(
         .filter(|a| !matches!(a.state, AppRunState::Stopped))
         .map(|a| a.name.as_str())
         .collect();
+    let mut stopped: BTreeSet<&str> = BTreeSet::new();
     for (name, r) in running {
         if r.node_id == node_id && !still.contains(name.as_str()) {
             events.push((
@@ -683,7 +710,24 @@ fn app_changes(
                 name.clone(),
                 format!("pid {}", r.pid),
             ));
+            stopped.insert(name);
             next.remove(name);
+        }
+    }
+    // An app this node ran in its previous report and runs no more, whose
+    // name another node has taken over meanwhile (it moved to another slot,
+    // or was offloaded): its process here stopped too.
+    for app in previous.map(|p| p.apps.as_slice()).unwrap_or_default() {
+        if app.pid != 0
+            && !matches!(app.state, AppRunState::Stopped)
+            && !still.contains(app.name.as_str())
+            && !stopped.contains(app.name.as_str())
+        {
+            events.push((
+                EventKind::AppStopped,
+                app.name.clone(),
+                format!("pid {}", app.pid),
+            ));
         }
     }
     AppChanges {

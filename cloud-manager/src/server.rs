@@ -31,12 +31,22 @@ pub struct ManagerServer {
     tls: Arc<rustls::ServerConfig>,
 }
 
-/// Loads or creates the CA, opens the store and binds the listener.
+/// Binds the listener, then opens the store and loads or creates the CA.
+///
+/// The order matters for a clean failure: a taken port or a data dir that
+/// another manager holds (its store is locked) is refused before anything
+/// is written, so a failed start leaves no half-made CA behind.
 pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     config.validate()?;
     raise_fd_limit();
+    let listen = config.listen;
+    let listener = TcpListener::bind(listen).await.with_context(|| {
+        format!("cannot listen on {listen} (is another cloud-manager running? choose another address with --listen)")
+    })?;
+    let local_addr = listener.local_addr()?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let store = RedbStore::open(&dir)?;
     let files = CaFiles::new(&dir);
     if !files.ca_cert().exists() {
         let report = ca::init(
@@ -57,13 +67,7 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let key = tls::read_key(&files.server_key())?;
     let roots = tls::roots(&tls::certs_from_pem(ca.cert_pem(), "ca.pem")?)?;
     let tls_config = tls::server_config(chain, key, tls::ClientAuth::Optional(roots))?;
-    let store = RedbStore::open(&dir)?;
-    let listen = config.listen;
     let manager = Arc::new(Manager::new(config, ca, Box::new(store))?);
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
-    let local_addr = listener.local_addr()?;
     Ok(ManagerServer {
         manager,
         listener,
@@ -83,6 +87,16 @@ impl ManagerServer {
 
     /// Serves until `shutdown` fires, then drains for at most 5 s.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.run_with_drain(shutdown, DRAIN_DEADLINE).await
+    }
+
+    /// Like `run`, with another drain deadline (`dev` stops in about 2 s:
+    /// a client that stopped reading must not hold it longer).
+    pub async fn run_with_drain(
+        self,
+        shutdown: CancellationToken,
+        drain: Duration,
+    ) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -93,7 +107,8 @@ impl ManagerServer {
             .await;
         let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
 
-        let tenant = TenantServiceServer::new(TenantApi::new(self.manager.clone()));
+        let tenant =
+            TenantServiceServer::new(TenantApi::new(self.manager.clone(), shutdown.clone()));
         let agent = AgentServiceServer::new(AgentApi::new(
             self.manager.clone(),
             shutdown.clone(),
@@ -117,14 +132,14 @@ impl ManagerServer {
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(DRAIN_DEADLINE).await;
+            tokio::time::sleep(drain).await;
         };
         tokio::select! {
             r = serve => r?,
             _ = deadline => tracing::warn!("drain deadline passed; closing remaining connections"),
         }
         tracker.close();
-        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+        let _ = tokio::time::timeout(drain.min(Duration::from_secs(1)), tracker.wait()).await;
         tracing::info!("manager stopped");
         Ok(())
     }

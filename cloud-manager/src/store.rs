@@ -24,6 +24,10 @@ pub enum StoreError {
     Backend { path: PathBuf, why: String },
     #[error("store {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "another cloud-manager is using {dir} (its store {path} is locked); stop it first, or give this one another --data-dir"
+    )]
+    Locked { dir: PathBuf, path: PathBuf },
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -51,9 +55,15 @@ impl RedbStore {
     /// locked: a second manager on the same directory fails here.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("state.redb");
-        let db = redb::Database::create(&path).map_err(|e| StoreError::Backend {
-            path: path.clone(),
-            why: e.to_string(),
+        let db = redb::Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                dir: data_dir.to_path_buf(),
+                path: path.clone(),
+            },
+            e => StoreError::Backend {
+                path: path.clone(),
+                why: e.to_string(),
+            },
         })?;
         let store = RedbStore { db, path };
         // Create every table once so that readers never meet a missing one.

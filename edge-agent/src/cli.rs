@@ -89,10 +89,10 @@ pub struct RunArgs {
     /// Address peers should dial, if not the listen address.
     #[arg(long, env = "EDGE_AGENT_PEER_ADVERTISE")]
     pub peer_advertise: Option<String>,
-    /// Telemetry period in ms until the manager says otherwise.
+    /// Telemetry period in ms until the manager says otherwise (default 1000).
     #[arg(long, env = "EDGE_AGENT_TELEMETRY_INTERVAL_MS")]
     pub telemetry_interval_ms: Option<u32>,
-    /// Heartbeat period in ms until the manager says otherwise.
+    /// Heartbeat period in ms until the manager says otherwise (default 1000).
     #[arg(long, env = "EDGE_AGENT_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u32>,
     /// Interface to measure (repeat for several; default all but lo).
@@ -102,40 +102,48 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub interfaces: Vec<String>,
-    /// Capacity overrides (0 or absent = detect).
+    /// CPU capacity in millicores (0 or absent = detect: CPUs x 1000).
     #[arg(long, env = "EDGE_AGENT_CPU_MILLIS")]
     pub cpu_millis: Option<u64>,
+    /// Memory capacity in MiB (0 or absent = detect: RAM).
     #[arg(long, env = "EDGE_AGENT_MEMORY_MB")]
     pub memory_mb: Option<u64>,
+    /// Disk space capacity in MiB (0 or absent = detect: the sum of real
+    /// file systems).
     #[arg(long, env = "EDGE_AGENT_DISK_MB")]
     pub disk_mb: Option<u64>,
+    /// Network capacity in Mbit/s (0 or absent = detect: the measured
+    /// interfaces' link speed, 1000 if none reports one).
     #[arg(long, env = "EDGE_AGENT_NETWORK_MBPS")]
     pub network_mbps: Option<u64>,
     /// Disk read+write rate capacity in KiB/s (0 or absent = unknown: the
-    /// disk I/O threshold is not evaluated).
+    /// disk I/O threshold is not evaluated and any disk I/O is admitted;
+    /// never detected).
     #[arg(long, env = "EDGE_AGENT_DISK_IO_KBPS")]
     pub disk_io_kbps: Option<u64>,
-    /// Reconnect backoff bounds in ms.
+    /// First reconnect delay in ms (default 200).
     #[arg(long, env = "EDGE_AGENT_RECONNECT_MIN_MS")]
     pub reconnect_min_ms: Option<u64>,
+    /// Largest reconnect delay in ms (default 10000; jittered exponential
+    /// backoff in between).
     #[arg(long, env = "EDGE_AGENT_RECONNECT_MAX_MS")]
     pub reconnect_max_ms: Option<u64>,
-    /// How often pool members probe each other (ms).
+    /// How often pool members probe each other (ms, default 2000).
     #[arg(long, env = "EDGE_AGENT_PEER_PROBE_INTERVAL_MS")]
     pub peer_probe_interval_ms: Option<u64>,
-    /// Stop the apps when the agent stops gracefully (true/false).
+    /// Stop the apps when the agent stops gracefully (true/false, default true).
     #[arg(long, env = "EDGE_AGENT_STOP_APPS_ON_EXIT")]
     pub stop_apps_on_exit: Option<bool>,
-    /// How often the threshold policy is evaluated (ms).
+    /// How often the threshold policy is evaluated (ms, default 1000).
     #[arg(long, env = "EDGE_AGENT_SCHEDULER_INTERVAL_MS")]
     pub scheduler_interval_ms: Option<u64>,
-    /// Network accounting: interface or process.
+    /// Network accounting: interface (default) or process.
     #[arg(long, env = "EDGE_AGENT_NETWORK_ACCOUNTING")]
     pub network_accounting: Option<crate::offload::NetworkAccounting>,
-    /// Isolation lease in ms (see agent.example.toml).
+    /// Isolation lease in ms (default 10000; see agent.example.toml).
     #[arg(long, env = "EDGE_AGENT_ISOLATION_LEASE_MS")]
     pub isolation_lease_ms: Option<u64>,
-    /// Log format: plain or json (RUST_LOG sets the filter).
+    /// Log format: plain (default) or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Write the agent's pid here once it runs.

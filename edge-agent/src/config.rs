@@ -58,9 +58,10 @@ pub struct AgentConfig {
 
 /// Capacity overrides. Detection: CPU = logical CPUs x 1000, memory = RAM,
 /// disk = the sum of real file systems, network = the link speed of the
-/// measured interfaces (`/sys/class/net/*/speed`, via sysinfo). The disk
-/// I/O rate is not detected: `disk_io_kbps` 0 = capacity 0, so the disk I/O
-/// threshold is not evaluated on the node.
+/// measured interfaces (`/sys/class/net/*/speed`, via sysinfo; 1000 Mbit/s
+/// if none reports a speed). The disk I/O rate is not detected:
+/// `disk_io_kbps` 0 = unknown, so the disk I/O threshold is not evaluated on
+/// the node (it never triggers there, and the node admits any disk I/O).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CapacityConfig {
@@ -68,7 +69,8 @@ pub struct CapacityConfig {
     pub memory_mb: u64,
     pub disk_mb: u64,
     pub network_mbps: u64,
-    /// Disk read+write rate in KiB/s (0 = unknown; not detected).
+    /// Disk read+write rate in KiB/s (0 = unknown: not evaluated, admits
+    /// any; never detected).
     pub disk_io_kbps: u64,
 }
 

@@ -49,6 +49,10 @@ pub enum JoinError {
     Refused(String),
     #[error("cannot reach the manager at {addr}: {why}")]
     Unreachable { addr: String, why: String },
+    #[error(
+        "the manager at {addr} is not the one --ca-fingerprint names (wrong fingerprint, or another server answers there): {why}"
+    )]
+    UntrustedManager { addr: String, why: String },
     #[error("the manager's answer is unusable: {0}")]
     BadAnswer(String),
 }
@@ -97,6 +101,14 @@ pub async fn join(req: JoinRequest) -> Result<NodeInfo, JoinError> {
         })
         .await
         .map_err(|s| match s.code() {
+            // The TLS handshake failed on our side: the manager answered,
+            // but with a CA that is not the one we were told to trust.
+            _ if s.message().contains("matches the CA fingerprint") => {
+                JoinError::UntrustedManager {
+                    addr: req.manager.clone(),
+                    why: s.message().to_string(),
+                }
+            }
             tonic::Code::Unavailable | tonic::Code::Unknown => JoinError::Unreachable {
                 addr: req.manager.clone(),
                 why: s.message().to_string(),

@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use edgepool_common::proto as pb;
 use edgepool_tests::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -27,7 +28,7 @@ async fn dev_runs_a_fleet_and_stops_it_cleanly() {
         "127.0.0.1:0",
         "--peer-port",
         "0",
-        "--dir",
+        "--data-dir",
     ])
     .arg(&dir);
     let mut dev = Proc::spawn("dev", &mut cmd, &tmp.path().join("dev.log"));
@@ -82,15 +83,228 @@ async fn dev_runs_a_fleet_and_stops_it_cleanly() {
     })
     .await;
 
-    // Ctrl-C stops everything it started.
+    // The crashed machine comes back under dev's supervision, its log
+    // appended to.
+    let restart = |node: &str| {
+        run(Command::new(bin("cloud-manager"))
+            .args(["dev", "--restart-agent", node, "--data-dir"])
+            .arg(&dir))
+    };
+    let out = restart("dev-2");
+    assert!(
+        out.ok && out.stdout.contains("restarted dev-2"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    eventually("dev-2 to reconnect", DEADLINE, || {
+        let mut t = tenant.clone();
+        async move { get_node(&mut t, "dev-2").await.filter(|n| n.connected) }
+    })
+    .await;
+    let log = std::fs::read_to_string(dir.join("agents/dev-2/agent.log")).unwrap();
+    assert_eq!(log.matches("agent starting").count(), 2, "{log}");
+    let new_pid: i32 = std::fs::read_to_string(dir.join("agents/dev-2/agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, pids[1]);
+    pids.push(new_pid);
+    let out = restart("dev-1");
+    assert!(
+        out.ok && out.stdout.contains("still running"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let out = restart("dev-9");
+    assert!(
+        !out.ok && out.stderr.contains("not an agent"),
+        "{}",
+        out.stderr
+    );
+
+    // Fewer than 4 agents: one line says why there is no demo pool.
+    assert!(
+        dev.log_text().contains("no demo pool: it needs 4 agents"),
+        "{}",
+        dev.log_text()
+    );
+    // edgectl as the banner says, for a dir that is not ./edgepool-dev,
+    // run from anywhere.
+    let out = run(Command::new(dir.join("bin/edgectl"))
+        .args(["node", "ls"])
+        .current_dir("/"));
+    assert!(
+        out.ok && out.stdout.contains("dev-2"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(dev.log_text().contains(&format!(
+        "export PATH=\"{}:$PATH\"",
+        dir.join("bin").display()
+    )));
+    // A second dev on the same dir is refused, naming the reason.
+    let out = run(Command::new(bin("cloud-manager"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--peer-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&dir));
+    assert!(
+        !out.ok && out.stderr.contains("another cloud-manager is using"),
+        "{}",
+        out.stderr
+    );
+
+    // Ctrl-C stops everything it started, within 2 s even with an event
+    // stream open; the stream ends with UNAVAILABLE, not a broken link.
+    let mut events = tenant
+        .watch_events(edgepool_common::proto::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // A client that keeps reading, as edgectl events -f does.
+    let reader = tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                other => return other,
+            }
+        }
+    });
+    let stopping = std::time::Instant::now();
     dev.signal(Signal::SIGINT);
-    let status = dev
-        .wait_exit(Duration::from_secs(20))
-        .expect("dev did not stop on SIGINT");
+    let (mut dev, status) = tokio::task::spawn_blocking(move || {
+        let status = dev.wait_exit(Duration::from_secs(20));
+        (dev, status)
+    })
+    .await
+    .unwrap();
+    let took = stopping.elapsed();
+    let status = status.unwrap_or_else(|| panic!("dev did not stop on SIGINT: {}", dev.log_text()));
     assert!(status.success(), "dev exited with {status}");
+    assert!(took < Duration::from_secs(2), "Ctrl-C took {took:?}");
+    dev.kill();
+    match reader.await.unwrap() {
+        Ok(Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        other => panic!("the event stream did not end with a status: {other:?}"),
+    }
     eventually("no orphaned agents", Duration::from_secs(10), || {
         let any = pids.iter().any(|p| alive(*p));
         async move { (!any).then_some(()) }
     })
     .await;
+}
+
+/// `dev` restarts on its dir whatever pools the tenant made: the demo pool
+/// is made only when it is missing and its nodes are free, else one line
+/// says why not; the tenant's own pool is kept.
+#[tokio::test]
+async fn dev_restarts_on_a_dir_whose_nodes_are_taken() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("dev");
+    let start = |n: usize| {
+        let mut cmd = Command::new(bin("cloud-manager"));
+        cmd.args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--peer-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&dir);
+        Proc::spawn("dev", &mut cmd, &tmp.path().join(format!("dev-{n}.log")))
+    };
+    let up = |dev: &Proc| {
+        let text = dev.log_text();
+        let addr = text
+            .lines()
+            .find_map(|l| l.split("manager on ").nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        async move { addr }
+    };
+    let mut dev = start(1);
+    let addr = eventually("dev banner", Duration::from_secs(60), || up(&dev)).await;
+    assert!(
+        dev.log_text().contains("The demo pool"),
+        "{}",
+        dev.log_text()
+    );
+    let mut tenant = tenant_client(
+        &addr,
+        &dir.join("ca.pem"),
+        Some((&dir.join("tenant.pem"), &dir.join("tenant.key"))),
+    );
+    // What the README's edgectl steps do: demo goes, a pool of one's own
+    // takes dev-1..dev-3.
+    tenant
+        .delete_pool(pb::DeletePoolRequest {
+            name: "demo".into(),
+        })
+        .await
+        .unwrap();
+    let app = |name: &str| pb::AppSpec {
+        name: name.into(),
+        command: vec!["sleep".into(), "320001".into()],
+        ..Default::default()
+    };
+    eventually("demo's nodes free", DEADLINE, || {
+        let mut t = tenant.clone();
+        async move {
+            let nodes = list_nodes(&mut t).await;
+            nodes
+                .iter()
+                .all(|n| n.state() == pb::NodeState::Free)
+                .then_some(())
+        }
+    })
+    .await;
+    tenant
+        .create_pool(pb::CreatePoolRequest {
+            name: "web".into(),
+            node_ids: vec!["dev-1".into(), "dev-2".into(), "dev-3".into()],
+            apps: vec![app("a"), app("b"), app("c")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    dev.signal(Signal::SIGINT);
+    assert!(
+        dev.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+
+    let mut dev = start(2);
+    let addr = eventually("dev banner again", Duration::from_secs(60), || up(&dev)).await;
+    let text = dev.log_text();
+    assert!(
+        text.contains("no demo pool: dev-1 is in pool \"web\""),
+        "{text}"
+    );
+    let mut tenant = tenant_client(
+        &addr,
+        &dir.join("ca.pem"),
+        Some((&dir.join("tenant.pem"), &dir.join("tenant.key"))),
+    );
+    let pools = tenant
+        .list_pools(pb::ListPoolsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = pools.pools.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    dev.signal(Signal::SIGINT);
+    assert!(
+        dev.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
 }

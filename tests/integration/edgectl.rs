@@ -302,7 +302,17 @@ async fn edgectl_manages_nodes_tokens_pools_and_events() {
 fn edgectl_help_documents_the_pool_file_and_settings() {
     let (out, _) = edgectl(None, &std::env::temp_dir(), &["pool", "create", "--help"]);
     assert!(out.ok);
-    for s in ["[[apps]]", "[policy]", "nodes", "offloadable"] {
+    for s in [
+        "[[apps]]",
+        "[policy]",
+        "nodes",
+        "offloadable",
+        "spare_labels",
+        "disk_io",
+        "return_home",
+        "return_home_seconds",
+        "on_disconnect",
+    ] {
         assert!(out.stdout.contains(s), "{s} missing:\n{}", out.stdout);
     }
     let (out, _) = edgectl(None, &std::env::temp_dir(), &["--help"]);

@@ -1,5 +1,5 @@
 //! The real grpcurl binary (v1.8.6, v1alpha reflection) against a running
-//! manager, with exactly the flags API.md documents.
+//! manager, with exactly the flags docs/api.md documents.
 
 use std::process::Command;
 

@@ -507,6 +507,18 @@ async fn update_apps_restarts_only_what_changed_and_delete_stops_everything() {
     );
     let env = std::fs::read(format!("/proc/{}/environ", pid(&after, "change"))).unwrap();
     assert!(String::from_utf8_lossy(&env).contains("MODE=two"));
+    // Every process UpdateApps stopped has its APP_STOPPED, with its pid.
+    for (app, old_pid) in [
+        ("change", pid(&before, "change")),
+        ("drop", pid(&before, "drop")),
+    ] {
+        wait_event(&f.m, "u", &format!("APP_STOPPED of {app}"), DEADLINE, |e| {
+            e.kind() == pb::EventKind::AppStopped
+                && e.app == app
+                && e.message.starts_with(&format!("pid {old_pid}"))
+        })
+        .await;
+    }
     // The watcher saw the update live.
     let mut kinds = Vec::new();
     while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(2), events.message()).await
@@ -534,6 +546,93 @@ async fn update_apps_restarts_only_what_changed_and_delete_stops_everything() {
         let n = get_node(&mut f.m.tenant(), id).await.unwrap();
         assert_eq!((n.state(), n.pool.as_str()), (pb::NodeState::Free, ""));
     }
+}
+
+/// The README's UpdateApps example: `web` (free) and `db` (slot 2) shared
+/// slot 2, `queue` was alone in slot 1 and is removed. `web` restarts
+/// anyway (new command), so it moves into slot 1; `db` stays untouched.
+#[tokio::test]
+async fn update_apps_moves_a_restarting_app_into_an_emptied_group() {
+    let f = Fleet::start(2, &[]).await;
+    let mut db = app("db", &["sleep", "310001"]);
+    db.slot = Some(2);
+    let mut queue = app("queue", &["sleep", "310002"]);
+    queue.resources = Some(pb::Resources {
+        cpu_millis: 100,
+        memory_mb: 64,
+        ..Default::default()
+    });
+    let web = app("web", &["sleep", "310003"]);
+    create_pool(
+        &f.m,
+        "shop",
+        &["node-1", "node-2"],
+        vec![web, db.clone(), queue],
+    )
+    .await
+    .unwrap();
+    let before = wait_running(&f.m, "shop").await;
+    let placement = |p: &pb::Pool, app: &str| {
+        p.placements
+            .iter()
+            .find(|pl| pl.app == app)
+            .map(|pl| (pl.home_slot, pl.pid))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        placement(&before, "web").0,
+        2,
+        "the partitioner put web with db"
+    );
+    assert_eq!(placement(&before, "queue").0, 1);
+
+    db.slot = None;
+    let new_web = app("web", &["sleep", "310004"]);
+    f.m.tenant()
+        .update_apps(pb::UpdateAppsRequest {
+            pool: "shop".into(),
+            apps: vec![new_web, db],
+        })
+        .await
+        .expect("the README's UpdateApps is accepted");
+    let after = eventually("web restarted in slot 1", DEADLINE, || async {
+        let p = get_pool(&f.m, "shop").await;
+        let ok = p.placements.len() == 2
+            && p.placements
+                .iter()
+                .all(|pl| pl.state() == pb::AppState::Running && pl.pid != 0)
+            && placement(&p, "web").0 == 1;
+        ok.then_some(p)
+    })
+    .await;
+    assert_eq!(
+        placement(&after, "db"),
+        placement(&before, "db"),
+        "db was touched"
+    );
+    for (app, old_pid) in [
+        ("web", placement(&before, "web").1),
+        ("queue", placement(&before, "queue").1),
+    ] {
+        wait_event(
+            &f.m,
+            "shop",
+            &format!("APP_STOPPED of {app}"),
+            DEADLINE,
+            |e| {
+                e.kind() == pb::EventKind::AppStopped
+                    && e.app == app
+                    && e.message.starts_with(&format!("pid {old_pid}"))
+            },
+        )
+        .await;
+    }
+    eventually("old processes gone", DEADLINE, || async {
+        let gone = processes_running("sleep 310002").is_empty()
+            && processes_running("sleep 310003").is_empty();
+        gone.then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -171,6 +171,9 @@ with the last SEQ you saw).
 enum PolicyCmd {
     /// Replace pool NAME's policy with the [policy] table of a pool file
     /// (UpdatePolicy; the version goes up by one and every member gets it).
+    ///
+    /// The table replaces the whole policy: what it leaves out takes the
+    /// default (see `edgectl pool create --help`), not the old value.
     Set {
         /// The pool.
         name: String,
@@ -274,8 +277,21 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+// The edgectl binary's entry point. The same code is built into
+// `cloud-manager` (as `cloud-manager edgectl ...`, which `dev`'s
+// `DIR/bin/edgectl` runs), where only `main_from` is used.
+#[allow(dead_code)]
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os())
+}
+
+/// Runs edgectl with these arguments (the first is the program's name).
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -15,20 +15,32 @@ The pool file (TOML; unknown keys are errors):
 
   name = \"web\"                        # 1-63 characters of [a-z0-9-]
   nodes = [\"dev-1\", \"dev-2\", \"dev-3\"]  # M >= 2 FREE nodes; nodes[i] gets slot i+1
+  spare_labels = { zone = \"lab\" }     # optional: failover moves a slot only to a
+                                      # FREE node carrying all these labels
 
-  [policy]                            # optional, and so is every field in it
-  target = \"single\"                   # or \"spread\"
-  sustain_seconds = 10
-  cooldown_seconds = 60
-  cpu = { high = 0.8, low = 0.6 }     # also memory, disk, network (fractions 0..1)
+  [policy]                            # optional, and so is every field in it; what
+                                      # is left out takes the default shown here
+  target = \"single\"                   # \"single\": all to the one member with the most
+                                      # headroom; \"spread\": over all other members
+  sustain_seconds = 10                # how long a threshold must be crossed
+  cooldown_seconds = 60               # pause after an offload
+  cpu = { high = 0.8, low = 0.6 }     # watermarks, fractions of capacity:
+  memory = { high = 0.85, low = 0.7 } # 0 < low < high <= 1
+  disk = { high = 0.9, low = 0.8 }
+  network = { high = 0.8, low = 0.6 }
   disk_io = { high = 0.9, low = 0.8 } # disk read+write rate vs the node's
                                       # capacity.disk_io_kbps (0 there = not evaluated)
+  return_home = false                 # bring offloaded apps back once their home
+  return_home_seconds = 60            # node stayed under every `low` this long
 
   [[apps]]                            # N >= M apps
-  name = \"api\"
+  name = \"api\"                        # 1-63 characters of [a-z0-9-_.], unique
   command = [\"sleep\", \"1000\"]         # argv; command[0] is looked up in PATH on the node
   env = { MODE = \"prod\" }             # optional
-  resources = { cpu_millis = 100, memory_mb = 64, disk_mb = 0, network_mbps = 0 }  # optional
+  resources = { cpu_millis = 100, memory_mb = 64, disk_mb = 0, network_mbps = 0, disk_io_kbps = 0 }
+                                      # optional; what the app needs (millicores, MiB, MiB,
+                                      # Mbit/s, KiB/s); all but disk_io_kbps are packed
+                                      # against node capacity
   priority = 0                        # optional; lower is offloaded first
   offloadable = true                  # optional, default true
   slot = 1                            # optional explicit group 1..M
@@ -36,7 +48,8 @@ The pool file (TOML; unknown keys are errors):
                                       # is cut off from the manager and every peer
 
 `edgectl pool apps NAME -f FILE` uses only the [[apps]] of such a file
-(`name` and `nodes` may then be left out). See cloud-manager/pool.example.toml.";
+(`name` and `nodes` may then be left out), `edgectl policy set NAME -f FILE`
+only its [policy]. See cloud-manager/pool.example.toml and docs/api.md.";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +340,117 @@ offloadable = false
         // `pool apps` needs only the apps.
         let f = parse("[[apps]]\nname = \"a\"\ncommand = [\"x\"]\n").unwrap();
         assert_eq!(f.app_specs().len(), 1);
+    }
+
+    /// Every key of the pool file: the sample in FORMAT_HELP and the
+    /// comment at the top of pool.example.toml show them all.
+    const KEYS: &[&str] = &[
+        "name",
+        "nodes",
+        "spare_labels",
+        "target",
+        "sustain_seconds",
+        "cooldown_seconds",
+        "cpu",
+        "memory",
+        "disk",
+        "network",
+        "disk_io",
+        "return_home",
+        "return_home_seconds",
+        "command",
+        "env",
+        "resources",
+        "cpu_millis",
+        "memory_mb",
+        "disk_mb",
+        "network_mbps",
+        "disk_io_kbps",
+        "priority",
+        "offloadable",
+        "slot",
+        "on_disconnect",
+    ];
+
+    #[test]
+    fn the_format_help_is_a_valid_pool_file_showing_every_key() {
+        // The sample lines of the help, without their comments.
+        let sample: String = FORMAT_HELP
+            .lines()
+            .filter(|l| l.starts_with("  "))
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap_or_default()))
+            .collect();
+        let f = parse(&sample).unwrap_or_else(|e| panic!("{e}\n{sample}"));
+        // Exhaustive patterns: a new key does not compile until it is added
+        // here, to KEYS and to the help.
+        let PoolFile {
+            name,
+            nodes,
+            policy,
+            spare_labels,
+            apps,
+        } = f;
+        assert!(name.is_some() && !nodes.is_empty() && !spare_labels.is_empty());
+        let PolicyFile {
+            target,
+            sustain_seconds,
+            cooldown_seconds,
+            cpu,
+            memory,
+            disk,
+            network,
+            disk_io,
+            return_home,
+            return_home_seconds,
+        } = policy.expect("[policy]");
+        assert!(target.is_some() && sustain_seconds.is_some() && cooldown_seconds.is_some());
+        assert!(cpu.is_some() && memory.is_some() && disk.is_some() && network.is_some());
+        assert!(disk_io.is_some() && return_home.is_some() && return_home_seconds.is_some());
+        let AppFile {
+            name: _,
+            command: _,
+            env,
+            resources: _,
+            priority: _,
+            offloadable: _,
+            slot,
+            artifact: _, // not supported yet: deliberately not shown
+            on_disconnect: _,
+        } = &apps[0];
+        assert!(!env.is_empty() && slot.is_some());
+        for key in KEYS {
+            assert!(
+                sample.contains(&format!("{key} =")),
+                "{key} missing from FORMAT_HELP"
+            );
+        }
+        // The defaults the help shows are the manager's.
+        let p = parse(&sample).unwrap().policy.unwrap();
+        let d = cloud_manager::pool::PolicyDef::default();
+        let t = |t: Option<ThresholdFile>| t.map(|t| (t.high, t.low));
+        let m = |t: cloud_manager::pool::Threshold| Some((t.high, t.low));
+        assert_eq!(t(p.cpu), m(d.cpu), "cpu");
+        assert_eq!(t(p.memory), m(d.memory), "memory");
+        assert_eq!(t(p.disk), m(d.disk), "disk");
+        assert_eq!(t(p.network), m(d.network), "network");
+        assert_eq!(t(p.disk_io), m(d.disk_io), "disk_io");
+        assert_eq!(p.sustain_seconds, Some(d.sustain_seconds));
+        assert_eq!(p.cooldown_seconds, Some(d.cooldown_seconds));
+        assert_eq!(p.return_home, Some(d.return_home));
+        assert_eq!(p.return_home_seconds, Some(d.return_home_seconds));
+        assert!(matches!(p.target, Some(Target::Single)));
+        assert_eq!(d.target, cloud_manager::pool::TargetMode::Single);
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key() {
+        let text = include_str!("../../../pool.example.toml");
+        for key in KEYS {
+            assert!(
+                text.contains(&format!("{key} =")),
+                "{key} missing from pool.example.toml"
+            );
+        }
     }
 
     #[test]

@@ -154,6 +154,10 @@ pub fn target_mode(v: i32) -> Value {
     enum_json::<pb::TargetMode>(v, pb::TargetMode::as_str_name)
 }
 
+pub fn on_disconnect(v: i32) -> Value {
+    enum_json::<pb::OnDisconnect>(v, pb::OnDisconnect::as_str_name)
+}
+
 pub fn ts(t: Option<&Timestamp>) -> Value {
     t.map_or(Value::Null, |t| Value::from(t.to_string()))
 }
@@ -236,6 +240,8 @@ pub fn policy(p: Option<&pb::Policy>) -> Value {
             "cooldownSeconds": p.cooldown_seconds,
             "target": target_mode(p.target),
             "version": p.version,
+            "returnHome": p.return_home,
+            "returnHomeSeconds": p.return_home_seconds,
         }),
         None => Value::Null,
     }
@@ -250,6 +256,7 @@ pub fn app_spec(a: &pb::AppSpec) -> Value {
         "priority": a.priority,
         "offloadable": a.offloadable,
         "artifact": a.artifact,
+        "onDisconnect": on_disconnect(a.on_disconnect),
     });
     if let (Some(slot), Value::Object(m)) = (a.slot, &mut v) {
         m.insert("slot".into(), Value::from(slot));
@@ -295,6 +302,8 @@ pub fn pool(p: &pb::Pool) -> Value {
         "apps": p.apps.iter().map(app_spec).collect::<Vec<_>>(),
         "createdAt": ts(p.created_at.as_ref()),
         "tenant": p.tenant,
+        "spareLabels": string_map(&p.spare_labels),
+        "degradedSlots": p.degraded_slots,
     })
 }
 
@@ -488,8 +497,13 @@ fn policy_line(p: Option<&pb::Policy>) -> String {
         Some(t) => format!("{name}={}/{}", t.low, t.high),
         None => format!("{name}=-"),
     };
+    let return_home = if p.return_home {
+        format!("return_home=after {}s", p.return_home_seconds)
+    } else {
+        "return_home=off".to_string()
+    };
     format!(
-        "target={} sustain={}s cooldown={}s {} {} {} {} {} (low/high)",
+        "target={} sustain={}s cooldown={}s {} {} {} {} {} (low/high) {return_home} version={}",
         short_enum(target_mode(p.target), "TARGET_MODE_"),
         p.sustain_seconds,
         p.cooldown_seconds,
@@ -498,16 +512,33 @@ fn policy_line(p: Option<&pb::Policy>) -> String {
         th("disk", p.disk.as_ref()),
         th("network", p.network.as_ref()),
         th("disk_io", p.disk_io.as_ref()),
+        p.version,
     )
 }
 
 /// `edgectl pool get NAME` (and the answer of create/apps).
 pub fn pool_detail(p: &pb::Pool) -> String {
+    let mut spare: Vec<String> = p
+        .spare_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    spare.sort();
+    let degraded: Vec<String> = p.degraded_slots.iter().map(u32::to_string).collect();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
     let mut out = fields(&[
         ("Pool", p.name.clone()),
         ("Generation", p.generation.to_string()),
         ("Created", time_s(p.created_at.as_ref())),
         ("Policy", policy_line(p.policy.as_ref())),
+        ("Spare labels", list(&spare)),
+        ("Degraded slots", list(&degraded)),
     ]);
     let mut members = Table::new(&["SLOT", "NODE", "SERIAL", "GENERATION", "CERT-EXPIRES"]);
     for m in &p.members {
@@ -591,6 +622,56 @@ mod tests {
         };
         assert_eq!(ts(Some(&t)), json!("2023-11-14T22:13:20.500Z"));
         assert_eq!(time_s(Some(&t)), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn pool_view_shows_the_whole_policy() {
+        let policy = pb::Policy {
+            cpu: Some(pb::Threshold {
+                high: 0.8,
+                low: 0.6,
+            }),
+            sustain_seconds: 10,
+            cooldown_seconds: 60,
+            target: pb::TargetMode::Spread as i32,
+            version: 3,
+            return_home: true,
+            return_home_seconds: 120,
+            ..Default::default()
+        };
+        let line = policy_line(Some(&policy));
+        for s in [
+            "target=SPREAD",
+            "sustain=10s",
+            "cooldown=60s",
+            "cpu=0.6/0.8",
+            "disk_io=-",
+            "return_home=after 120s",
+            "version=3",
+        ] {
+            assert!(line.contains(s), "{s} missing: {line}");
+        }
+        let off = policy_line(Some(&pb::Policy::default()));
+        assert!(off.contains("return_home=off"), "{off}");
+        let v = self::policy(Some(&policy));
+        assert_eq!(v["returnHome"], json!(true));
+        assert_eq!(v["returnHomeSeconds"], json!(120));
+        let p = pb::Pool {
+            name: "p".into(),
+            policy: Some(policy),
+            spare_labels: [("zone".to_string(), "lab".to_string())].into(),
+            degraded_slots: vec![2],
+            ..Default::default()
+        };
+        let text = pool_detail(&p);
+        assert!(text.contains("return_home=after 120s"), "{text}");
+        assert!(
+            text.contains("zone=lab") && text.contains("Degraded slots:  2"),
+            "{text}"
+        );
+        let v = pool(&p);
+        assert_eq!(v["spareLabels"]["zone"], json!("lab"));
+        assert_eq!(v["degradedSlots"], json!([2]));
     }
 
     #[test]
