@@ -175,6 +175,7 @@ impl Session {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.tx.closed() => break,
+                () = self.live.ended(self.conn_id) => break,
                 changed = assignments.changed() => {
                     if changed.is_err() {
                         break;
@@ -188,9 +189,14 @@ impl Session {
                     }
                     continue;
                 }
-                Some(Command::PeerCheck { request_id, slot, node_id, peer_address }) = commands.recv() => {
-                    let check = pb::PeerCheck { request_id, slot, node_id, peer_address };
-                    if self.tx.send(down(Down::PeerCheck(check))).await.is_err() {
+                Some(command) = commands.recv() => {
+                    let msg = match command {
+                        Command::PeerCheck { request_id, slot, node_id, peer_address } => {
+                            Down::PeerCheck(pb::PeerCheck { request_id, slot, node_id, peer_address })
+                        }
+                        Command::Ping { nonce } => Down::Ping(pb::Ping { nonce }),
+                    };
+                    if self.tx.send(down(msg)).await.is_err() {
                         break;
                     }
                     continue;
@@ -216,11 +222,29 @@ impl Session {
             match msg.msg {
                 Some(Up::Telemetry(t)) => self.live.record_sample(Sample::from(t)),
                 Some(Up::PeerCheckResult(r)) => {
-                    let answer = crate::failover::CheckAnswer {
+                    let answer = crate::liveness::CheckAnswer {
                         reachable: r.reachable,
                         error: r.error.chars().take(256).collect(),
                     };
-                    self.manager.answer_check(r.request_id, answer);
+                    self.manager
+                        .answer_check(&self.node_id, r.request_id, answer);
+                }
+                Some(Up::Pong(p)) => {
+                    self.live.seen();
+                    self.live.pong(p.nonce);
+                }
+                Some(Up::PeerLiveness(l)) => {
+                    let peers = l
+                        .peers
+                        .into_iter()
+                        .map(|p| crate::liveness::PeerAlive {
+                            slot: p.slot,
+                            node_id: p.node_id,
+                            reachable: p.reachable,
+                            silent_ms: p.silent_ms,
+                        })
+                        .collect();
+                    self.manager.record_liveness(&self.node_id, peers);
                 }
                 Some(Up::AppReport(r)) => {
                     self.manager

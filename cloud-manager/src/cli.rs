@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// How long to wait for the members' answers (ms).
     #[arg(long, env = "EDGEPOOL_PEER_CHECK_TIMEOUT_MS")]
     pub peer_check_timeout_ms: Option<u32>,
+    /// How long a member its peers cannot reach gets to answer the
+    /// manager's ping before it is failed over (ms).
+    #[arg(long, env = "EDGEPOOL_PING_TIMEOUT_MS")]
+    pub ping_timeout_ms: Option<u32>,
     /// How often to ask again about a member its peers still reach (ms).
     #[arg(long, env = "EDGEPOOL_PEER_RECHECK_MS")]
     pub peer_recheck_ms: Option<u32>,
@@ -156,6 +160,7 @@ impl ServeArgs {
             (self.failure_grace_ms, &mut c.failure_grace_ms),
             (self.failure_check_ms, &mut c.failure_check_ms),
             (self.peer_check_timeout_ms, &mut c.peer_check_timeout_ms),
+            (self.ping_timeout_ms, &mut c.ping_timeout_ms),
             (self.peer_recheck_ms, &mut c.peer_recheck_ms),
         ] {
             if let Some(v) = flag {

@@ -48,7 +48,8 @@ pub struct ManagerConfig {
     /// A connected member whose last message is older than this is
     /// suspect (a dropped stream is suspect at once). Default 3000.
     pub heartbeat_timeout_ms: u32,
-    /// A suspect member is failed after this long. Default 1000.
+    /// A suspect member is failed after this long (for a member its peers
+    /// cannot reach: counted from their last successful probe). Default 1000.
     pub failure_grace_ms: u32,
     /// How often the failure detector looks at the members. Default 200.
     pub failure_check_ms: u32,
@@ -56,8 +57,13 @@ pub struct ManagerConfig {
     /// still reach it; if one does, it is cut off from the cloud, not dead,
     /// and is not failed over. Default true.
     pub peer_confirmation: bool,
-    /// How long to wait for the members' answers. Default 1000.
+    /// How long to wait for the members' answers; a member that does not
+    /// answer in time counts as "unknown", never as "down". Default 1000.
     pub peer_check_timeout_ms: u32,
+    /// A member its peers cannot reach is pinged over its own stream; this
+    /// long without the answer (and its peers' grace passed) and it is
+    /// failed over. Default 500.
+    pub ping_timeout_ms: u32,
     /// After a member was found reachable by its peers, ask again this
     /// often while it stays cut off. Default 2000.
     pub peer_recheck_ms: u32,
@@ -85,6 +91,7 @@ impl Default for ManagerConfig {
             failure_check_ms: 200,
             peer_confirmation: true,
             peer_check_timeout_ms: 1000,
+            ping_timeout_ms: 500,
             peer_recheck_ms: 2000,
             log_format: LogFormat::Plain,
         }
@@ -161,6 +168,7 @@ impl ManagerConfig {
             ("failure_grace_ms", self.failure_grace_ms, 0),
             ("failure_check_ms", self.failure_check_ms, 20),
             ("peer_check_timeout_ms", self.peer_check_timeout_ms, 50),
+            ("ping_timeout_ms", self.ping_timeout_ms, 50),
             ("peer_recheck_ms", self.peer_recheck_ms, 100),
         ] {
             if v < min || v > 600_000 {

@@ -1,17 +1,33 @@
 //! Failure detection and failover: moving slot i (certificate identity and
 //! app group) from a failed node to a spare.
 //!
-//! Detection (pure, `suspect_since` / `has_failed`): a member is *suspect*
-//! from the moment its stream dropped (or its heartbeats are overdue by
-//! `heartbeat_timeout_ms`), and *failed* once it stayed suspect for
-//! `failure_grace_ms`. After a manager restart every member gets the grace
-//! from the restart on, so agents can reconnect first.
+//! Two ways to notice a failure, both on the monotonic clock (a wall-clock
+//! jump changes nothing):
 //!
-//! Confirmation: before a failover the manager asks the other connected
-//! members (over their streams) whether they still reach the suspect's
-//! PeerService. If one does, the node is cut off from the cloud, not dead:
-//! no failover, a NODE_SUSPECT event says so, and the question is asked
-//! again later.
+//! - **Peers** (fast, for silent failures: a frozen machine, a cut cable).
+//!   Pool members probe each other every few hundred milliseconds and report
+//!   on their streams (`PeerLiveness`) as soon as a member stops answering.
+//!   The manager treats that as a suspicion: it pings the suspect over the
+//!   suspect's own stream. A member that its peers have not reached for
+//!   `failure_grace_ms` and that does not answer the ping (or has no stream)
+//!   is failed over. Peers that cannot reach a member that still answers
+//!   the manager (a broken peer link) change nothing.
+//! - **The manager's own view** (for members whose stream drops or whose
+//!   heartbeats are overdue by `heartbeat_timeout_ms`): once suspect for
+//!   `failure_grace_ms`, the other members are asked (`PeerCheck`) whether
+//!   they still reach it. Failover needs at least one member answering
+//!   "unreachable" and none "reachable"; a check that times out or is not
+//!   answered is *unknown*, never *down*. So a manager cut off from its
+//!   agents (no answers at all) fails nobody over, and a member cut off from
+//!   the cloud but reached by its peers is only reported (NODE_SUSPECT).
+//!
+//! After a manager restart, or when the detector finds it was not running
+//! for a while (the process was stopped, the machine starved it), every
+//! member gets the whole timeout and grace again from that moment: time the
+//! detector did not observe is not evidence.
+//!
+//! Decisions run concurrently (one task per suspect member), so K failures
+//! at once take about as long as one.
 //!
 //! Migration is one registry change (one store transaction): the slot's new
 //! member certificate (for the spare's key, generation + 1), the new member,
@@ -27,49 +43,51 @@
 //! assignment (stop everything); once it reports no running app it is FREE
 //! again and can serve as a spare.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::Duration as TimeDuration;
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::issue_member;
 use crate::events::{EventKind, EventRecord};
+pub use crate::liveness::{CheckAnswer, Confirmation, PeerAlive, PeerView, confirmation};
 use crate::manager::{Command, Manager, ManagerError};
 use crate::model::{NodeState, Resources, now_ms};
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
 
-/// What the detector knows about a member's connection.
+/// What the detector knows about a member's connection (monotonic times).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Health {
     pub connected: bool,
-    pub last_seen_ms: u64,
-    pub disconnected_at_ms: u64,
+    pub last_seen: Option<Instant>,
+    pub disconnected_at: Option<Instant>,
 }
 
 /// Since when the node has been suspect, or `None` if it is healthy.
+/// `observed_from` is when the detector started observing (its start, or
+/// the end of a stall): nothing before it counts.
 pub fn suspect_since(
     h: Health,
-    started_ms: u64,
-    heartbeat_timeout_ms: u64,
-    now: u64,
-) -> Option<u64> {
-    if h.connected && now.saturating_sub(h.last_seen_ms) <= heartbeat_timeout_ms {
-        return None;
+    observed_from: Instant,
+    heartbeat_timeout: Duration,
+    now: Instant,
+) -> Option<Instant> {
+    let last_seen = h.last_seen.unwrap_or(observed_from).max(observed_from);
+    if h.connected {
+        let overdue = last_seen + heartbeat_timeout;
+        return (now > overdue).then_some(overdue);
     }
-    let since = if h.connected {
-        h.last_seen_ms + heartbeat_timeout_ms
-    } else {
-        h.disconnected_at_ms.max(h.last_seen_ms)
-    };
-    Some(since.max(started_ms))
+    let dropped = h.disconnected_at.unwrap_or(observed_from);
+    Some(dropped.max(last_seen))
 }
 
 /// Whether a node suspect since `since` has failed by `now`.
-pub fn has_failed(since: u64, grace_ms: u64, now: u64) -> bool {
-    now.saturating_sub(since) >= grace_ms
+pub fn has_failed(since: Instant, grace: Duration, now: Instant) -> bool {
+    now.saturating_duration_since(since) >= grace
 }
 
 /// A node that could take over a slot.
@@ -104,13 +122,6 @@ pub fn select_spare<'a>(
         .min_by(|a, b| a.node_id.cmp(&b.node_id))
 }
 
-/// A member's answer to "do you reach node X?".
-#[derive(Clone, Debug)]
-pub struct CheckAnswer {
-    pub reachable: bool,
-    pub error: String,
-}
-
 /// What `fail_over` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -133,9 +144,51 @@ impl Manager {
         let live = self.live_data(node_id)?;
         Ok(Health {
             connected: live.conn_id.is_some(),
-            last_seen_ms: live.last_seen_ms,
-            disconnected_at_ms: live.disconnected_at_ms,
+            last_seen: live.last_seen_at,
+            disconnected_at: live.disconnected_at,
         })
+    }
+
+    /// What `reporter` says of the other members of its pool. Entries about
+    /// anything but a current member of the reporter's own pool (another
+    /// pool, another tenant, a stale slot) are dropped: a node can only
+    /// speak about its own pool.
+    pub fn record_liveness(&self, reporter: &str, peers: Vec<PeerAlive>) {
+        let accepted: Vec<PeerAlive> = {
+            let Ok(r) = self.registry() else {
+                return;
+            };
+            let Some(pool) = r
+                .nodes
+                .get(reporter)
+                .filter(|n| !n.pool.is_empty())
+                .and_then(|n| r.pools.get(&PoolRecord::key(&n.tenant, &n.pool)))
+            else {
+                return;
+            };
+            if pool.member_of(reporter).is_none() {
+                return;
+            }
+            peers
+                .into_iter()
+                .filter(|p| {
+                    p.node_id != reporter
+                        && pool
+                            .members
+                            .get((p.slot as usize).wrapping_sub(1))
+                            .is_some_and(|m| m.node_id == p.node_id)
+                })
+                .collect()
+        };
+        let now = Instant::now();
+        let mut suspicion = false;
+        for p in &accepted {
+            self.liveness.record(reporter, p, now);
+            suspicion |= !p.reachable;
+        }
+        if suspicion {
+            self.detector_wake.notify_one();
+        }
     }
 
     /// Asks member `asker` whether it reaches `target` (slot, node, peer
@@ -150,7 +203,7 @@ impl Manager {
     ) -> Option<CheckAnswer> {
         let live = self.live_node(asker).ok()?;
         let (tx, rx) = oneshot::channel();
-        let id = self.register_check(tx);
+        let id = self.register_check(asker, tx);
         let command = Command::PeerCheck {
             request_id: id,
             slot,
@@ -330,178 +383,338 @@ impl Manager {
 /// Per-member state of the detector between rounds.
 #[derive(Default)]
 struct Episode {
+    /// NODE_SUSPECT recorded for this episode.
     announced: bool,
-    next_check_ms: u64,
+    /// Do not look at it again before this.
+    next_check: Option<Instant>,
 }
+
+/// What one decision task found.
+#[derive(Debug)]
+enum Verdict {
+    /// It answered the manager's ping: running, whatever its peers say.
+    Answered,
+    /// Members still reach it: cut off from the cloud, not failed.
+    ReachedBy,
+    /// Nobody could tell (no member answered in time): not failed over.
+    Unknown,
+    /// Failed over (or found already handled, or the pool degraded).
+    Handled,
+}
+
+/// How much later than planned a detector round may start before the
+/// detector counts the gap as time it did not observe.
+const STALL_SLACK: Duration = Duration::from_millis(1000);
 
 /// The detector: watches every pool member and fails over dead ones.
 pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken) {
     let cfg = manager.config().clone();
     let every = Duration::from_millis(u64::from(cfg.failure_check_ms));
-    let started = now_ms();
+    let heartbeat_timeout = Duration::from_millis(u64::from(cfg.heartbeat_timeout_ms));
+    let grace = Duration::from_millis(u64::from(cfg.failure_grace_ms));
+    let recheck = Duration::from_millis(u64::from(cfg.peer_recheck_ms));
+    let mut observed_from = Instant::now();
+    let mut last_round = Instant::now();
     let mut episodes: HashMap<(String, u32), Episode> = HashMap::new();
+    let mut deciding: HashSet<(String, u32)> = HashSet::new();
+    let mut tasks: JoinSet<((String, u32), Verdict)> = JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = manager.detector_wake.notified() => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok((key, verdict)) = done {
+                    deciding.remove(&key);
+                    let ep = episodes.entry(key).or_default();
+                    if !matches!(verdict, Verdict::Handled) {
+                        ep.next_check = Some(Instant::now() + recheck);
+                    }
+                }
+                continue;
+            }
         }
-        let pools: Vec<PoolRecord> = match manager.registry() {
-            Ok(r) => r.pools.values().cloned().collect(),
+        let now = Instant::now();
+        // Rounds are `every` apart: a much longer gap means this process
+        // was not running (stopped, starved). What happened meanwhile was
+        // not observed, so every member's clock starts again now.
+        if now.saturating_duration_since(last_round) > every + STALL_SLACK {
+            tracing::warn!(
+                gap_ms = now.saturating_duration_since(last_round).as_millis() as u64,
+                "failure detector was not running; restarting every member's timeout and grace"
+            );
+            observed_from = now;
+            episodes.clear();
+        }
+        last_round = now;
+        let pools: Vec<(String, String, Vec<MemberRecord>)> = match manager.registry() {
+            Ok(r) => r
+                .pools
+                .values()
+                .map(|p| (p.tenant.clone(), p.name.clone(), p.members.clone()))
+                .collect(),
             Err(_) => continue,
         };
-        let mut active = Vec::new();
-        for pool in &pools {
-            for m in &pool.members {
-                let key = (format!("{}/{}", pool.tenant, pool.name), m.slot);
+        let mut active = HashSet::new();
+        for (tenant, pool, members) in &pools {
+            let names: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
+            for m in members {
+                let key = (format!("{tenant}/{pool}"), m.slot);
                 let Ok(h) = manager.health(&m.node_id) else {
                     continue;
                 };
-                let now = now_ms();
-                let Some(since) =
-                    suspect_since(h, started, u64::from(cfg.heartbeat_timeout_ms), now)
-                else {
-                    continue;
-                };
-                active.push(key.clone());
-                if !has_failed(since, u64::from(cfg.failure_grace_ms), now) {
+                let peers = manager.liveness.view(&m.node_id, &names, now);
+                let own = suspect_since(h, observed_from, heartbeat_timeout, now);
+                if own.is_none() && peers == PeerView::Fine {
                     continue;
                 }
-                let ep = episodes.entry(key).or_default();
-                if now < ep.next_check_ms {
+                active.insert(key.clone());
+                if deciding.contains(&key) {
                     continue;
                 }
-                if cfg.peer_confirmation
-                    && let Some(reached_by) = confirm(&manager, pool, m, &cfg).await
-                {
-                    ep.next_check_ms = now + u64::from(cfg.peer_recheck_ms);
-                    if !ep.announced {
-                        ep.announced = true;
-                        record_cut_off(&manager, pool, m, &reached_by);
+                let ep = episodes.entry(key.clone()).or_default();
+                if ep.next_check.is_some_and(|t| now < t) {
+                    continue;
+                }
+                // Peers' path: decided at once (the ping runs while the
+                // grace passes, counted from their last success and never
+                // from before we were observing). Manager's path: after
+                // the grace.
+                let peers_deadline = match &peers {
+                    PeerView::Unreachable { last_alive, .. } => {
+                        Some((*last_alive).max(observed_from) + grace)
                     }
+                    PeerView::Fine => None,
+                };
+                let by_manager = own.is_some_and(|since| has_failed(since, grace, now));
+                if peers_deadline.is_none() && !by_manager {
                     continue;
                 }
-                ep.next_check_ms = now + u64::from(cfg.failure_grace_ms);
-                let (mgr, t, p, node, slot) = (
-                    manager.clone(),
-                    pool.tenant.clone(),
-                    pool.name.clone(),
-                    m.node_id.clone(),
-                    m.slot,
-                );
-                match tokio::task::spawn_blocking(move || mgr.fail_over(&t, &p, slot, &node, since))
-                    .await
-                {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "failover failed"),
-                    Err(e) => tracing::error!(error = %e, "failover task failed"),
+                let lost_at = match (&peers, own) {
+                    (PeerView::Unreachable { last_alive, .. }, _) => *last_alive,
+                    (PeerView::Fine, Some(since)) => since,
+                    (PeerView::Fine, None) => now,
+                };
+                let lost_at_ms = now_ms()
+                    .saturating_sub(now.saturating_duration_since(lost_at).as_millis() as u64);
+                let announce = !ep.announced;
+                ep.announced = true;
+                deciding.insert(key.clone());
+                let job = Decision {
+                    manager: manager.clone(),
+                    tenant: tenant.clone(),
+                    pool: pool.clone(),
+                    member: m.clone(),
+                    members: members.clone(),
+                    peers_deadline,
+                    lost_at_ms,
+                    announce,
+                };
+                tasks.spawn(async move { (key, job.run().await) });
+            }
+        }
+        episodes.retain(|k, _| active.contains(k) || deciding.contains(k));
+    }
+}
+
+/// One suspect member, decided on its own task.
+struct Decision {
+    manager: Arc<Manager>,
+    tenant: String,
+    pool: String,
+    member: MemberRecord,
+    members: Vec<MemberRecord>,
+    /// Its peers cannot reach it: fail it over at this moment unless it
+    /// answers the ping or a peer reaches it again first. `None`: only the
+    /// manager lost it.
+    peers_deadline: Option<Instant>,
+    lost_at_ms: u64,
+    /// First decision of this episode: record NODE_SUSPECT if it stays.
+    announce: bool,
+}
+
+impl Decision {
+    async fn run(self) -> Verdict {
+        let cfg = self.manager.config().clone();
+        let node = self.member.node_id.clone();
+        if let Some(deadline) = self.peers_deadline {
+            // Its peers cannot reach it. If it still answers the manager,
+            // it runs: a broken peer link is not a failure.
+            if let Ok(live) = self.manager.live_node(&node) {
+                let timeout = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
+                if live.ping(timeout).await {
+                    if self.announce {
+                        self.record_suspect(format!(
+                            "{node}'s peers cannot reach it, but it answers the manager: its peer links are broken; no failover"
+                        ));
+                    }
+                    return Verdict::Answered;
+                }
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+            // Still silent to its peers at the end of the grace, and to the
+            // manager too (any message on its stream is a sign of life: a
+            // slow machine answers late, it does not stop talking)?
+            let now = Instant::now();
+            let names: Vec<&str> = self.members.iter().map(|m| m.node_id.as_str()).collect();
+            if self.manager.liveness.view(&node, &names, now) == PeerView::Fine {
+                return Verdict::Answered;
+            }
+            let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
+            if self.manager.health(&node).is_ok_and(|h| {
+                h.connected
+                    && h.last_seen
+                        .is_some_and(|t| now.saturating_duration_since(t) < recent)
+            }) {
+                return Verdict::Answered;
+            }
+        } else if cfg.peer_confirmation {
+            match confirm(&self.manager, &self.members, &self.member, &cfg).await {
+                Confirmation::Unreachable => {}
+                Confirmation::ReachedBy(by) => {
+                    if self.announce {
+                        self.record_suspect(format!(
+                            "{node} lost its link to the manager but is reached by {}: cut off from the cloud, not failed; no failover",
+                            by.join(", ")
+                        ));
+                    }
+                    return Verdict::ReachedBy;
+                }
+                Confirmation::Unknown => {
+                    if self.announce {
+                        self.record_suspect(format!(
+                            "{node} lost its link to the manager and no other member could say whether it runs (no answer in time): not failing over without evidence"
+                        ));
+                    }
+                    return Verdict::Unknown;
                 }
             }
         }
-        episodes.retain(|k, _| active.contains(k));
+        let (mgr, t, p, slot, since) = (
+            self.manager.clone(),
+            self.tenant.clone(),
+            self.pool.clone(),
+            self.member.slot,
+            self.lost_at_ms,
+        );
+        match tokio::task::spawn_blocking(move || mgr.fail_over(&t, &p, slot, &node, since)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "failover failed"),
+            Err(e) => tracing::error!(error = %e, "failover task failed"),
+        }
+        Verdict::Handled
+    }
+
+    fn record_suspect(&self, message: String) {
+        tracing::warn!(node = %self.member.node_id, pool = %self.pool, "{message}");
+        let result = self.manager.mutate(|r| {
+            let e = EventRecord::new(&self.tenant, &self.pool, EventKind::NodeSuspect)
+                .node(&self.member.node_id, self.member.slot)
+                .message(message.clone());
+            r.events.push(e, now_ms());
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not record NODE_SUSPECT");
+        }
     }
 }
 
-/// Asks the other connected members whether they reach `m`; returns who
-/// does, or `None` if nobody does (or nobody could be asked).
+/// Asks the other connected members whether they reach `m`.
 async fn confirm(
     manager: &Arc<Manager>,
-    pool: &PoolRecord,
+    members: &[MemberRecord],
     m: &MemberRecord,
     cfg: &crate::config::ManagerConfig,
-) -> Option<Vec<String>> {
-    let address = manager
+) -> Confirmation {
+    let Some(address) = manager
         .registry()
-        .ok()?
-        .nodes
-        .get(&m.node_id)
-        .map(|n| n.peer_address.clone())?;
+        .ok()
+        .and_then(|r| r.nodes.get(&m.node_id).map(|n| n.peer_address.clone()))
+    else {
+        return Confirmation::Unknown;
+    };
     let timeout = Duration::from_millis(u64::from(cfg.peer_check_timeout_ms));
-    let asks = pool
-        .members
-        .iter()
-        .filter(|o| o.node_id != m.node_id)
-        .map(|o| {
-            let manager = manager.clone();
-            let (asker, target, address) = (o.node_id.clone(), m.node_id.clone(), address.clone());
-            let slot = m.slot;
-            async move {
-                let answer = manager
-                    .check_peer(&asker, slot, &target, &address, timeout)
-                    .await;
-                (asker, answer)
-            }
-        });
-    let answers = futures::future::join_all(asks).await;
-    let reached_by: Vec<String> = answers
-        .into_iter()
-        .filter(|(_, a)| a.as_ref().is_some_and(|a| a.reachable))
-        .map(|(asker, _)| asker)
-        .collect();
-    (!reached_by.is_empty()).then_some(reached_by)
-}
-
-fn record_cut_off(manager: &Manager, pool: &PoolRecord, m: &MemberRecord, reached_by: &[String]) {
-    let message = format!(
-        "{} lost its link to the manager but is reached by {}: cut off from the cloud, not failed; no failover",
-        m.node_id,
-        reached_by.join(", ")
-    );
-    tracing::warn!(node = %m.node_id, pool = %pool.name, "{message}");
-    let result = manager.mutate(|r| {
-        let e = EventRecord::new(&pool.tenant, &pool.name, EventKind::NodeSuspect)
-            .node(&m.node_id, m.slot)
-            .message(message.clone());
-        r.events.push(e, now_ms());
-        Ok(())
+    let asks = members.iter().filter(|o| o.node_id != m.node_id).map(|o| {
+        let manager = manager.clone();
+        let (asker, target, address) = (o.node_id.clone(), m.node_id.clone(), address.clone());
+        let slot = m.slot;
+        async move {
+            let answer = manager
+                .check_peer(&asker, slot, &target, &address, timeout)
+                .await;
+            (asker, answer)
+        }
     });
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not record NODE_SUSPECT");
-    }
+    let answers = futures::future::join_all(asks).await;
+    confirmation(&answers)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const HB: u64 = 3000;
+    const HB: Duration = Duration::from_millis(3000);
+    const GRACE: Duration = Duration::from_millis(1000);
 
-    fn h(connected: bool, last_seen: u64, disc: u64) -> Health {
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn h(t0: Instant, connected: bool, last_seen: u64, disc: Option<u64>) -> Health {
         Health {
             connected,
-            last_seen_ms: last_seen,
-            disconnected_at_ms: disc,
+            last_seen: Some(t0 + ms(last_seen)),
+            disconnected_at: disc.map(|d| t0 + ms(d)),
         }
     }
 
     #[test]
     fn connected_and_fresh_is_healthy() {
-        assert_eq!(suspect_since(h(true, 10_000, 0), 0, HB, 12_000), None);
-        assert_eq!(suspect_since(h(true, 10_000, 0), 0, HB, 13_000), None);
+        let t0 = Instant::now();
+        assert_eq!(
+            suspect_since(h(t0, true, 10_000, None), t0, HB, t0 + ms(12_000)),
+            None
+        );
+        assert_eq!(
+            suspect_since(h(t0, true, 10_000, None), t0, HB, t0 + ms(13_000)),
+            None
+        );
     }
 
     #[test]
     fn overdue_heartbeats_make_a_connected_node_suspect() {
+        let t0 = Instant::now();
         assert_eq!(
-            suspect_since(h(true, 10_000, 0), 0, HB, 13_001),
-            Some(13_000)
+            suspect_since(h(t0, true, 10_000, None), t0, HB, t0 + ms(13_001)),
+            Some(t0 + ms(13_000))
         );
     }
 
     #[test]
     fn a_dropped_stream_is_suspect_at_once_and_failed_after_the_grace() {
-        let since = suspect_since(h(false, 10_000, 10_200), 0, HB, 10_300).unwrap();
-        assert_eq!(since, 10_200);
-        assert!(!has_failed(since, 1000, 11_199));
-        assert!(has_failed(since, 1000, 11_200));
+        let t0 = Instant::now();
+        let since =
+            suspect_since(h(t0, false, 10_000, Some(10_200)), t0, HB, t0 + ms(10_300)).unwrap();
+        assert_eq!(since, t0 + ms(10_200));
+        assert!(!has_failed(since, GRACE, t0 + ms(11_199)));
+        assert!(has_failed(since, GRACE, t0 + ms(11_200)));
     }
 
     #[test]
-    fn after_a_manager_restart_the_grace_starts_at_the_restart() {
-        // Never seen since the restart at 50_000.
-        let since = suspect_since(h(false, 0, 0), 50_000, HB, 50_500).unwrap();
-        assert_eq!(since, 50_000);
-        assert!(!has_failed(since, 1000, 50_900));
-        assert!(has_failed(since, 1000, 51_000));
+    fn time_not_observed_is_not_evidence() {
+        // After a restart at 50 s, or a stall that ended then, a node last
+        // seen long before gets the whole timeout and grace from 50 s on.
+        let t0 = Instant::now();
+        let observed = t0 + ms(50_000);
+        let stale = h(t0, true, 1_000, None);
+        assert_eq!(suspect_since(stale, observed, HB, t0 + ms(52_000)), None);
+        let since = suspect_since(stale, observed, HB, t0 + ms(53_500)).unwrap();
+        assert_eq!(since, t0 + ms(53_000));
+        let never = Health::default();
+        let since = suspect_since(never, observed, HB, t0 + ms(50_500)).unwrap();
+        assert_eq!(since, observed);
+        assert!(!has_failed(since, GRACE, t0 + ms(50_900)));
     }
 
     fn cand(id: &str, free: bool, connected: bool, cpu: u64, labels: &[(&str, &str)]) -> Candidate {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dev;
 pub mod events;
 pub mod failover;
+pub mod liveness;
 pub mod manager;
 pub mod model;
 pub mod partition;

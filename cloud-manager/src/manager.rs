@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use edgepool_common::identity::Identity;
 
@@ -62,6 +63,8 @@ pub enum Command {
         node_id: String,
         peer_address: String,
     },
+    /// Are you running? The agent answers with a Pong of the same nonce.
+    Ping { nonce: u64 },
 }
 
 /// Live (not persisted) state of one node's connection.
@@ -72,6 +75,12 @@ pub struct LiveNode {
     assign: watch::Sender<Option<Arc<NodeAssignment>>>,
     /// Commands for the node's current stream session, if it has one.
     commands: Mutex<Option<mpsc::Sender<Command>>>,
+    /// Pings sent to this node and not answered yet, by nonce. Only this
+    /// node's own stream can answer them.
+    pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Woken whenever `conn_id` changes, so a replaced or ended session
+    /// stops at once (`ended`).
+    stream_change: tokio::sync::Notify,
 }
 
 impl Default for LiveNode {
@@ -80,6 +89,8 @@ impl Default for LiveNode {
             inner: Mutex::new(LiveData::default()),
             assign: watch::channel(None).0,
             commands: Mutex::new(None),
+            pings: Mutex::new(HashMap::new()),
+            stream_change: tokio::sync::Notify::new(),
         }
     }
 }
@@ -94,6 +105,17 @@ pub struct LiveData {
     pub report: Option<AppReport>,
     /// When the last stream closed (0: never since the manager started).
     pub disconnected_at_ms: u64,
+    /// The same two moments on the monotonic clock, for failure detection:
+    /// a wall-clock jump must never make a node look silent.
+    pub last_seen_at: Option<Instant>,
+    pub disconnected_at: Option<Instant>,
+}
+
+impl LiveData {
+    fn touch(&mut self) {
+        self.last_seen_ms = now_ms();
+        self.last_seen_at = Some(Instant::now());
+    }
 }
 
 impl LiveNode {
@@ -108,13 +130,28 @@ impl LiveNode {
         self.lock().conn_id == Some(conn_id)
     }
 
+    /// Resolves once `conn_id` is no longer the node's current stream (a
+    /// newer stream replaced it, or the manager ended it).
+    pub async fn ended(&self, conn_id: u64) {
+        loop {
+            let changed = self.stream_change.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so no change is missed.
+            changed.as_mut().enable();
+            if !self.is_current(conn_id) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     pub fn seen(&self) {
-        self.lock().last_seen_ms = now_ms();
+        self.lock().touch();
     }
 
     pub fn record_sample(&self, sample: Sample) {
         let mut l = self.lock();
-        l.last_seen_ms = now_ms();
+        l.touch();
         l.sample = Some(sample);
     }
 
@@ -125,8 +162,41 @@ impl LiveNode {
     /// Stores a new report and returns the previous one.
     pub fn swap_report(&self, report: AppReport) -> Option<AppReport> {
         let mut l = self.lock();
-        l.last_seen_ms = now_ms();
+        l.touch();
         l.report.replace(report)
+    }
+
+    /// Sends a Ping over the node's current stream and waits up to
+    /// `timeout` for its Pong. False if there is no stream, the session is
+    /// not keeping up, or no answer came in time.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let nonce = crate::random::u64();
+        let (tx, rx) = oneshot::channel();
+        self.pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(nonce, tx);
+        let answered = self.send_command(Command::Ping { nonce })
+            && tokio::time::timeout(timeout, rx)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        self.pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nonce);
+        answered
+    }
+
+    /// A Pong from this node's stream.
+    pub fn pong(&self, nonce: u64) {
+        let waiter = self
+            .pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&nonce);
+        if let Some(tx) = waiter {
+            let _ = tx.send(());
+        }
     }
 
     pub fn subscribe_assignment(&self) -> watch::Receiver<Option<Arc<NodeAssignment>>> {
@@ -168,8 +238,12 @@ pub struct Manager {
     live: RwLock<HashMap<String, Arc<LiveNode>>>,
     next_conn: AtomicU64,
     events: broadcast::Sender<Arc<EventRecord>>,
-    checks: Mutex<HashMap<u64, oneshot::Sender<crate::failover::CheckAnswer>>>,
-    next_check: AtomicU64,
+    /// Open peer checks: random id -> (the node asked, where its answer goes).
+    checks: Mutex<HashMap<u64, (String, oneshot::Sender<crate::liveness::CheckAnswer>)>>,
+    /// What members say of each other's liveness (see `failover`).
+    pub(crate) liveness: crate::liveness::LivenessBook,
+    /// Wakes the failure detector at once (a member was reported unreachable).
+    pub(crate) detector_wake: tokio::sync::Notify,
 }
 
 impl Manager {
@@ -184,7 +258,8 @@ impl Manager {
             next_conn: AtomicU64::new(1),
             events: broadcast::channel(1024).0,
             checks: Mutex::new(HashMap::new()),
-            next_check: AtomicU64::new(1),
+            liveness: crate::liveness::LivenessBook::default(),
+            detector_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -220,12 +295,18 @@ impl Manager {
         Ok(out)
     }
 
-    pub(crate) fn register_check(&self, tx: oneshot::Sender<crate::failover::CheckAnswer>) -> u64 {
-        let id = self.next_check.fetch_add(1, Ordering::Relaxed);
-        self.checks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+    /// Registers a peer check sent to `asker`, under an unguessable id.
+    pub(crate) fn register_check(
+        &self,
+        asker: &str,
+        tx: oneshot::Sender<crate::liveness::CheckAnswer>,
+    ) -> u64 {
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut id = crate::random::u64();
+        while id == 0 || checks.contains_key(&id) {
+            id = crate::random::u64();
+        }
+        checks.insert(id, (asker.to_string(), tx));
         id
     }
 
@@ -236,15 +317,20 @@ impl Manager {
             .remove(&id);
     }
 
-    /// An agent's answer to a peer check.
-    pub fn answer_check(&self, id: u64, answer: crate::failover::CheckAnswer) {
-        let tx = self
-            .checks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        if let Some(tx) = tx {
-            let _ = tx.send(answer);
+    /// An agent's answer to a peer check. Only the node that was asked can
+    /// answer it; an answer from any other node is dropped (and logged).
+    pub fn answer_check(&self, from: &str, id: u64, answer: crate::liveness::CheckAnswer) {
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        match checks.get(&id) {
+            Some((asker, _)) if asker == from => {
+                if let Some((_, tx)) = checks.remove(&id) {
+                    let _ = tx.send(answer);
+                }
+            }
+            Some(_) => {
+                tracing::warn!(node = %from, "dropped an answer to a peer check sent to another node")
+            }
+            None => tracing::debug!(node = %from, "answer to an unknown or expired peer check"),
         }
     }
 
@@ -304,6 +390,11 @@ impl Manager {
     }
 
     /// Redeems a join token: signs the node's CSR and records the node.
+    ///
+    /// A forced re-enrollment of a pool member also re-issues its member
+    /// certificate for the new key and bumps the pool generation, in the
+    /// same registry change; then the node's old stream is ended and every
+    /// member gets the new assignment (`reissue_member_for_new_key`).
     pub fn enroll(
         &self,
         token: &str,
@@ -312,7 +403,7 @@ impl Manager {
         force: bool,
     ) -> Result<EnrollGrant, ManagerError> {
         let validity = time::Duration::hours(i64::from(self.config.node_cert_validity_hours));
-        let grant = self.mutate(|r| {
+        let (grant, replaces, push) = self.mutate(|r| {
             let now = now_ms();
             let plan = r.plan_enroll(token, node_id, force, now)?;
             let identity = Identity::Node {
@@ -332,16 +423,28 @@ impl Manager {
                     }),
                 now,
             );
-            Ok(EnrollGrant {
+            let push = if plan.replaces {
+                self.reissue_member_for_new_key(r, &plan.node_id, &issued.cert_pem, now)?
+            } else {
+                Vec::new()
+            };
+            let grant = EnrollGrant {
                 node_id: plan.node_id.clone(),
                 tenant: plan.tenant.clone(),
                 trust_domain: self.config.trust_domain.clone(),
                 cert_pem: issued.cert_pem,
                 ca_pem: self.ca.cert_pem().to_string(),
                 labels: plan.labels,
-            })
+            };
+            Ok((grant, plan.replaces, push))
         })?;
         tracing::info!(node = %grant.node_id, tenant = %grant.tenant, force, "node enrolled");
+        if replaces {
+            // The old stream belongs to the replaced certificate: end it
+            // before the new assignment (for the new key) goes out.
+            self.end_stream(&grant.node_id)?;
+        }
+        self.push_assignments(push.iter().map(String::as_str))?;
         Ok(grant)
     }
 
@@ -392,8 +495,10 @@ impl Manager {
         {
             let mut l = live.lock();
             l.conn_id = Some(conn_id);
-            l.last_seen_ms = now_ms();
+            l.touch();
         }
+        // An older session of this node ends now (not at its next message).
+        live.stream_change.notify_waiters();
         tracing::info!(node = %node_id, conn_id, peer = %hello.peer_address, "agent connected");
         Ok((conn_id, live))
     }
@@ -404,8 +509,26 @@ impl Manager {
         if l.conn_id == Some(conn_id) {
             l.conn_id = None;
             l.disconnected_at_ms = now_ms();
+            l.disconnected_at = Some(Instant::now());
+            drop(l);
+            live.stream_change.notify_waiters();
+            // What it said of its peers is no longer current.
+            self.liveness.forget_reporter(node_id);
             tracing::info!(node = %node_id, conn_id, "agent disconnected");
         }
+    }
+
+    /// Ends the node's current stream, if it has one, at once: its session
+    /// stops (`LiveNode::ended`) and the agent must connect again, which a
+    /// replaced certificate no longer can.
+    pub(crate) fn end_stream(&self, node_id: &str) -> Result<(), ManagerError> {
+        let live = self.live_node(node_id)?;
+        let current = live.lock().conn_id;
+        if let Some(conn_id) = current {
+            tracing::info!(node = %node_id, conn_id, "ending the stream of a re-enrolled node");
+            self.close_stream(node_id, &live, conn_id);
+        }
+        Ok(())
     }
 
     pub(crate) fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {

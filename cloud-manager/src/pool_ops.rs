@@ -438,52 +438,35 @@ impl Manager {
             .iter()
             .filter(|a| !matches!(a.state, AppRunState::Stopped))
             .count();
+        // A failed-over node heard from again on a stream that never
+        // dropped (it was frozen, or cut and healed quickly) is fenced just
+        // as if it had reconnected.
+        if let Err(e) = self.fence_if_failed(node_id) {
+            tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
+        }
         if let Err(e) = self.release_fenced(node_id, running_apps) {
             tracing::warn!(node = %node_id, error = %e, "could not release a fenced node");
         }
-        let known = match self.registry() {
-            Ok(r) => r.nodes.get(node_id).and_then(|n| {
-                r.pools
-                    .get(&PoolRecord::key(&n.tenant, &report.pool))
-                    .and_then(|p| {
-                        let slot = p.member_of(node_id)?.slot;
-                        Some((p.tenant.clone(), p.running.clone(), slot))
-                    })
-            }),
-            Err(_) => None,
+        // A cheap look first (most reports change nothing), then the real
+        // work inside `mutate`, computed from the registry as it is there:
+        // reports of several nodes can arrive at once, and each must see
+        // the others' changes (no lost or doubled events).
+        let changed = match self.registry() {
+            Ok(r) => report_changes(&r, node_id, &report, previous.as_ref()).is_some(),
+            Err(_) => false,
         };
-        let Some((tenant, running, slot)) = known else {
-            return;
-        };
-        let changes = app_changes(node_id, &report, previous.as_ref(), &running);
-        let done = self.failover_done(&tenant, &report, node_id, slot);
-        let seen = self
-            .registry()
-            .ok()
-            .and_then(|r| {
-                r.pools
-                    .get(&PoolRecord::key(&tenant, &report.pool))
-                    .and_then(|p| p.offloads_seen.get(node_id).copied())
-            })
-            .unwrap_or(0);
-        let offloads: Vec<&crate::model::OffloadRec> = report
-            .offloads
-            .iter()
-            .filter(|o| o.triggered_at_ms > seen)
-            .collect();
-        if changes.events.is_empty()
-            && changes.running == running
-            && done.is_none()
-            && offloads.is_empty()
-        {
+        if !changed {
             return;
         }
-        let pool = report.pool.clone();
         let result = self.mutate(|r| {
+            let Some(c) = report_changes(r, node_id, &report, previous.as_ref()) else {
+                return Ok(());
+            };
+            let (tenant, pool, slot) = (c.tenant, report.pool.clone(), c.slot);
             let now = now_ms();
             // App events first: a failover is done (and an offload shown)
             // once the apps it started are.
-            for (kind, app, message) in changes.events {
+            for (kind, app, message) in c.apps.events {
                 r.events.push(
                     EventRecord::new(&tenant, &pool, kind)
                         .node(node_id, slot)
@@ -493,8 +476,8 @@ impl Manager {
                 );
             }
             if let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) {
-                p.running = changes.running;
-                for o in &offloads {
+                p.running = c.apps.running;
+                for o in &c.offloads {
                     let message = if o.resource == "return-home" {
                         format!("{} returned home from {} to {}", o.app, o.from_node, o.to_node)
                     } else {
@@ -517,7 +500,7 @@ impl Manager {
                     let newest = p.offloads_seen.entry(node_id.to_string()).or_default();
                     *newest = (*newest).max(o.triggered_at_ms);
                 }
-                if let Some((from, lost_at)) = &done {
+                if let Some((from, lost_at)) = &c.done {
                     p.inflight.retain(|f| !(f.slot == slot && f.node_id == node_id));
                     let e = EventRecord::new(&tenant, &pool, EventKind::FailoverDone)
                         .node(node_id, slot)
@@ -535,28 +518,56 @@ impl Manager {
         }
     }
 
-    /// If `node_id` is the target of an in-flight failover of `slot` and the
-    /// report shows its whole group running: (from node, lost at).
-    fn failover_done(
+    /// Part of a forced re-enrollment (`join --force`), inside the same
+    /// registry change: `node_id` now holds a new key (identity certificate
+    /// `node_cert_pem`), so if it is a pool member its slot gets a member
+    /// certificate for that key at once (same slot, member generation + 1,
+    /// pool generation + 1; the old serial is refused by peers as soon as
+    /// the new membership arrives). Returns the nodes whose assignment
+    /// changed (every member of the pool), empty if it is no member.
+    pub(crate) fn reissue_member_for_new_key(
         &self,
-        tenant: &str,
-        report: &AppReport,
+        r: &mut Registry,
         node_id: &str,
-        slot: u32,
-    ) -> Option<(String, u64)> {
-        let r = self.registry().ok()?;
-        let p = r.pools.get(&PoolRecord::key(tenant, &report.pool))?;
-        let f = p
-            .inflight
-            .iter()
-            .find(|f| f.slot == slot && f.node_id == node_id)?;
-        let all_running = p.group(slot).iter().all(|a| {
-            report
-                .apps
-                .iter()
-                .any(|run| run.name == a.name && run.state == AppRunState::Running && run.pid != 0)
-        });
-        all_running.then(|| (f.from_node.clone(), f.lost_at_ms))
+        node_cert_pem: &str,
+        now: u64,
+    ) -> Result<Vec<String>, ManagerError> {
+        let Some((tenant, pool)) = r
+            .nodes
+            .get(node_id)
+            .filter(|n| !n.pool.is_empty())
+            .map(|n| (n.tenant.clone(), n.pool.clone()))
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(p) = r.pools.get_mut(&PoolRecord::key(&tenant, &pool)) else {
+            return Ok(Vec::new());
+        };
+        let Some(m) = p.members.iter_mut().find(|m| m.node_id == node_id) else {
+            return Ok(Vec::new());
+        };
+        let identity = self.member_identity(&tenant, &pool, m.slot);
+        let cert = issue_member(
+            &self.ca,
+            &p.ca,
+            &identity,
+            node_cert_pem,
+            self.member_validity(),
+        )?;
+        let old_serial = std::mem::replace(&mut m.cert_serial, cert.serial_hex);
+        m.cert_pem = cert.cert_pem;
+        m.cert_not_after_ms = cert.not_after_ms;
+        m.generation += 1;
+        let (slot, generation) = (m.slot, m.generation);
+        p.generation += 1;
+        let push = p.members.iter().map(|m| m.node_id.clone()).collect();
+        let e = EventRecord::new(&tenant, &pool, EventKind::CertRenewed)
+            .node(node_id, slot)
+            .message(format!(
+                "member certificate of slot {slot} re-issued for {node_id}'s new key (join --force), generation {generation}; the old certificate {old_serial} is refused from now on"
+            ));
+        r.events.push(e, now);
+        Ok(push)
     }
 
     /// Renews member certificates with less than a third of their lifetime
@@ -637,6 +648,59 @@ fn members_view(r: &Registry, pool: &PoolRecord) -> Vec<MemberView> {
                 .unwrap_or_default(),
         })
         .collect()
+}
+
+/// Everything one app report changes in the registry, or `None` if it
+/// changes nothing (or the node is no member of the reported pool).
+struct ReportChanges {
+    tenant: String,
+    slot: u32,
+    apps: AppChanges,
+    /// The failover to this node is done: (from node, lost at).
+    done: Option<(String, u64)>,
+    offloads: Vec<crate::model::OffloadRec>,
+}
+
+fn report_changes(
+    r: &Registry,
+    node_id: &str,
+    report: &AppReport,
+    previous: Option<&AppReport>,
+) -> Option<ReportChanges> {
+    let n = r.nodes.get(node_id)?;
+    let p = r.pools.get(&PoolRecord::key(&n.tenant, &report.pool))?;
+    let slot = p.member_of(node_id)?.slot;
+    let apps = app_changes(node_id, report, previous, &p.running);
+    let done = p
+        .inflight
+        .iter()
+        .find(|f| f.slot == slot && f.node_id == node_id)
+        .filter(|_| {
+            p.group(slot).iter().all(|a| {
+                report.apps.iter().any(|run| {
+                    run.name == a.name && run.state == AppRunState::Running && run.pid != 0
+                })
+            })
+        })
+        .map(|f| (f.from_node.clone(), f.lost_at_ms));
+    let seen = p.offloads_seen.get(node_id).copied().unwrap_or(0);
+    let offloads: Vec<crate::model::OffloadRec> = report
+        .offloads
+        .iter()
+        .filter(|o| o.triggered_at_ms > seen)
+        .cloned()
+        .collect();
+    if apps.events.is_empty() && apps.running == p.running && done.is_none() && offloads.is_empty()
+    {
+        return None;
+    }
+    Some(ReportChanges {
+        tenant: p.tenant.clone(),
+        slot,
+        apps,
+        done,
+        offloads,
+    })
 }
 
 /// What a new report changes: the running set of this node's apps and the

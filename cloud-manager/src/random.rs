@@ -16,3 +16,10 @@ pub fn hex_token(n: usize) -> String {
     fill(&mut buf);
     edgepool_common::identity::hex(&buf)
 }
+
+/// A random 64-bit number (request ids, nonces).
+pub fn u64() -> u64 {
+    let mut buf = [0u8; 8];
+    fill(&mut buf);
+    u64::from_le_bytes(buf)
+}

@@ -131,12 +131,22 @@ pub struct RunArgs {
     /// How often pool members probe each other (ms, default 2000).
     #[arg(long, env = "EDGE_AGENT_PEER_PROBE_INTERVAL_MS")]
     pub peer_probe_interval_ms: Option<u64>,
+    /// How often pool members check that each other answers (ms, default 200).
+    #[arg(long, env = "EDGE_AGENT_PEER_LIVENESS_INTERVAL_MS")]
+    pub peer_liveness_interval_ms: Option<u64>,
+    /// A member silent this long is reported unreachable (ms, default 600).
+    #[arg(long, env = "EDGE_AGENT_PEER_SUSPECT_MS")]
+    pub peer_suspect_ms: Option<u64>,
     /// Stop the apps when the agent stops gracefully (true/false, default true).
     #[arg(long, env = "EDGE_AGENT_STOP_APPS_ON_EXIT")]
     pub stop_apps_on_exit: Option<bool>,
     /// How often the threshold policy is evaluated (ms, default 1000).
     #[arg(long, env = "EDGE_AGENT_SCHEDULER_INTERVAL_MS")]
     pub scheduler_interval_ms: Option<u64>,
+    /// Offload reconciliation interval in ms: the lease of an offloaded app
+    /// on its host (default 6000; see agent.example.toml).
+    #[arg(long, env = "EDGE_AGENT_OFFLOAD_LEASE_MS")]
+    pub offload_lease_ms: Option<u64>,
     /// Network accounting: interface (default) or process.
     #[arg(long, env = "EDGE_AGENT_NETWORK_ACCOUNTING")]
     pub network_accounting: Option<crate::offload::NetworkAccounting>,
@@ -206,6 +216,12 @@ impl RunArgs {
         if let Some(v) = self.peer_probe_interval_ms {
             c.peer_probe_interval_ms = v;
         }
+        if let Some(v) = self.peer_liveness_interval_ms {
+            c.peer_liveness_interval_ms = v;
+        }
+        if let Some(v) = self.peer_suspect_ms {
+            c.peer_suspect_ms = v;
+        }
         if let Some(v) = self.stop_apps_on_exit {
             c.stop_apps_on_exit = v;
         }
@@ -214,6 +230,9 @@ impl RunArgs {
         }
         if let Some(v) = self.scheduler_interval_ms {
             c.scheduler_interval_ms = v;
+        }
+        if let Some(v) = self.offload_lease_ms {
+            c.offload_lease_ms = v;
         }
         if let Some(v) = self.network_accounting {
             c.network_accounting = v;

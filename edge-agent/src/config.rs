@@ -33,9 +33,16 @@ pub struct AgentConfig {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay (exponential backoff, jittered). Default 10000.
     pub reconnect_max_ms: u64,
-    /// How often a pool member probes the other members' peer ports.
+    /// How often a pool member probes the other members' peer ports for
+    /// their capacity and usage (offload decisions, `GetNode.peers`).
     /// Default 2000.
     pub peer_probe_interval_ms: u64,
+    /// How often a pool member checks that the other members answer
+    /// (liveness, for fast failure detection). Default 200.
+    pub peer_liveness_interval_ms: u64,
+    /// A member that has not answered for this long is reported to the
+    /// manager as unreachable (which then pings it). Default 600.
+    pub peer_suspect_ms: u64,
     /// Stop the apps when the agent stops gracefully (SIGINT/SIGTERM). If
     /// false they keep running and the next agent start adopts them. A
     /// crashed agent never stops them. Default true.
@@ -45,6 +52,12 @@ pub struct AgentConfig {
     pub isolation_lease_ms: u64,
     /// How often the threshold policy is evaluated (ms). Default 1000.
     pub scheduler_interval_ms: u64,
+    /// The offload reconciliation interval (ms): the lease an offloaded app
+    /// runs under on its host. The owner renews it every third of this; a
+    /// host stops a guest not renewed for this long, and an owner that
+    /// could not renew for this long runs the app at home again. No app
+    /// runs on two nodes for longer than this. Default 6000.
+    pub offload_lease_ms: u64,
     /// How the node's network use is measured: `interface` (rx+tx of the
     /// measured interfaces; one agent per machine) or `process` (each app's
     /// socket I/O; for several agents on one machine). Default `interface`.
@@ -88,9 +101,12 @@ impl Default for AgentConfig {
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
             peer_probe_interval_ms: 2000,
+            peer_liveness_interval_ms: 200,
+            peer_suspect_ms: 600,
             stop_apps_on_exit: true,
             isolation_lease_ms: 10_000,
             scheduler_interval_ms: 1000,
+            offload_lease_ms: 6000,
             network_accounting: crate::offload::NetworkAccounting::Interface,
             reserve: CapacityConfig::default(),
             log_format: LogFormat::Plain,
@@ -143,8 +159,28 @@ impl AgentConfig {
         if self.peer_probe_interval_ms < 100 {
             return Err(invalid("peer_probe_interval_ms", "must be at least 100"));
         }
+        if !(50..=60_000).contains(&self.peer_liveness_interval_ms) {
+            return Err(invalid(
+                "peer_liveness_interval_ms",
+                "must be between 50 and 60000",
+            ));
+        }
+        if self.peer_suspect_ms < 2 * self.peer_liveness_interval_ms
+            || self.peer_suspect_ms > 600_000
+        {
+            return Err(invalid(
+                "peer_suspect_ms",
+                "must be at least twice peer_liveness_interval_ms and at most 600000",
+            ));
+        }
         if self.scheduler_interval_ms < 50 {
             return Err(invalid("scheduler_interval_ms", "must be at least 50"));
+        }
+        if !(300..=crate::offload::MAX_LEASE_MS).contains(&self.offload_lease_ms) {
+            return Err(invalid(
+                "offload_lease_ms",
+                "must be between 300 and 3600000",
+            ));
         }
         if self.reconnect_min_ms == 0 {
             return Err(invalid("reconnect_min_ms", "must be > 0"));

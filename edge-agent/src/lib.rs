@@ -24,7 +24,7 @@ use anyhow::Context;
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
@@ -36,16 +36,20 @@ pub struct Agent {
     info: NodeInfo,
     shared: Arc<node::Shared>,
     uplink: Uplink,
-    assignments: mpsc::Receiver<pb::Assignment>,
+    assignments: watch::Receiver<Option<pb::Assignment>>,
     peer_listener: TcpListener,
     peer_addr: SocketAddr,
     link: watch::Receiver<LinkState>,
     probe_every: Duration,
+    liveness_every: Duration,
+    suspect_after: Duration,
+    liveness_tx: watch::Sender<peer::Liveness>,
     stop_apps_on_exit: bool,
     isolation_lease: Duration,
     scheduler_every: Duration,
     network_accounting: offload::NetworkAccounting,
     reserve: [u64; 5],
+    measurer: telemetry::Measurer,
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -89,24 +93,32 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         config.data_dir.join("apps"),
         runtime::RuntimeOptions::default(),
     );
-    let shared = Arc::new(node::Shared::new(
-        info.clone(),
-        data,
-        ca,
-        chain,
-        key,
-        runtime,
-        sampler.capacity(),
-    )?);
+    let shared = Arc::new(
+        node::Shared::new(
+            info.clone(),
+            data,
+            ca,
+            chain,
+            key,
+            runtime,
+            sampler.capacity(),
+        )?
+        .with_offload_settings(offload::Settings::new(
+            config.offload_lease_ms,
+            config.scheduler_interval_ms,
+        )),
+    );
+    let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
     let (state, link) = watch::channel(LinkState::Disconnected);
-    let (assign_tx, assignments) = mpsc::channel(16);
+    let (liveness_tx, liveness) = watch::channel(peer::Liveness::default());
+    let (assign_tx, assignments) = watch::channel(None);
     let uplink = Uplink {
         shared: shared.clone(),
         assignments: assign_tx,
         manager,
         tls: Arc::new(client_tls),
         hello,
-        sampler: Some(sampler),
+        measurements,
         telemetry_interval: Duration::from_millis(u64::from(config.telemetry_interval_ms)),
         heartbeat_interval: Duration::from_millis(u64::from(config.heartbeat_interval_ms)),
         backoff: backoff::Backoff::new(
@@ -114,6 +126,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
             Duration::from_millis(config.reconnect_max_ms),
         ),
         state,
+        liveness,
     };
     Ok(Agent {
         info,
@@ -124,10 +137,14 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         peer_addr,
         link,
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
+        liveness_every: Duration::from_millis(config.peer_liveness_interval_ms),
+        suspect_after: Duration::from_millis(config.peer_suspect_ms),
+        liveness_tx,
         stop_apps_on_exit: config.stop_apps_on_exit,
         isolation_lease: Duration::from_millis(config.isolation_lease_ms),
         scheduler_every: Duration::from_millis(config.scheduler_interval_ms),
         network_accounting: config.network_accounting,
+        measurer,
         reserve: [
             config.reserve.cpu_millis,
             config.reserve.memory_mb,
@@ -179,7 +196,15 @@ impl Agent {
             self.probe_every,
             shutdown.clone(),
         ));
+        let liveness = tokio::spawn(peer::liveness_loop(
+            shared.clone(),
+            self.liveness_every,
+            self.suspect_after,
+            self.liveness_tx,
+            shutdown.clone(),
+        ));
         let applier = tokio::spawn(apply_loop(shared.clone(), self.assignments));
+        let measurer = tokio::spawn(self.measurer.run(shutdown.clone()));
         let scheduler = tokio::spawn(offload::scheduler_loop(
             shared.clone(),
             self.scheduler_every,
@@ -187,6 +212,8 @@ impl Agent {
             self.reserve,
             shutdown.clone(),
         ));
+        let reconciler = tokio::spawn(offload::reconcile_loop(shared.clone(), shutdown.clone()));
+        let leases = tokio::spawn(offload::lease_loop(shared.clone(), shutdown.clone()));
         let isolation = tokio::spawn(isolation_loop(
             shared.clone(),
             self.link.clone(),
@@ -195,9 +222,13 @@ impl Agent {
         ));
         self.uplink.run(shutdown.clone()).await;
         let _ = prober.await;
+        let _ = liveness.await;
         let _ = isolation.await;
         let _ = scheduler.await;
+        let _ = reconciler.await;
+        let _ = leases.await;
         applier.abort();
+        let _ = measurer.await;
         if self.stop_apps_on_exit {
             shared.runtime.stop_all().await;
         }
@@ -210,10 +241,15 @@ impl Agent {
     }
 }
 
-/// Applies assignments from the manager, in order, until the uplink ends.
-async fn apply_loop(shared: Arc<node::Shared>, mut rx: mpsc::Receiver<pb::Assignment>) {
-    while let Some(a) = rx.recv().await {
-        if let Err(e) = shared.apply(a, node::Source::Manager).await {
+/// Applies the latest assignment from the manager, until the uplink ends.
+/// One that a newer one replaced before it was applied is skipped (each is
+/// the whole desired state); the stream never waits for this.
+async fn apply_loop(shared: Arc<node::Shared>, mut rx: watch::Receiver<Option<pb::Assignment>>) {
+    while rx.changed().await.is_ok() {
+        let latest = rx.borrow_and_update().clone();
+        if let Some(a) = latest
+            && let Err(e) = shared.apply(a, node::Source::Manager).await
+        {
             tracing::warn!(error = %e, "could not apply the assignment");
         }
     }

@@ -17,6 +17,7 @@
 //!   than the isolation lease, apps whose `on_disconnect` is STOP are
 //!   stopped (and started again when the node is back in touch).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use edgepool_common::proto as pb;
@@ -69,6 +70,11 @@ pub struct Shared {
     applied: Mutex<Option<pb::Assignment>>,
     gates: Mutex<Gates>,
     offload: Mutex<crate::offload::OffloadState>,
+    offload_settings: crate::offload::Settings,
+    /// Wakes the offload reconciliation (a release to send, a changed group).
+    offload_kick: tokio::sync::Notify,
+    /// Each running app's usage as the scheduler measured it last.
+    app_usage: Mutex<BTreeMap<String, [u64; 5]>>,
     need: Mutex<[u64; 5]>,
     interface_kbps: Mutex<u64>,
     /// Serialises reconciles coming from assignments, confirmations and
@@ -129,6 +135,9 @@ impl Shared {
             applied: Mutex::new(None),
             gates: Mutex::new(Gates::default()),
             offload: Mutex::new(offload),
+            offload_settings: crate::offload::Settings::default(),
+            offload_kick: tokio::sync::Notify::new(),
+            app_usage: Mutex::new(BTreeMap::new()),
             need: Mutex::new([0; 5]),
             interface_kbps: Mutex::new(0),
             sync: tokio::sync::Mutex::new(()),
@@ -161,8 +170,49 @@ impl Shared {
         *lock(&self.need) = need;
     }
 
-    pub fn need(&self) -> [u64; 5] {
+    /// The need as measured, without admission reservations.
+    pub fn measured_need(&self) -> [u64; 5] {
         *lock(&self.need)
+    }
+
+    /// The need peers see (Probe) and admission starts from: the measured
+    /// need plus what is reserved for guests not measured yet.
+    pub fn need(&self) -> [u64; 5] {
+        let window = self.offload_settings.reservation.as_millis() as u64;
+        let reservations = lock(&self.offload).reservations(&self.app_usage(), None);
+        crate::scheduler::add(
+            self.measured_need(),
+            crate::scheduler::reserved(&reservations, crate::offload::now_ms(), window),
+        )
+    }
+
+    /// Each app's usage from the scheduler's last sample.
+    pub fn set_app_usage(&self, usage: BTreeMap<String, [u64; 5]>) {
+        *lock(&self.app_usage) = usage;
+    }
+
+    pub fn app_usage(&self) -> BTreeMap<String, [u64; 5]> {
+        lock(&self.app_usage).clone()
+    }
+
+    /// Replaces the offload settings (before the agent runs).
+    pub fn with_offload_settings(mut self, settings: crate::offload::Settings) -> Self {
+        self.offload_settings = settings;
+        self
+    }
+
+    pub fn offload_settings(&self) -> &crate::offload::Settings {
+        &self.offload_settings
+    }
+
+    /// Asks the offload reconciliation to run now.
+    pub fn kick_offload(&self) {
+        self.offload_kick.notify_one();
+    }
+
+    /// Resolves when someone called [`Shared::kick_offload`].
+    pub async fn offload_kicked(&self) {
+        self.offload_kick.notified().await
     }
 
     pub fn set_interface_kbps(&self, kbps: u64) {
@@ -187,6 +237,11 @@ impl Shared {
 
     pub fn offload_state(&self) -> crate::offload::OffloadState {
         lock(&self.offload).clone()
+    }
+
+    /// Reads the offload state without copying it.
+    pub fn with_offload<R>(&self, f: impl FnOnce(&crate::offload::OffloadState) -> R) -> R {
+        f(&lock(&self.offload))
     }
 
     /// Changes the offload state and saves it.
@@ -305,6 +360,8 @@ impl Shared {
         write(&self.membership, membership.map(Arc::new));
         tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = a.apps.len(), ?source, "applying assignment");
         *lock(&self.applied) = Some(a);
+        // Moved-out apps the group no longer lists are released at once.
+        self.kick_offload();
         self.sync_apps().await
     }
 
@@ -329,12 +386,23 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
-        // Guests run here for their owners (see offload.rs).
-        apps.extend(offload.guests.values().map(|g| AppSpec {
-            name: g.name.clone(),
-            command: g.command.clone(),
-            env: g.env.clone(),
-        }));
+        // Guests run here for their owners (see offload.rs); an app that is
+        // now one of our own runs as ours.
+        let own: Vec<String> = lock(&self.applied)
+            .as_ref()
+            .map(|a| a.apps.iter().map(|app| app.name.clone()).collect())
+            .unwrap_or_default();
+        apps.extend(
+            offload
+                .guests
+                .values()
+                .filter(|g| !own.contains(&g.name))
+                .map(|g| AppSpec {
+                    name: g.name.clone(),
+                    command: g.command.clone(),
+                    env: g.env.clone(),
+                }),
+        );
         self.runtime
             .reconcile(apps)
             .await

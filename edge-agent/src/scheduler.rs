@@ -190,8 +190,41 @@ pub fn over_high(
     })
 }
 
+/// Capacity a peer holds back for one guest it admitted and has not
+/// measured at its declared usage yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The usage the owner declared in its offer.
+    pub declared: Amounts,
+    /// What the peer measured for the guest in its last sample (0 before
+    /// the first one).
+    pub measured: Amounts,
+    /// When the guest was admitted.
+    pub admitted_at_ms: u64,
+}
+
+/// What admission adds to a peer's measured need for guests admitted less
+/// than `window_ms` before `now_ms`: per resource, the part of each guest's
+/// declared usage its measurement does not show yet
+/// (`max(0, declared - measured)`), summed. Admitting against `need +
+/// reserved` and recording the new guest in the same critical section keeps
+/// concurrent offers from crossing the high watermark together: the second
+/// offer sees the first one's reservation although no sample has measured
+/// it yet.
+pub fn reserved(guests: &[Reservation], now_ms: u64, window_ms: u64) -> Amounts {
+    guests
+        .iter()
+        .filter(|g| now_ms < g.admitted_at_ms.saturating_add(window_ms))
+        .fold([0; 5], |acc, g| {
+            add(
+                acc,
+                std::array::from_fn(|i| g.declared[i].saturating_sub(g.measured[i])),
+            )
+        })
+}
+
 /// Adds two amounts per resource, saturating.
-fn add(a: Amounts, b: Amounts) -> Amounts {
+pub fn add(a: Amounts, b: Amounts) -> Amounts {
     std::array::from_fn(|i| a[i].saturating_add(b[i]))
 }
 
@@ -566,6 +599,59 @@ mod tests {
             need(&[[u64::MAX, 0, 0, 0, 0]], [1, 0, 0, 0, 0])[0],
             u64::MAX
         );
+    }
+
+    #[test]
+    fn reservations_cover_what_is_not_measured_yet() {
+        let fresh = Reservation {
+            declared: [300, 100, 0, 0, 0],
+            measured: [120, 200, 0, 0, 0],
+            admitted_at_ms: 1_000,
+        };
+        let old = Reservation {
+            declared: [500; 5],
+            measured: [0; 5],
+            admitted_at_ms: 0,
+        };
+        // Only the unmeasured part of a recent guest counts.
+        assert_eq!(reserved(&[fresh, old], 2_000, 1_500), [180, 0, 0, 0, 0]);
+        // Past the window the measurement alone speaks.
+        assert_eq!(reserved(&[fresh], 2_500, 1_500), [0; 5]);
+        assert_eq!(reserved(&[], 0, 1_000), [0; 5]);
+    }
+
+    #[test]
+    fn admitting_against_reservations_never_crosses_high() {
+        // Offers arrive faster than samples: each admission sees the
+        // earlier guests only through their reservations.
+        let mut rng = Rng(99);
+        let marks = policy(Target::Single).marks;
+        for _ in 0..500 {
+            let capacity = rng.amounts(4_000, 0).map(|c| c + 1);
+            let need = capacity.map(|c| rng.below(c / 2 + 1));
+            let mut guests: Vec<Reservation> = Vec::new();
+            for k in 0..rng.below(10) {
+                let usage = rng.amounts(1_500, 30);
+                let total = add(need, reserved(&guests, k, 10_000));
+                if admits(total, capacity, &marks, usage) {
+                    guests.push(Reservation {
+                        declared: usage,
+                        measured: [0; 5],
+                        admitted_at_ms: k,
+                    });
+                }
+            }
+            let total = guests.iter().fold(need, |acc, g| add(acc, g.declared));
+            for (i, m) in marks.iter().enumerate() {
+                assert!(
+                    guests.is_empty() || total[i] as f64 <= m.high * capacity[i] as f64,
+                    "resource {i}: {} > {} * {}",
+                    total[i],
+                    m.high,
+                    capacity[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,9 +5,21 @@
 //! previous sample divided by the real elapsed time. Several agents on one
 //! machine (dev mode, tests) see the same machine-wide counters; per-agent
 //! network accounting arrives with the threshold scheduler.
+//!
+//! Measuring never holds up the stream: the `Measurer` task samples (on a
+//! blocking thread) when the uplink asks, and the uplink sends each new
+//! measurement when it is ready (`Measurements`), so heartbeats and other
+//! stream traffic never wait for /proc or statvfs. Apart from the
+//! machine-wide figures here, only the apps' own processes are read
+//! (`runtime::usage`), never the whole process table.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgepool_common::proto as pb;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use sysinfo::{
     CpuRefreshKind, DiskRefreshKind, Disks, MemoryRefreshKind, Networks, RefreshKind, System,
@@ -210,6 +222,110 @@ impl Sampler {
             usage,
             disks,
             interfaces,
+        }
+    }
+}
+
+/// One measurement: the machine sample and the app report built with it.
+#[derive(Debug)]
+pub struct Measured {
+    pub sample: Sample,
+    pub report: pb::AppReport,
+}
+
+/// The uplink's side of the measuring task.
+pub struct Measurements {
+    ask: Arc<Notify>,
+    latest: watch::Receiver<Option<Arc<Measured>>>,
+}
+
+impl Measurements {
+    /// Asks for a fresh measurement; never waits. Requests made while one
+    /// is running are folded into one more.
+    pub fn request(&self) {
+        self.ask.notify_one();
+    }
+
+    /// The next new measurement (None once the measuring task is gone).
+    pub async fn next(&mut self) -> Option<Arc<Measured>> {
+        self.latest.changed().await.ok()?;
+        self.latest.borrow_and_update().clone()
+    }
+}
+
+/// The measuring task: samples the machine and builds the app report on a
+/// blocking thread whenever asked, and publishes the result.
+pub struct Measurer {
+    sampler: Sampler,
+    shared: Arc<crate::node::Shared>,
+    ask: Arc<Notify>,
+    latest: watch::Sender<Option<Arc<Measured>>>,
+    /// Extra time per measurement (fault injection, see `FAULT_ENV`).
+    slow: Option<Duration>,
+}
+
+/// `EDGEPOOL_FAULT=slow-sampling` makes every measurement take 4 s longer
+/// (used by the test that heartbeats never wait for sampling).
+const FAULT_ENV: &str = "EDGEPOOL_FAULT";
+
+/// A measuring task (to `run`) and the handle that asks it and reads it.
+pub fn measurer(sampler: Sampler, shared: Arc<crate::node::Shared>) -> (Measurer, Measurements) {
+    let ask = Arc::new(Notify::new());
+    let (latest, rx) = watch::channel(None);
+    let task = Measurer {
+        sampler,
+        shared,
+        ask: ask.clone(),
+        latest,
+        slow: (std::env::var(FAULT_ENV).as_deref() == Ok("slow-sampling"))
+            .then_some(Duration::from_secs(4)),
+    };
+    (task, Measurements { ask, latest: rx })
+}
+
+impl Measurer {
+    /// Runs until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Measurer {
+            mut sampler,
+            shared,
+            ask,
+            latest,
+            slow,
+        } = self;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ask.notified() => {}
+            }
+            let sh = shared.clone();
+            // sysinfo reads /proc and calls statvfs, the report reads the
+            // apps' /proc entries: blocking work, off the async threads.
+            let done = tokio::task::spawn_blocking(move || {
+                if let Some(extra) = slow {
+                    std::thread::sleep(extra);
+                }
+                let sample = sampler.sample();
+                let report = sh.report();
+                (sampler, sample, report)
+            })
+            .await;
+            let (back, sample, report) = match done {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "measuring failed; no more telemetry");
+                    return;
+                }
+            };
+            sampler = back;
+            shared.set_usage(sample.usage);
+            let bytes: u64 = sample
+                .interfaces
+                .iter()
+                .map(|i| i.rx_bytes_per_sec + i.tx_bytes_per_sec)
+                .sum();
+            shared.set_interface_kbps(bytes * 8 / 1000);
+            latest.send_replace(Some(Arc::new(Measured { sample, report })));
         }
     }
 }

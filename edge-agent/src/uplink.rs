@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::telemetry::{Sample, Sampler};
+use crate::telemetry::{Measurements, Sample};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The manager is considered gone after this many heartbeat intervals
@@ -48,16 +48,23 @@ pub enum LinkState {
 
 pub struct Uplink {
     pub shared: Arc<crate::node::Shared>,
-    /// Assignments from the manager go to the apply worker through here.
-    pub assignments: mpsc::Sender<pb::Assignment>,
+    /// The latest assignment from the manager, for the apply worker. A
+    /// newer one replaces one not applied yet (each is the whole desired
+    /// state), so the stream never waits for the app runtime.
+    pub assignments: watch::Sender<Option<pb::Assignment>>,
     pub manager: String,
     pub tls: Arc<rustls::ClientConfig>,
     pub hello: pb::Hello,
-    pub sampler: Option<Sampler>,
+    /// The measuring task: asked every telemetry interval, its results
+    /// are sent when ready, so nothing on the stream waits for sampling.
+    pub measurements: Measurements,
     pub telemetry_interval: Duration,
     pub heartbeat_interval: Duration,
     pub backoff: Backoff,
     pub state: watch::Sender<LinkState>,
+    /// The liveness prober's view of the other members: sent to the manager
+    /// on every change (`PeerLiveness`).
+    pub liveness: watch::Receiver<crate::peer::Liveness>,
 }
 
 enum End {
@@ -89,19 +96,6 @@ impl Uplink {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-    }
-
-    async fn sample(&mut self) -> Option<Sample> {
-        let mut sampler = self.sampler.take()?;
-        // sysinfo reads /proc and calls statvfs: blocking work.
-        let (sampler, sample) = tokio::task::spawn_blocking(move || {
-            let s = sampler.sample();
-            (sampler, s)
-        })
-        .await
-        .ok()?;
-        self.sampler = Some(sampler);
-        Some(sample)
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
@@ -145,19 +139,35 @@ impl Uplink {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut seq = 0u64;
+        // A new stream hears the current view at once if a member is down.
+        if self.liveness.borrow().iter().any(|p| !p.reachable) {
+            self.liveness.mark_changed();
+        }
+        // The prober is gone (the agent is stopping): stop watching it.
+        let mut prober_gone = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(End::Shutdown),
-                _ = telemetry.tick() => {
-                    if let Some(s) = self.sample().await {
-                        self.shared.set_usage(s.usage);
-                        let bytes: u64 = s.interfaces.iter().map(|i| i.rx_bytes_per_sec + i.tx_bytes_per_sec).sum();
-                        self.shared.set_interface_kbps(bytes * 8 / 1000);
-                        if tx.send(up(Up::Telemetry(to_proto(&s)))).await.is_err() {
-                            return Ok(End::Closed);
-                        }
+                changed = self.liveness.changed(), if !prober_gone => {
+                    if changed.is_err() {
+                        prober_gone = true;
+                        continue;
                     }
-                    if tx.send(up(Up::AppReport(self.shared.report()))).await.is_err() {
+                    let peers = self.liveness.borrow_and_update().as_ref().clone();
+                    // Never waits: a full queue means a stuck link (the
+                    // silence check notices), and the prober repeats its
+                    // view every second while a member is down.
+                    let _ = tx.try_send(up(Up::PeerLiveness(pb::PeerLiveness { peers })));
+                }
+                // Only asks: the measurement arrives in the branch below.
+                _ = telemetry.tick() => self.measurements.request(),
+                Some(m) = self.measurements.next() => {
+                    // Never waits: if the queue is full the link is stuck
+                    // (the silence check notices) and the next measurement
+                    // replaces this one.
+                    let _ = tx.try_send(up(Up::Telemetry(to_proto(&m.sample))));
+                    let _ = tx.try_send(up(Up::AppReport(m.report.clone())));
+                    if tx.is_closed() {
                         return Ok(End::Closed);
                     }
                 }
@@ -180,11 +190,15 @@ impl Uplink {
                             let _ = tx.send(up(Up::PeerCheckResult(result))).await;
                         });
                     }
+                    Ok(Some(pb::ManagerMessage { msg: Some(Down::Ping(p)) })) => {
+                        last_heard = Instant::now();
+                        // Answered here, at once: this is how the manager
+                        // tells a running node from a frozen one.
+                        let _ = tx.try_send(up(Up::Pong(pb::Pong { nonce: p.nonce })));
+                    }
                     Ok(Some(pb::ManagerMessage { msg: Some(Down::Assignment(a)) })) => {
                         last_heard = Instant::now();
-                        if self.assignments.send(a).await.is_err() {
-                            return Ok(End::Shutdown);
-                        }
+                        self.assignments.send_replace(Some(a));
                     }
                     Ok(Some(_)) => last_heard = Instant::now(),
                     Ok(None) => return Ok(End::Closed),

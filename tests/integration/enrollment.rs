@@ -186,3 +186,176 @@ async fn re_enrolling_needs_force_and_revokes_the_old_certificate() {
     .await;
     assert!(ok.is_ok(), "{ok:?}");
 }
+
+/// A member's identity: its member certificate and the pool CA, with the
+/// node key from `key_path`.
+fn member_chain(
+    pool: &pb::Pool,
+    slot: u32,
+    key_path: &std::path::Path,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    let m = pool.members.iter().find(|m| m.slot == slot).unwrap();
+    let mut chain = edgepool_common::tls::certs_from_pem(&m.cert_pem, "member").unwrap();
+    chain.extend(edgepool_common::tls::certs_from_pem(&pool.ca_pem, "pool ca").unwrap());
+    (chain, edgepool_common::tls::read_key(key_path).unwrap())
+}
+
+fn ms_of(t: &prost_types::Timestamp) -> u64 {
+    t.seconds as u64 * 1000 + t.nanos as u64 / 1_000_000
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn re_enrolling_a_member_reissues_its_certificate_and_its_group_runs_again() {
+    use crate::pools::{Fleet, app, create_pool, get_pool, wait_running};
+    // Slow heartbeats and telemetry (5 s), so that a stream closed only at
+    // the old agent's next message would be seen to be late.
+    let slow = [
+        "--heartbeat-interval-ms",
+        "5000",
+        "--telemetry-interval-ms",
+        "5000",
+        "--heartbeat-timeout-ms",
+        "15000",
+    ];
+    let mut f = Fleet::start(3, &slow).await;
+    let apps: Vec<pb::AppSpec> = (1..=3)
+        .map(|slot| {
+            let mut a = app(
+                &format!("re{slot}"),
+                &["sleep", &format!("{}", 720_000 + slot)],
+            );
+            a.slot = Some(slot);
+            a
+        })
+        .collect();
+    create_pool(&f.m, "p", &["node-1", "node-2", "node-3"], apps.clone())
+        .await
+        .unwrap();
+    let before = wait_running(&f.m, "p").await;
+    let dir2 = f.agents["node-2"].0.dir.clone();
+    let old_identity = member_chain(&before, 2, &dir2.join("node.key"));
+    let old = before.members[1].clone();
+    assert_eq!(old.node_id, "node-2");
+
+    // `join --force` on the same data dir while the old agent still runs.
+    let token = f.m.token().await;
+    let log = f.agents["node-2"].1.log.clone();
+    let out = join(&f.m, &dir2, "node-2", &token, &["--force"]);
+    assert!(out.ok, "{}", out.stderr);
+    let joined = std::time::Instant::now();
+
+    // The old stream is closed at once (not at the old agent's next message
+    // or after a silence timeout), and the old certificate cannot open
+    // another.
+    eventually("the old stream closed", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("manager closed the stream").then_some(()) }
+    })
+    .await;
+    let closed_after = joined.elapsed();
+    assert!(
+        closed_after < Duration::from_millis(500),
+        "old stream closed only after {closed_after:?}"
+    );
+    eventually("the old certificate refused", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("has been replaced").then_some(()) }
+    })
+    .await;
+
+    // In the same change: slot 2's member certificate is re-issued (for the
+    // new key: see the probes below), member and pool generation + 1.
+    let after = get_pool(&f.m, "p").await;
+    let new = &after.members[1];
+    assert_eq!((new.slot, new.node_id.as_str()), (2, "node-2"));
+    assert_ne!(new.cert_serial, old.cert_serial);
+    assert_eq!(new.generation, old.generation + 1);
+    assert_eq!(after.generation, before.generation + 1);
+    let renewed = retained_events(&f.m, "p", Duration::from_millis(300)).await;
+    assert!(
+        renewed
+            .iter()
+            .any(|e| e.kind() == pb::EventKind::CertRenewed
+                && e.node_id == "node-2"
+                && e.message.contains("join --force")),
+        "{renewed:?}"
+    );
+
+    // Restart node-2 (its whole session, as a reboot would) with the new
+    // identity: its group runs again within seconds, under the new agent.
+    let (agent2, mut old_proc) = f.agents.remove("node-2").unwrap();
+    old_proc.kill();
+    let started = std::time::Instant::now();
+    let proc2 = start_agent(&agent2, &f.m.addr, &[]);
+    let agent_pid = proc2.pid() as i64;
+    let cmd = apps[1].command.join(" ");
+    eventually("slot 2's group running again", DEADLINE, || {
+        let running = processes_running(&cmd)
+            .into_iter()
+            .any(|pid| stat_field(pid, 4) == Some(agent_pid));
+        async move { running.then_some(()) }
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "old stream closed {closed_after:?} after join --force; group running {took:?} after the restart"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "group ran again only after {took:?}"
+    );
+    f.agents.insert("node-2".into(), (agent2, proc2));
+
+    // Peers accept the new member certificate (it is for the new key) and
+    // refuse the old one; node-2 and its peers reach each other again.
+    let current = wait_running(&f.m, "p").await;
+    let addr1 = current.members[0].peer_address.clone();
+    let new_identity = member_chain(&current, 2, &dir2.join("node.key"));
+    crate::peers::probe_as(&f.m.ca(), &addr1, "p", 1, Some(new_identity))
+        .await
+        .expect("a peer refused the re-issued certificate");
+    let err = crate::peers::probe_as(&f.m.ca(), &addr1, "p", 1, Some(old_identity))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let since = now_ms();
+    eventually(
+        "node-2 and its peers reach each other",
+        DEADLINE,
+        || async {
+            for id in ["node-1", "node-2", "node-3"] {
+                let n = get_node(&mut f.m.tenant(), id).await?;
+                let fresh = n.peers.len() == 2
+                    && n.peers.iter().all(|p| {
+                        p.reachable && p.last_ok.as_ref().is_some_and(|t| ms_of(t) > since)
+                    });
+                if !fresh {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    // The other groups were not touched.
+    for slot in [1, 3] {
+        let pids = |p: &pb::Pool| -> Vec<u32> {
+            p.placements
+                .iter()
+                .filter(|pl| pl.home_slot == slot)
+                .map(|pl| pl.pid)
+                .collect()
+        };
+        assert_eq!(pids(&current), pids(&before), "slot {slot} apps restarted");
+    }
+}

@@ -3,6 +3,7 @@
 mod api_docs;
 mod auth;
 mod cli;
+mod detection;
 mod dev;
 mod docs;
 mod edgectl;
@@ -11,6 +12,7 @@ mod failover;
 mod grpcurl;
 mod install;
 mod offload;
+mod offload_faults;
 mod packaging;
 mod peers;
 mod pools;

@@ -43,7 +43,13 @@ async fn fleet(n: usize, args: &[String]) -> Fleet {
 }
 
 /// An app running `edgepool-load` with `args`, in `slot`.
-fn load(name: &str, slot: u32, args: &[&str], offloadable: bool, priority: i32) -> pb::AppSpec {
+pub(crate) fn load(
+    name: &str,
+    slot: u32,
+    args: &[&str],
+    offloadable: bool,
+    priority: i32,
+) -> pb::AppSpec {
     let mut command = vec![bin("edgepool-load").display().to_string()];
     command.extend(args.iter().map(|s| s.to_string()));
     command.push("--tag".into());
@@ -58,7 +64,7 @@ fn load(name: &str, slot: u32, args: &[&str], offloadable: bool, priority: i32) 
     }
 }
 
-fn sleeper(name: &str, slot: u32) -> pb::AppSpec {
+pub(crate) fn sleeper(name: &str, slot: u32) -> pb::AppSpec {
     pb::AppSpec {
         name: name.into(),
         command: vec!["sleep".into(), "100000".into()],
@@ -72,7 +78,13 @@ fn th(high: f64, low: f64) -> Option<pb::Threshold> {
 }
 
 /// A policy watching `resource` (high/low), with the others out of the way.
-fn policy(resource: &str, high: f64, low: f64, target: pb::TargetMode, sustain: u32) -> pb::Policy {
+pub(crate) fn policy(
+    resource: &str,
+    high: f64,
+    low: f64,
+    target: pb::TargetMode,
+    sustain: u32,
+) -> pb::Policy {
     let quiet = th(0.99, 0.98);
     let mut p = pb::Policy {
         cpu: quiet,
@@ -96,7 +108,7 @@ fn policy(resource: &str, high: f64, low: f64, target: pb::TargetMode, sustain: 
     p
 }
 
-async fn create(f: &Fleet, name: &str, apps: Vec<pb::AppSpec>, policy: pb::Policy) {
+pub(crate) async fn create(f: &Fleet, name: &str, apps: Vec<pb::AppSpec>, policy: pb::Policy) {
     f.m.tenant()
         .create_pool(pb::CreatePoolRequest {
             name: name.into(),
@@ -416,6 +428,8 @@ async fn a_peer_at_its_threshold_refuses_and_the_app_stays() {
                 ..Default::default()
             }),
             reason: "cpu".into(),
+            offer_id: "0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

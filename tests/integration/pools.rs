@@ -780,3 +780,63 @@ async fn update_policy_bumps_the_version_and_refuses_bad_policies() {
             .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+/// Many nodes report at the same moment (every app of a 6-member pool
+/// replaced at once): each stop and each start is recorded exactly once.
+#[tokio::test]
+async fn concurrent_reports_neither_lose_nor_duplicate_events() {
+    let f = Fleet::start(6, &[]).await;
+    let nodes: Vec<String> = (1..=6).map(|i| format!("node-{i}")).collect();
+    let ids: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let spec = |i: u32, round: u32| {
+        let mut a = app(
+            &format!("c{i}"),
+            &["sleep", &format!("{}", 330_000 + round * 100 + i)],
+        );
+        a.slot = Some(i / 2 + 1);
+        a
+    };
+    create_pool(&f.m, "many", &ids, (0..12).map(|i| spec(i, 0)).collect())
+        .await
+        .unwrap();
+    wait_running(&f.m, "many").await;
+    let updated = retained_events(&f.m, "many", Duration::from_millis(300))
+        .await
+        .last()
+        .map(|e| e.seq)
+        .unwrap_or(0);
+    f.m.tenant()
+        .update_apps(pb::UpdateAppsRequest {
+            pool: "many".into(),
+            apps: (0..12).map(|i| spec(i, 1)).collect(),
+        })
+        .await
+        .unwrap();
+    eventually("every app replaced", DEADLINE, || async {
+        let p = get_pool(&f.m, "many").await;
+        let done = (0..12).all(|i| processes_running(&format!("sleep {}", 330_100 + i)).len() == 1)
+            && p.placements
+                .iter()
+                .all(|pl| pl.state() == pb::AppState::Running && pl.pid != 0);
+        done.then_some(())
+    })
+    .await;
+    // Reports keep coming every second: give them time to (not) add more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events: Vec<pb::Event> = retained_events(&f.m, "many", Duration::from_millis(300))
+        .await
+        .into_iter()
+        .filter(|e| e.seq > updated)
+        .collect();
+    for kind in [pb::EventKind::AppStopped, pb::EventKind::AppStarted] {
+        let mut apps: Vec<&str> = events
+            .iter()
+            .filter(|e| e.kind() == kind)
+            .map(|e| e.app.as_str())
+            .collect();
+        apps.sort();
+        let mut want: Vec<String> = (0..12).map(|i| format!("c{i}")).collect();
+        want.sort();
+        assert_eq!(apps, want, "{kind:?} events: {events:#?}");
+    }
+}

@@ -77,3 +77,49 @@ async fn agent_reconnects_after_manager_restart() {
     assert!(m2.proc.log_text().contains("agent connected"));
     drop(m);
 }
+
+/// Heartbeats never wait for measuring: with every measurement taking 4 s
+/// (fault injection), the node stays connected and the manager keeps
+/// hearing from it every heartbeat (1 s), and telemetry still arrives.
+#[tokio::test]
+async fn heartbeats_do_not_wait_for_slow_sampling() {
+    let tmp = TempDir::new().unwrap();
+    let m = Manager::start(&tmp.path().join("m")).await;
+    let agent = enroll(&m, tmp.path(), "slow").await;
+    let mut cmd = std::process::Command::new(bin("edge-agent"));
+    cmd.args(["run", "--new-session", "--data-dir"])
+        .arg(&agent.dir)
+        .args(["--manager", &m.addr.to_string()])
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .env("EDGEPOOL_FAULT", "slow-sampling");
+    let a = Proc::spawn_session("slow", &mut cmd, &agent.dir.join("agent.log"));
+    wait_connected(&m, "slow").await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    let mut worst = 0;
+    let mut telemetry = false;
+    while start.elapsed() < std::time::Duration::from_secs(12) {
+        let n = get_node(&mut m.tenant(), "slow").await.expect("node");
+        assert!(n.connected, "stream lost while sampling was slow");
+        let seen = n.last_seen.expect("last_seen");
+        let seen_ms = seen.seconds as u64 * 1000 + seen.nanos as u64 / 1_000_000;
+        worst = worst.max(now_ms().saturating_sub(seen_ms));
+        telemetry |= !n.disks.is_empty();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        worst < 2500,
+        "the manager went {worst} ms without hearing from the agent"
+    );
+    assert!(telemetry, "no telemetry arrived");
+    let log = a.log_text();
+    assert!(
+        !log.contains("stream to the manager failed") && !log.contains("reconnecting"),
+        "{log}"
+    );
+}

@@ -317,7 +317,7 @@ pub async fn create_token(client: &mut TenantServiceClient<Channel>, ttl: u32) -
         .token
 }
 
-fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+pub fn client_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
     let roots = tls::roots(&tls::read_certs(ca).expect("ca")).expect("roots");
     let identity = identity.map(|(c, k)| {
         (
@@ -456,6 +456,9 @@ pub async fn list_nodes(client: &mut TenantServiceClient<Channel>) -> Vec<pb::No
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// While true, connections stay open but carry nothing (a black hole:
+    /// what a dropped route or a firewall that drops packets looks like).
+    hole: Arc<tokio::sync::watch::Sender<bool>>,
     conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -468,15 +471,21 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (c, k) = (cut.clone(), conns.clone());
+        let hole = Arc::new(tokio::sync::watch::channel(false).0);
+        let (c, k, h) = (cut.clone(), conns.clone(), hole.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection close
                 }
+                let h = h.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        let (ir, iw) = inbound.into_split();
+                        let (or, ow) = outbound.into_split();
+                        let up = pump(ir, ow, h.subscribe());
+                        let down = pump(or, iw, h.subscribe());
+                        let _ = tokio::join!(up, down);
                     }
                 });
                 k.lock().expect("proxy lock").push(task.abort_handle());
@@ -485,9 +494,17 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            hole,
             conns,
             accept,
         }
+    }
+
+    /// Keeps every connection open but lets nothing through, old or new,
+    /// until `restore` (nothing is lost: what was sent meanwhile arrives
+    /// then, as TCP would retransmit it).
+    pub fn blackhole(&self) {
+        self.hole.send_replace(true);
     }
 
     /// Drops every connection and refuses new ones.
@@ -500,6 +517,35 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.hole.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to`, holding everything while the proxy is a black hole.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut hole: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if hole.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if hole.wait_for(|h| !*h).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

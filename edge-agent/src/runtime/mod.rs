@@ -145,7 +145,7 @@ impl Runtime {
                 options,
                 apps: Mutex::new(BTreeMap::new()),
                 serial: tokio::sync::Mutex::new(()),
-                usage: Mutex::new(UsageState::Unstarted),
+                usage: Mutex::new(usage::Sampler::new()),
                 log_worker: Mutex::new(None),
             }),
         }
@@ -220,8 +220,8 @@ const ADOPTED_POLL: Duration = Duration::from_millis(250);
 const STOP_POLL: Duration = Duration::from_millis(50);
 /// How long to wait for the kernel to finish off a group after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(2);
-/// CPU percentages over shorter windows are mostly noise, and a refresh
-/// reads every process in /proc, so usage is not measured more often.
+/// CPU percentages over shorter windows are mostly noise, so usage is not
+/// measured more often. (A refresh reads only the apps' own processes.)
 const USAGE_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
 struct Inner {
@@ -230,7 +230,7 @@ struct Inner {
     apps: Mutex<BTreeMap<String, Entry>>,
     /// Serializes reconcile and stop_all, which await while stopping apps.
     serial: tokio::sync::Mutex<()>,
-    usage: Mutex<UsageState>,
+    usage: Mutex<usage::Sampler>,
     log_worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -257,12 +257,6 @@ struct Live {
     pid: Option<u32>,
     restarts: u32,
     last_exit: Option<String>,
-}
-
-enum UsageState {
-    Unstarted,
-    Ready(Box<usage::Sampler>),
-    Unavailable,
 }
 
 /// What a wanted app looks like after validation.
@@ -376,20 +370,7 @@ impl Inner {
     }
 
     fn usage(&self, roots: &[u32]) -> HashMap<u32, AppUsage> {
-        let mut state = lock(&self.usage);
-        if let UsageState::Unstarted = *state {
-            *state = match usage::Sampler::new() {
-                Ok(sampler) => UsageState::Ready(Box::new(sampler)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "per-app usage is not available");
-                    UsageState::Unavailable
-                }
-            };
-        }
-        match &mut *state {
-            UsageState::Ready(sampler) => sampler.usage(roots),
-            _ => HashMap::new(),
-        }
+        lock(&self.usage).usage(roots)
     }
 
     /// Starts the log size check on first use; `new` cannot, as it may be
@@ -867,6 +848,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 mod procfs;
 mod usage;
+
+pub use usage::process_tree;
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,6 @@
-//! Footprint benchmark: runs a real `cloud-manager dev` fleet (manager + K
+//! Footprint benchmark, two modes.
+//!
+//! Dev fleet (default): runs a real `cloud-manager dev` fleet (manager + K
 //! agents as separate processes), lets it settle, then samples /proc once a
 //! second and prints the agents' and the manager's resident memory and CPU.
 //!
@@ -8,12 +10,25 @@
 //! The manager figure is the `dev` process: the manager plus the small dev
 //! supervisor. The agents run as `cloud-manager agent run` (the same agent
 //! library as the `edge-agent` binary).
+//!
+//! Apps (`--apps N`): a real manager and two real `edge-agent`s with their
+//! default settings (telemetry, heartbeats and scheduler at 1 Hz), and a
+//! pool whose N apps (`sleep` processes) all run on node-1 (node-2 runs one
+//! more, as every group must be non-empty). Prints node-1's agent RSS and
+//! CPU with its N apps running, then starts `--idle-procs M` unrelated idle
+//! processes (`sleep 600`, in one process group that is killed at the end,
+//! also on failure) and prints the agent's CPU again.
+//!
+//!   target/release/bench-footprint --apps 10 --idle-procs 1500 [--seconds 30] [--warmup 5]
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edgepool_tests::{Proc, TempDir, bin, eventually, number_arg};
+use edgepool_common::proto as pb;
+use edgepool_tests::{
+    AgentDir, DEADLINE, Proc, TempDir, bin, enroll, eventually, number_arg, wait_connected,
+};
 
 fn rss_kib(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -51,15 +66,181 @@ fn read_pid(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
+fn ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// RSS samples (MiB, one a second) and CPU (% of one core over the window)
+/// of `pid` for `seconds`.
+async fn measure(pid: i32, seconds: u64) -> (Vec<f64>, f64) {
+    let start = Instant::now();
+    let cpu0 = cpu_ticks(pid).unwrap_or(0);
+    let mut rss = Vec::new();
+    for _ in 0..seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(r) = rss_kib(pid) {
+            rss.push(r as f64 / 1024.0);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = cpu_ticks(pid).unwrap_or(cpu0);
+    let cpu = cpu1.saturating_sub(cpu0) as f64 / ticks_per_sec() / elapsed * 100.0;
+    (rss, cpu)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(0.0, f64::max)
+}
+
+/// Live processes in process group `pgid`.
+fn group_size(pgid: i32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| edgepool_tests::stat_field(*pid, 5) == Some(i64::from(pgid)))
+        .count()
+}
+
+/// An agent with its default settings (only the ports and the manager
+/// address given), in its own session, killed with its apps on drop.
+fn start_default_agent(agent: &AgentDir, manager: &std::net::SocketAddr) -> Proc {
+    let mut cmd = Command::new(bin("edge-agent"));
+    cmd.args(["run", "--new-session", "--data-dir"])
+        .arg(&agent.dir)
+        .args(["--manager", &manager.to_string()])
+        .args(["--peer-listen", "127.0.0.1:0"]);
+    Proc::spawn_session(&agent.node_id, &mut cmd, &agent.dir.join("agent.log"))
+}
+
+async fn apps_mode(apps: u64, idle: u64, seconds: u64, warmup: u64) {
+    let tmp = TempDir::new().expect("tempdir");
+    let m = edgepool_tests::Manager::start(&tmp.path().join("m")).await;
+    let mut agents = Vec::new();
+    for id in ["node-1", "node-2"] {
+        let dir = enroll(&m, tmp.path(), id).await;
+        agents.push(start_default_agent(&dir, &m.addr));
+        wait_connected(&m, id).await;
+    }
+    let app = |name: String, arg: u64, slot: u32| pb::AppSpec {
+        name,
+        command: vec!["sleep".into(), arg.to_string()],
+        resources: Some(pb::Resources {
+            cpu_millis: 1,
+            memory_mb: 1,
+            ..Default::default()
+        }),
+        slot: Some(slot),
+        ..Default::default()
+    };
+    let mut specs: Vec<pb::AppSpec> = (1..=apps)
+        .map(|i| app(format!("app-{i}"), 900_000 + i, 1))
+        .collect();
+    specs.push(app("other".into(), 900_999, 2));
+    m.tenant()
+        .create_pool(pb::CreatePoolRequest {
+            name: "bench".into(),
+            node_ids: vec!["node-1".into(), "node-2".into()],
+            apps: specs,
+            ..Default::default()
+        })
+        .await
+        .expect("CreatePool");
+    eventually("every app running", DEADLINE, || async {
+        let p = m
+            .tenant()
+            .get_pool(pb::GetPoolRequest {
+                name: "bench".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let n = p
+            .placements
+            .iter()
+            .filter(|pl| pl.state() == pb::AppState::Running && pl.pid != 0)
+            .count();
+        (n as u64 == apps + 1).then_some(())
+    })
+    .await;
+    let agent = agents[0].pid();
+    let procs = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref().is_ok_and(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+            })
+            .count()
+        })
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(warmup)).await;
+    let (rss, cpu) = measure(agent, seconds).await;
+    println!(
+        "bench-footprint: agent with {apps} apps running ({procs} processes on the machine), {seconds} s sampled after {warmup} s warm-up, default settings (1 Hz)"
+    );
+    println!(
+        "agent RSS    median {:.1} MiB  max {:.1} MiB  ({} samples)",
+        median(rss.clone()),
+        max(&rss),
+        rss.len()
+    );
+    println!("agent CPU    {cpu:.2} % of one core");
+    if idle == 0 {
+        return;
+    }
+
+    // Unrelated idle processes, all in the group of one shell: dropping
+    // `crowd` (also when this panics) kills the whole group.
+    let mut sh = Command::new("sh");
+    sh.args([
+        "-c",
+        &format!("i=0; while [ $i -lt {idle} ]; do sleep 600 & i=$((i+1)); done; wait"),
+    ]);
+    let crowd = Proc::spawn("idle-procs", &mut sh, &tmp.path().join("idle.log"));
+    let pgid = crowd.pid();
+    eventually(
+        &format!("{idle} idle processes"),
+        Duration::from_secs(120),
+        || {
+            let n = group_size(pgid);
+            async move { (n as u64 > idle).then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(warmup)).await;
+    let (rss2, cpu2) = measure(agent, seconds).await;
+    println!(
+        "with {idle} more idle processes ({} processes on the machine):",
+        procs as u64 + idle + 1
+    );
+    println!(
+        "agent RSS    median {:.1} MiB  max {:.1} MiB",
+        median(rss2.clone()),
+        max(&rss2)
+    );
+    println!("agent CPU    {cpu2:.2} % of one core");
+    drop(crowd);
+    drop(agents);
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let agents = number_arg("--agents", 4);
     let seconds = number_arg("--seconds", 30);
     let warmup = number_arg("--warmup", 5);
-    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
+    let apps = number_arg("--apps", 0);
+    if apps > 0 {
+        apps_mode(apps, number_arg("--idle-procs", 0), seconds, warmup).await;
+        return;
+    }
+    let ticks_per_sec = ticks_per_sec();
 
     let tmp = TempDir::new().expect("tempdir");
     let dir = tmp.path().join("dev");
