@@ -1009,7 +1009,10 @@ async fn release_pending(shared: &Shared, m: &crate::membership::Membership) {
                     Err(e) => Err(e.to_string()),
                     Ok(mut client) => match tokio::time::timeout(
                         RECONCILE_RPC_TIMEOUT,
-                        client.release(pb::ReleaseRequest { app: r.app.clone() }),
+                        client.release(pb::ReleaseRequest {
+                            app: r.app.clone(),
+                            offer_id: r.offer_id.clone(),
+                        }),
                     )
                     .await
                     {
@@ -1280,7 +1283,12 @@ fn running_pid(shared: &Shared, app: &str) -> Option<u32> {
 
 /// Peer side of `Release`: stop a guest of the caller. Idempotent: nothing
 /// to stop is a success.
-pub async fn release(shared: &Shared, caller_slot: u32, app: &str) -> Result<(), tonic::Status> {
+pub async fn release(
+    shared: &Shared,
+    caller_slot: u32,
+    app: &str,
+    offer_id: &str,
+) -> Result<(), tonic::Status> {
     if shared.offload_settings().faults.refuse_release() {
         tracing::warn!(%app, "fault injected: refusing a release");
         return Err(tonic::Status::unavailable(
@@ -1289,10 +1297,9 @@ pub async fn release(shared: &Shared, caller_slot: u32, app: &str) -> Result<(),
     }
     let mut removed = false;
     shared.update_offload(|s| {
-        if s.guests
-            .get(app)
-            .is_some_and(|g| g.from_slot == caller_slot)
-        {
+        if s.guests.get(app).is_some_and(|g| {
+            g.from_slot == caller_slot && (offer_id.is_empty() || g.offer_id == offer_id)
+        }) {
             s.guests.remove(app);
             removed = true;
         }

@@ -142,7 +142,8 @@ impl PeerService for PeerApi {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (_, caller_slot) = self.authorize(&request)?;
-        crate::offload::release(&self.shared, caller_slot, &request.into_inner().app).await?;
+        let r = request.into_inner();
+        crate::offload::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 }
