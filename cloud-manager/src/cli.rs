@@ -178,10 +178,12 @@ impl ServeArgs {
     }
 }
 
+/// The manager's data dir, named the same way by every subcommand that
+/// uses it (`serve` has its own, since a config file can set it too).
 #[derive(Debug, Args)]
-pub struct InitArgs {
-    /// The manager's data dir, where the CA is created (what `serve
-    /// --data-dir` then uses).
+pub struct DataDirArg {
+    /// The manager's data dir: the CA (ca.pem, ca.key), the server
+    /// certificate, the first tenant bundle and the state.
     #[arg(
         long = "data-dir",
         visible_alias = "dir",
@@ -189,6 +191,12 @@ pub struct InitArgs {
         default_value = "./edgepool-data"
     )]
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
     /// SPIFFE trust domain.
     #[arg(long, default_value = "edgepool.local")]
     pub trust_domain: String,
@@ -208,14 +216,8 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct TenantBundleArgs {
-    /// The manager's data dir holding ca.pem and ca.key.
-    #[arg(
-        long = "data-dir",
-        visible_alias = "dir",
-        env = "EDGEPOOL_DATA_DIR",
-        default_value = "./edgepool-data"
-    )]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub data: DataDirArg,
     /// Trust domain of the CA.
     #[arg(long, default_value = "edgepool.local")]
     pub trust_domain: String,
@@ -232,14 +234,8 @@ pub struct TenantBundleArgs {
 
 #[derive(Debug, Args)]
 pub struct FingerprintArgs {
-    /// The manager's data dir holding ca.pem.
-    #[arg(
-        long = "data-dir",
-        visible_alias = "dir",
-        env = "EDGEPOOL_DATA_DIR",
-        default_value = "./edgepool-data"
-    )]
-    pub dir: PathBuf,
+    #[command(flatten)]
+    pub data: DataDirArg,
 }
 
 #[derive(Debug, Args)]

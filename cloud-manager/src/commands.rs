@@ -41,14 +41,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     edgepool_common::identity::validate_domain(&args.trust_domain)?;
     edgepool_common::identity::validate_name("tenant", &args.tenant)?;
     let report = ca::init(
-        &args.dir,
+        &args.data.dir,
         &args.trust_domain,
         &args.server_names,
         &args.tenant,
         args.force,
     )?;
     let f = &report.files;
-    println!("created in {}:", args.dir.display());
+    println!("created in {}:", args.data.dir.display());
     println!(
         "  root CA          {} (key {}, mode 0600)",
         f.ca_cert().display(),
@@ -73,12 +73,12 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 fn fingerprint(args: FingerprintArgs) -> anyhow::Result<()> {
-    let path = CaFiles::new(&args.dir).ca_cert();
+    let path = CaFiles::new(&args.data.dir).ca_cert();
     let pem = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "reading {} (is {} a manager data dir? `cloud-manager init --data-dir DIR` makes one)",
             path.display(),
-            args.dir.display()
+            args.data.dir.display()
         )
     })?;
     println!("{}", ca::fingerprint_of_pem(&pem)?);
@@ -88,7 +88,7 @@ fn fingerprint(args: FingerprintArgs) -> anyhow::Result<()> {
 fn tenant_bundle(args: TenantBundleArgs) -> anyhow::Result<()> {
     edgepool_common::identity::validate_name("tenant", &args.tenant)?;
     edgepool_common::identity::validate_name("user", &args.user)?;
-    let ca = Ca::load(&CaFiles::new(&args.dir), &args.trust_domain)?;
+    let ca = Ca::load(&CaFiles::new(&args.data.dir), &args.trust_domain)?;
     let bundle = ca.issue_tenant_client(&args.tenant, &args.user)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
