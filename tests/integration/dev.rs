@@ -15,34 +15,37 @@ fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok() && !stat.contains(") Z ")
 }
 
-#[tokio::test]
-async fn dev_runs_a_fleet_and_stops_it_cleanly() {
-    let tmp = TempDir::new().unwrap();
-    let dir = tmp.path().join("dev");
+/// `cloud-manager dev` on ephemeral ports with its data in `dir`.
+fn dev_command(dir: &std::path::Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("cloud-manager"));
-    cmd.args([
-        "dev",
-        "--agents",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--peer-port",
-        "0",
-        "--data-dir",
-    ])
-    .arg(&dir);
-    let mut dev = Proc::spawn("dev", &mut cmd, &tmp.path().join("dev.log"));
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--peer-port", "0"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir);
+    cmd
+}
 
-    let addr: std::net::SocketAddr = eventually("dev banner", Duration::from_secs(60), || {
-        let text = dev.log_text();
-        let addr = text
+/// Waits for the banner of a `dev` run and returns the manager's address.
+async fn dev_addr(dev: &Proc) -> std::net::SocketAddr {
+    eventually("dev banner", Duration::from_secs(60), || {
+        let addr = dev
+            .log_text()
             .lines()
             .find_map(|l| l.split("manager on ").nth(1))
             .and_then(|rest| rest.split(',').next())
             .and_then(|a| a.parse().ok());
         async move { addr }
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn dev_runs_a_fleet_and_stops_it_cleanly() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut cmd = dev_command(&dir, &["--agents", "2"]);
+    let mut dev = Proc::spawn("dev", &mut cmd, &tmp.path().join("dev.log"));
+    let addr = dev_addr(&dev).await;
     let banner = dev.log_text();
     assert!(banner.contains("grpcurl -cacert"), "{banner}");
     assert!(banner.contains("pkill -KILL -s"), "{banner}");
@@ -147,16 +150,7 @@ async fn dev_runs_a_fleet_and_stops_it_cleanly() {
         dir.join("bin").display()
     )));
     // A second dev on the same dir is refused, naming the reason.
-    let out = run(Command::new(bin("cloud-manager"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--peer-port",
-            "0",
-            "--data-dir",
-        ])
-        .arg(&dir));
+    let out = run(&mut dev_command(&dir, &[]));
     assert!(
         !out.ok && out.stderr.contains("another cloud-manager is using"),
         "{}",
@@ -211,29 +205,11 @@ async fn dev_restarts_on_a_dir_whose_nodes_are_taken() {
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path().join("dev");
     let start = |n: usize| {
-        let mut cmd = Command::new(bin("cloud-manager"));
-        cmd.args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--peer-port",
-            "0",
-            "--data-dir",
-        ])
-        .arg(&dir);
-        Proc::spawn("dev", &mut cmd, &tmp.path().join(format!("dev-{n}.log")))
-    };
-    let up = |dev: &Proc| {
-        let text = dev.log_text();
-        let addr = text
-            .lines()
-            .find_map(|l| l.split("manager on ").nth(1))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
-        async move { addr }
+        let log = tmp.path().join(format!("dev-{n}.log"));
+        Proc::spawn("dev", &mut dev_command(&dir, &[]), &log)
     };
     let mut dev = start(1);
-    let addr = eventually("dev banner", Duration::from_secs(60), || up(&dev)).await;
+    let addr = dev_addr(&dev).await;
     assert!(
         dev.log_text().contains("The demo pool"),
         "{}",
@@ -284,7 +260,7 @@ async fn dev_restarts_on_a_dir_whose_nodes_are_taken() {
     );
 
     let mut dev = start(2);
-    let addr = eventually("dev banner again", Duration::from_secs(60), || up(&dev)).await;
+    let addr = dev_addr(&dev).await;
     let text = dev.log_text();
     assert!(
         text.contains("no demo pool: dev-1 is in pool \"web\""),
