@@ -37,8 +37,9 @@ pub struct AgentConfig {
     /// their capacity and usage (offload decisions, `GetNode.peers`).
     /// Default 2000.
     pub peer_probe_interval_ms: u64,
-    /// How often a pool member checks that the other members answer
-    /// (liveness, for fast failure detection). Default 200.
+    /// How often two pool members exchange a liveness beat (for fast
+    /// failure detection; each beat is a sign of life of its sender).
+    /// Default 200.
     pub peer_liveness_interval_ms: u64,
     /// A member that has not answered for this long is reported to the
     /// manager as unreachable (which then pings it). Default 600.

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod join;
+pub mod liveness;
 pub mod membership;
 pub mod node;
 pub mod offload;
@@ -42,8 +43,7 @@ pub struct Agent {
     link: watch::Receiver<LinkState>,
     probe_every: Duration,
     liveness_every: Duration,
-    suspect_after: Duration,
-    liveness_tx: watch::Sender<peer::Liveness>,
+    liveness_tx: watch::Sender<liveness::Liveness>,
     stop_apps_on_exit: bool,
     isolation_lease: Duration,
     scheduler_every: Duration,
@@ -103,6 +103,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
             runtime,
             sampler.capacity(),
         )?
+        .with_peer_suspect(Duration::from_millis(config.peer_suspect_ms))
         .with_offload_settings(offload::Settings::new(
             config.offload_lease_ms,
             config.scheduler_interval_ms,
@@ -110,7 +111,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
     let (state, link) = watch::channel(LinkState::Disconnected);
-    let (liveness_tx, liveness) = watch::channel(peer::Liveness::default());
+    let (liveness_tx, liveness) = watch::channel(liveness::Liveness::default());
     let (assign_tx, assignments) = watch::channel(None);
     let uplink = Uplink {
         shared: shared.clone(),
@@ -138,7 +139,6 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         link,
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
         liveness_every: Duration::from_millis(config.peer_liveness_interval_ms),
-        suspect_after: Duration::from_millis(config.peer_suspect_ms),
         liveness_tx,
         stop_apps_on_exit: config.stop_apps_on_exit,
         isolation_lease: Duration::from_millis(config.isolation_lease_ms),
@@ -196,10 +196,9 @@ impl Agent {
             self.probe_every,
             shutdown.clone(),
         ));
-        let liveness = tokio::spawn(peer::liveness_loop(
+        let liveness = tokio::spawn(liveness::liveness_loop(
             shared.clone(),
             self.liveness_every,
-            self.suspect_after,
             self.liveness_tx,
             shutdown.clone(),
         ));
@@ -269,11 +268,20 @@ async fn isolation_loop(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     };
+    let mut link = link;
     let mut down_since = Some(now());
     loop {
+        // While the manager is connected nothing can change until the link
+        // does; while it is not, the peers' answers age.
+        let connected = *link.borrow_and_update() == LinkState::Connected && down_since.is_none();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)), if !connected => {}
+            changed = link.changed(), if connected => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
         let t = now();
         down_since = match (*link.borrow(), down_since) {

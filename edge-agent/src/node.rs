@@ -65,6 +65,10 @@ pub struct Shared {
     pub capacity: Resources,
     usage: Mutex<Resources>,
     membership: RwLock<Option<Arc<Membership>>>,
+    /// Bumped on every membership change (the liveness loop waits on it).
+    membership_changed: tokio::sync::watch::Sender<()>,
+    /// When each other member was last heard from (`crate::liveness`).
+    pub heard: crate::liveness::Heard,
     peer_tls: RwLock<Arc<rustls::ServerConfig>>,
     peers: Mutex<Vec<PeerStatus>>,
     applied: Mutex<Option<pb::Assignment>>,
@@ -73,6 +77,8 @@ pub struct Shared {
     offload_settings: crate::offload::Settings,
     /// Wakes the offload reconciliation (a release to send, a changed group).
     offload_kick: tokio::sync::Notify,
+    /// Wakes the lease check (a guest was admitted).
+    lease_kick: tokio::sync::Notify,
     /// Each running app's usage as the scheduler measured it last.
     app_usage: Mutex<BTreeMap<String, [u64; 5]>>,
     need: Mutex<[u64; 5]>,
@@ -130,6 +136,8 @@ impl Shared {
             capacity,
             usage: Mutex::new(Resources::default()),
             membership: RwLock::new(None),
+            membership_changed: tokio::sync::watch::Sender::new(()),
+            heard: crate::liveness::Heard::new(std::time::Duration::from_millis(600)),
             peer_tls: RwLock::new(Arc::new(peer_tls)),
             peers: Mutex::new(Vec::new()),
             applied: Mutex::new(None),
@@ -137,6 +145,7 @@ impl Shared {
             offload: Mutex::new(offload),
             offload_settings: crate::offload::Settings::default(),
             offload_kick: tokio::sync::Notify::new(),
+            lease_kick: tokio::sync::Notify::new(),
             app_usage: Mutex::new(BTreeMap::new()),
             need: Mutex::new([0; 5]),
             interface_kbps: Mutex::new(0),
@@ -196,6 +205,17 @@ impl Shared {
     }
 
     /// Replaces the offload settings (before the agent runs).
+    /// A member silent this long is published as unreachable.
+    pub fn with_peer_suspect(mut self, suspect_after: std::time::Duration) -> Self {
+        self.heard = crate::liveness::Heard::new(suspect_after);
+        self
+    }
+
+    /// Changes whenever the membership does.
+    pub fn membership_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.membership_changed.subscribe()
+    }
+
     pub fn with_offload_settings(mut self, settings: crate::offload::Settings) -> Self {
         self.offload_settings = settings;
         self
@@ -206,6 +226,14 @@ impl Shared {
     }
 
     /// Asks the offload reconciliation to run now.
+    pub fn kick_leases(&self) {
+        self.lease_kick.notify_one();
+    }
+
+    pub async fn guest_admitted(&self) {
+        self.lease_kick.notified().await
+    }
+
     pub fn kick_offload(&self) {
         self.offload_kick.notify_one();
     }
@@ -358,6 +386,7 @@ impl Shared {
             }
         });
         write(&self.membership, membership.map(Arc::new));
+        self.membership_changed.send_replace(());
         tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = a.apps.len(), ?source, "applying assignment");
         *lock(&self.applied) = Some(a);
         // Moved-out apps the group no longer lists are released at once.

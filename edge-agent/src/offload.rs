@@ -55,8 +55,9 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(8);
 const START_WAIT: Duration = Duration::from_secs(4);
 /// Longest wait for a renewal or a release answer.
 const RECONCILE_RPC_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a host checks its guests' leases.
-const LEASE_POLL: Duration = Duration::from_millis(100);
+/// Longest sleep of the lease check (it also wakes when a lease runs out
+/// and when a guest is admitted).
+const LEASE_POLL: Duration = Duration::from_secs(1);
 /// Added to a lease before an owner that could not renew runs the app at
 /// home again: the host's lease check and the app's exit fit in it.
 const TAKE_BACK_MARGIN_MS: u64 = 500;
@@ -1051,9 +1052,16 @@ async fn release_pending(shared: &Shared, m: &crate::membership::Membership) {
 /// ran out stop.
 pub async fn lease_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
+        // Until the first lease runs out, or a guest is admitted.
+        let now = now_ms();
+        let first = shared.with_offload(|s| s.guests.values().map(|g| g.lease_until_ms).min());
+        let wait = first.map_or(LEASE_POLL, |t| {
+            Duration::from_millis(t.saturating_sub(now)).min(LEASE_POLL)
+        });
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(LEASE_POLL) => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.guest_admitted() => {}
         }
         let now = now_ms();
         if !shared.with_offload(|s| s.guests.values().any(|g| g.lease_until_ms <= now)) {
@@ -1193,6 +1201,7 @@ pub async fn admit(
             admission = Admission::Refused(over);
             return;
         }
+        shared.kick_leases();
         s.guests.insert(
             spec.name.clone(),
             Guest {
@@ -1262,6 +1271,7 @@ pub async fn admit(
             g.lease_until_ms = now_ms().saturating_add(lease_ms);
         }
     });
+    shared.kick_leases();
     if settings.faults.drop_offer_answer {
         tracing::warn!(app = %spec.name, %offer_id, "fault injected: dropping the offer's answer");
         return Err(tonic::Status::unavailable(

@@ -12,11 +12,8 @@
 //! presents the member certificate of exactly the expected slot. The results
 //! go to the manager in the app report (and show in `GetNode.peers`).
 //!
-//! Liveness: every `peer_liveness_interval` (200 ms), each member asks every
-//! other member's health service over a kept-open mutual-TLS connection
-//! (one task per peer, so a frozen peer delays nobody else). Any answer is a
-//! sign of life; a member with none for `peer_suspect_ms` is published as
-//! unreachable, and the uplink tells the manager at once (`PeerLiveness`).
+//! Liveness: `Beat` streams between members, served here and kept by
+//! `crate::liveness`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,14 +31,6 @@ use tonic::{Request, Response, Status};
 
 use crate::membership::Membership;
 use crate::node::{PeerStatus, Shared};
-
-/// What the liveness prober publishes for the uplink: one entry per other
-/// member (empty when not a member).
-pub type Liveness = Arc<Vec<pb::PeerAlive>>;
-
-/// While a member is unreachable, the view is published again this often
-/// (a manager that missed it, or a new stream, still hears it).
-const LIVENESS_REPEAT: Duration = Duration::from_secs(1);
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -80,6 +69,11 @@ pub struct PeerApi {
 impl PeerApi {
     /// The caller's slot, if it may use PeerService.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(Arc<Membership>, u32), Status> {
+        self.caller(request).map(|c| (c.membership, c.slot))
+    }
+
+    /// Who the caller is, if it may use PeerService.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let certs = request
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a member certificate is required"))?;
@@ -97,8 +91,21 @@ impl PeerApi {
         let slot = membership
             .authorize(&identity, &serial)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        Ok((membership, slot))
+        Ok(Caller {
+            membership,
+            slot,
+            identity,
+            serial,
+        })
     }
+}
+
+/// An authorised PeerService caller.
+struct Caller {
+    membership: Arc<Membership>,
+    slot: u32,
+    identity: Identity,
+    serial: String,
 }
 
 #[tonic::async_trait]
@@ -146,6 +153,22 @@ impl PeerService for PeerApi {
         crate::offload::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
+
+    type BeatStream = crate::liveness::Answers;
+
+    async fn beat(
+        &self,
+        request: Request<tonic::Streaming<pb::BeatMessage>>,
+    ) -> Result<Response<Self::BeatStream>, Status> {
+        let c = self.caller(&request)?;
+        Ok(Response::new(crate::liveness::Answers::new(
+            self.shared.clone(),
+            request.into_inner(),
+            c.identity,
+            c.serial,
+            c.slot,
+        )))
+    }
 }
 
 /// A client for member `slot` of `m`'s pool, presenting our member
@@ -179,172 +202,6 @@ fn peer_channel(
     let config =
         tls::client_config_with_verifier(verifier, Some((m.chain.clone(), shared.node_key())))?;
     tls::channel(address, Arc::new(config), PROBE_TIMEOUT)
-}
-
-/// One other member as the liveness prober watches it: a new certificate
-/// (ours or theirs) or address means a new connection and a new task.
-type WatchKey = (u32, String, String, String, String);
-
-/// Checks every other member's liveness until shutdown and publishes the
-/// view on `out` (see the module comment).
-pub async fn liveness_loop(
-    shared: Arc<Shared>,
-    every: Duration,
-    suspect_after: Duration,
-    out: tokio::sync::watch::Sender<Liveness>,
-    shutdown: CancellationToken,
-) {
-    use std::time::Instant;
-    let last_ok: Arc<std::sync::Mutex<HashMap<WatchKey, Instant>>> = Arc::default();
-    let mut tasks: HashMap<WatchKey, tokio::task::JoinHandle<()>> = HashMap::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut published: Vec<(u32, String, bool)> = Vec::new();
-    let mut published_at = Instant::now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let watched: Vec<(WatchKey, String)> = match shared.membership() {
-            Some(m) => m
-                .others()
-                .map(|p| {
-                    let key = (
-                        p.slot,
-                        p.node_id.clone(),
-                        p.peer_address.clone(),
-                        m.serial.clone(),
-                        p.cert_serial.clone(),
-                    );
-                    (key, p.peer_address.clone())
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        tasks.retain(|k, t| {
-            let keep = watched.iter().any(|(w, _)| w == k);
-            if !keep {
-                t.abort();
-            }
-            keep
-        });
-        {
-            let mut ok = last_ok.lock().unwrap_or_else(|e| e.into_inner());
-            ok.retain(|k, _| watched.iter().any(|(w, _)| w == k));
-            for (key, _) in &watched {
-                // A member we just started watching gets the full
-                // suspect_after before it can look silent.
-                ok.entry(key.clone()).or_insert_with(Instant::now);
-            }
-        }
-        if let Some(m) = shared.membership() {
-            for (key, address) in &watched {
-                if tasks.contains_key(key) {
-                    continue;
-                }
-                let task = watch_peer(
-                    shared.clone(),
-                    m.clone(),
-                    key.clone(),
-                    address.clone(),
-                    every,
-                    last_ok.clone(),
-                );
-                tasks.insert(key.clone(), tokio::spawn(task));
-            }
-        }
-        let now = Instant::now();
-        let view: Vec<pb::PeerAlive> = {
-            let ok = last_ok.lock().unwrap_or_else(|e| e.into_inner());
-            watched
-                .iter()
-                .map(|(key, _)| {
-                    let silent = ok
-                        .get(key)
-                        .map(|t| now.saturating_duration_since(*t))
-                        .unwrap_or_default();
-                    pb::PeerAlive {
-                        slot: key.0,
-                        node_id: key.1.clone(),
-                        reachable: silent < suspect_after,
-                        silent_ms: silent.as_millis() as u64,
-                    }
-                })
-                .collect()
-        };
-        let state: Vec<(u32, String, bool)> = view
-            .iter()
-            .map(|p| (p.slot, p.node_id.clone(), p.reachable))
-            .collect();
-        let any_down = view.iter().any(|p| !p.reachable);
-        let repeat = any_down && now.saturating_duration_since(published_at) >= LIVENESS_REPEAT;
-        if state != published || repeat {
-            for p in view.iter().filter(|p| !p.reachable) {
-                if !published.contains(&(p.slot, p.node_id.clone(), false)) {
-                    tracing::warn!(node = %p.node_id, slot = p.slot, silent_ms = p.silent_ms, "pool member does not answer");
-                }
-            }
-            out.send_replace(Arc::new(view));
-            published = state;
-            published_at = now;
-        }
-    }
-    for t in tasks.values() {
-        t.abort();
-    }
-}
-
-/// Asks one member's health service every `every`, recording each answer.
-async fn watch_peer(
-    shared: Arc<Shared>,
-    m: Arc<Membership>,
-    key: WatchKey,
-    address: String,
-    every: Duration,
-    last_ok: Arc<std::sync::Mutex<HashMap<WatchKey, std::time::Instant>>>,
-) {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    // An answer later than this is not waited for: the next one is due.
-    let timeout = (every * 2).max(Duration::from_millis(100));
-    let mut client: Option<HealthClient<Channel>> = None;
-    loop {
-        let started = tokio::time::Instant::now();
-        if client.is_none() {
-            client = peer_channel(&shared, &m, key.0, &address)
-                .ok()
-                .map(HealthClient::new);
-        }
-        if let Some(c) = client.as_mut() {
-            let request = HealthCheckRequest {
-                service: String::new(),
-            };
-            match tokio::time::timeout(timeout, c.check(request)).await {
-                // Any answer, even an error status, comes from a running
-                // peer process.
-                Ok(Ok(_)) => alive(&last_ok, &key),
-                Ok(Err(status))
-                    if !matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown
-                    ) =>
-                {
-                    alive(&last_ok, &key)
-                }
-                Ok(Err(_)) => client = None,
-                Err(_) => {}
-            }
-        }
-        tokio::time::sleep_until(started + every).await;
-    }
-}
-
-fn alive(last_ok: &std::sync::Mutex<HashMap<WatchKey, std::time::Instant>>, key: &WatchKey) {
-    last_ok
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone(), std::time::Instant::now());
 }
 
 /// Probes every other member periodically until shutdown.

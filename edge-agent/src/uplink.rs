@@ -64,7 +64,7 @@ pub struct Uplink {
     pub state: watch::Sender<LinkState>,
     /// The liveness prober's view of the other members: sent to the manager
     /// on every change (`PeerLiveness`).
-    pub liveness: watch::Receiver<crate::peer::Liveness>,
+    pub liveness: watch::Receiver<crate::liveness::Liveness>,
 }
 
 enum End {

@@ -32,6 +32,8 @@ struct Counters {
     rss_bytes: u64,
     read_bytes: u64,
     write_bytes: u64,
+    /// Number of threads (field 20).
+    threads: u64,
 }
 
 pub(super) struct Sampler {
@@ -91,8 +93,8 @@ impl Sampler {
         let mut cached = HashMap::new();
         for root in roots {
             let mut usage = Usage::default();
-            for pid in self.links.tree(*root) {
-                let Some(now_c) = read_counters(pid, self.page_size) else {
+            for (pid, now_c) in self.read_tree(*root) {
+                let Some(now_c) = now_c else {
                     continue;
                 };
                 usage.memory = usage.memory.saturating_add(now_c.rss_bytes);
@@ -111,6 +113,33 @@ impl Sampler {
         }
         self.prev = next;
         self.cached = cached;
+    }
+}
+
+impl Sampler {
+    /// The counters of `root` and its descendants. Each process's stat is
+    /// read before its children are looked up: a process with one thread
+    /// has a single `children` file to read.
+    fn read_tree(&mut self, root: u32) -> Vec<(u32, Option<Counters>)> {
+        let page_size = self.page_size;
+        if self.links.files != Some(false) {
+            let mut out = Vec::new();
+            let links = &mut self.links;
+            tree_from(root, |pid| {
+                let c = read_counters(pid, page_size);
+                let kids = links.children_hinted(pid, c.map(|c| c.threads));
+                out.push((pid, c));
+                kids
+            });
+            if self.links.files != Some(false) {
+                return out;
+            }
+        }
+        self.links
+            .tree(root)
+            .into_iter()
+            .map(|pid| (pid, read_counters(pid, page_size)))
+            .collect()
     }
 }
 
@@ -142,6 +171,21 @@ impl ChildLinks {
             return self.tree(root);
         }
         pids
+    }
+
+    /// Direct children of `pid`, which has `threads` threads if known.
+    fn children_hinted(&mut self, pid: u32, threads: Option<u64>) -> Vec<u32> {
+        if threads == Some(1) && self.files == Some(true) {
+            // Its only task is itself.
+            return std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .map(|text| {
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        self.children(pid)
     }
 
     /// Direct children of `pid` (every thread's `children` file).
@@ -250,8 +294,8 @@ fn read_counters(pid: u32, page_size: u64) -> Option<Counters> {
     Some(c)
 }
 
-/// CPU ticks (utime 14 + stime 15), start time (22) and RSS (24, pages) of
-/// a live process; None for a zombie or an unparsable line.
+/// CPU ticks (utime 14 + stime 15), threads (20), start time (22) and RSS
+/// (24, pages) of a live process; None for a zombie or an unparsable line.
 fn parse_stat_counters(text: &str, page_size: u64) -> Option<Counters> {
     let f = stat_fields(text)?;
     if matches!(f.first()?.chars().next()?, 'Z' | 'X' | 'x') {
@@ -264,6 +308,7 @@ fn parse_stat_counters(text: &str, page_size: u64) -> Option<Counters> {
         rss_bytes: n(24)?.saturating_mul(page_size),
         read_bytes: 0,
         write_bytes: 0,
+        threads: n(20)?,
     })
 }
 
@@ -294,6 +339,7 @@ mod tests {
                 rss_bytes: 300 * 4096,
                 read_bytes: 0,
                 write_bytes: 0,
+                threads: 1,
             }
         );
         let zombie = text.replace(") S ", ") Z ");
@@ -314,6 +360,37 @@ mod tests {
         assert_eq!(t, vec![1, 2, 3, 4]);
         let endless = tree_from(1, |pid| vec![pid + 1]);
         assert_eq!(endless.len(), MAX_TREE);
+    }
+
+    #[test]
+    fn children_of_single_threaded_processes_are_found() {
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let root = shell.id();
+        let mut s = Sampler::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = Vec::new();
+        while Instant::now() < deadline {
+            found = s.read_tree(root).into_iter().map(|(pid, _)| pid).collect();
+            if found.len() == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(root as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        for pid in found.iter().skip(1) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = shell.wait();
+        assert_eq!(found.len(), 3, "the shell and its two sleeps: {found:?}");
     }
 
     #[test]
