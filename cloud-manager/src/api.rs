@@ -14,9 +14,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::tenant_caller;
-use crate::convert::timestamp;
+use crate::convert::{page_token, timestamp};
 use crate::errors::to_status;
 use crate::manager::Manager;
+use crate::node_list::NodeQuery;
 use crate::pool::{AppDef, PolicyDef};
 use crate::pool_ops::PoolRequest;
 
@@ -86,10 +87,33 @@ impl TenantService for TenantApi {
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let nodes = self.manager.list_nodes(&tenant).map_err(to_status)?;
+        let query = NodeQuery::try_from(request.into_inner()).map_err(to_status)?;
+        let page = self
+            .manager
+            .list_nodes_page(&tenant, &query)
+            .map_err(to_status)?;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.iter().map(pb::Node::from).collect(),
+            nodes: page.nodes.iter().map(pb::Node::from).collect(),
+            next_page_token: page
+                .next_after
+                .as_deref()
+                .map(page_token)
+                .unwrap_or_default(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn node_summary(
+        &self,
+        request: Request<pb::NodeSummaryRequest>,
+    ) -> Result<Response<pb::NodeSummaryResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let pool = request.into_inner().pool;
+        let counts = self
+            .manager
+            .node_summary(&tenant, Some(pool.as_str()).filter(|p| !p.is_empty()))
+            .map_err(to_status)?;
+        Ok(Response::new(counts.into()))
     }
 
     #[tracing::instrument(skip_all)]

@@ -1,6 +1,10 @@
 //! Conversions between prost wire types and the manager's domain types.
 //! Only the transport modules (`api`, `agent_api`, `convert`) see prost.
 
+mod nodes;
+
+pub use nodes::page_token;
+
 use edgepool_common::proto as pb;
 
 use crate::events::{EventKind, EventRecord};
@@ -147,11 +151,7 @@ impl From<&NodeView> for pb::Node {
         pb::Node {
             node_id: r.node_id.clone(),
             // A member without its stream is shown SUSPECT (derived, not stored).
-            state: if r.state == NodeState::Member && v.live.conn_id.is_none() {
-                pb::NodeState::Suspect as i32
-            } else {
-                pb::NodeState::from(r.state) as i32
-            },
+            state: pb::NodeState::from(v.state()) as i32,
             pool: r.pool.clone(),
             slot: r.slot,
             labels: r.labels.clone().into_iter().collect(),

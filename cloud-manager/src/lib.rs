@@ -13,6 +13,7 @@ pub mod failover;
 pub mod liveness;
 pub mod manager;
 pub mod model;
+pub mod node_list;
 pub mod partition;
 pub mod pool;
 pub mod pool_ops;

@@ -17,7 +17,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
 use crate::events::{EventKind, EventRecord};
-use crate::model::{AppReport, Hello, NodeAssignment, Sample, now_ms};
+use crate::model::{AppReport, Hello, NodeAssignment, NodeState, Sample, now_ms};
+use crate::node_list::{NodeCounts, NodeQuery, shown_state};
 use crate::pool::PoolError;
 use crate::registry::{EnrollError, NodeRecord, Registry, TOKEN_BYTES, TOKEN_PREFIX, TokenRecord};
 use crate::store::{Store, StoreError};
@@ -159,6 +160,11 @@ impl LiveNode {
         self.lock().clone()
     }
 
+    /// Whether the node has an open stream (without copying its live data).
+    pub fn is_connected(&self) -> bool {
+        self.lock().conn_id.is_some()
+    }
+
     /// Stores a new report and returns the previous one.
     pub fn swap_report(&self, report: AppReport) -> Option<AppReport> {
         let mut l = self.lock();
@@ -228,6 +234,22 @@ impl LiveNode {
 pub struct NodeView {
     pub record: NodeRecord,
     pub live: LiveData,
+}
+
+impl NodeView {
+    /// The state the tenant sees (a member without its stream is SUSPECT).
+    pub fn state(&self) -> NodeState {
+        shown_state(self.record.state, self.live.conn_id.is_some())
+    }
+}
+
+/// One page of `Manager::list_nodes_page`.
+#[derive(Clone, Debug)]
+pub struct NodePage {
+    pub nodes: Vec<NodeView>,
+    /// Where the next page starts (the last node id of this one), if more
+    /// nodes match.
+    pub next_after: Option<String>,
 }
 
 pub struct Manager {
@@ -573,6 +595,54 @@ impl Manager {
             .cloned()
             .collect();
         records.iter().map(|r| self.view(r)).collect()
+    }
+
+    /// One page of the tenant's nodes (see `node_list`): the registry is
+    /// walked from the cursor on, and only the page's nodes are copied.
+    pub fn list_nodes_page(
+        &self,
+        tenant: &str,
+        query: &NodeQuery,
+    ) -> Result<NodePage, ManagerError> {
+        // Lock order as everywhere: registry, then the live map (read),
+        // then one node's live data at a time.
+        let registry = self.registry()?;
+        let live = self.live.read().map_err(|_| ManagerError::Poisoned)?;
+        let page = crate::node_list::page(&registry.nodes, tenant, query, |id| {
+            live.get(id).is_some_and(|l| l.is_connected())
+        });
+        let nodes = page
+            .nodes
+            .into_iter()
+            .map(|record| NodeView {
+                record: record.clone(),
+                live: live
+                    .get(&record.node_id)
+                    .map(|l| l.snapshot())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(NodePage {
+            nodes,
+            next_after: page.next_after,
+        })
+    }
+
+    /// How many of the tenant's nodes (only `pool`'s members, if given) are
+    /// in each state. Copies nothing.
+    pub fn node_summary(
+        &self,
+        tenant: &str,
+        pool: Option<&str>,
+    ) -> Result<NodeCounts, ManagerError> {
+        let registry = self.registry()?;
+        let live = self.live.read().map_err(|_| ManagerError::Poisoned)?;
+        Ok(crate::node_list::count(
+            registry.nodes.values(),
+            tenant,
+            pool,
+            |id| live.get(id).is_some_and(|l| l.is_connected()),
+        ))
     }
 
     /// One of the tenant's nodes; another tenant's node is "not found".

@@ -47,7 +47,7 @@ fn real_ca(manager_dir: &Path) -> Issuer<'static, KeyPair> {
 
 async fn list_as(m: &Manager, id: Option<(&Path, &Path)>) -> Result<Vec<pb::Node>, tonic::Status> {
     tenant_client(&m.addr, &m.ca(), id)
-        .list_nodes(pb::ListNodesRequest {})
+        .list_nodes(pb::ListNodesRequest::default())
         .await
         .map(|r| r.into_inner().nodes)
 }

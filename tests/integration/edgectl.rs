@@ -10,7 +10,7 @@ use edgepool_tests::*;
 /// Runs the real `edgectl` with only `config` as its settings (no EDGECTL_*
 /// from the environment, no config found through the working directory or
 /// HOME).
-fn edgectl(config: Option<&Path>, cwd: &Path, args: &[&str]) -> (Output, Option<i32>) {
+pub fn edgectl(config: Option<&Path>, cwd: &Path, args: &[&str]) -> (Output, Option<i32>) {
     let mut cmd = Command::new(bin("edgectl"));
     for var in [
         "EDGECTL_MANAGER",

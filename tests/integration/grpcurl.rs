@@ -5,7 +5,7 @@ use std::process::Command;
 
 use edgepool_tests::*;
 
-fn grpcurl() -> std::path::PathBuf {
+pub fn grpcurl() -> std::path::PathBuf {
     let out = run(Command::new("sh").args(["-c", "command -v grpcurl"]));
     assert!(
         out.ok,

@@ -11,6 +11,7 @@ mod enrollment;
 mod failover;
 mod grpcurl;
 mod install;
+mod node_list;
 mod offload;
 mod offload_faults;
 mod packaging;

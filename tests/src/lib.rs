@@ -441,13 +441,33 @@ pub async fn get_node(client: &mut TenantServiceClient<Channel>, id: &str) -> Op
         .map(|r| r.into_inner())
 }
 
+/// All of the tenant's nodes (every page of ListNodes).
 pub async fn list_nodes(client: &mut TenantServiceClient<Channel>) -> Vec<pb::Node> {
-    client
-        .list_nodes(pb::ListNodesRequest {})
+    list_nodes_with(client, pb::ListNodesRequest::default())
         .await
         .expect("ListNodes")
-        .into_inner()
-        .nodes
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// ListNodes with `req`'s page size and filters, following
+/// `next_page_token` to the last page: the pages, in order, or the first
+/// error. Checks that only the last page lacks a token.
+pub async fn list_nodes_with(
+    client: &mut TenantServiceClient<Channel>,
+    mut req: pb::ListNodesRequest,
+) -> Result<Vec<Vec<pb::Node>>, tonic::Status> {
+    let mut pages = Vec::new();
+    loop {
+        let page = client.list_nodes(req.clone()).await?.into_inner();
+        pages.push(page.nodes);
+        if page.next_page_token.is_empty() {
+            return Ok(pages);
+        }
+        assert!(pages.len() < 10_000, "ListNodes pages never end");
+        req.page_token = page.next_page_token;
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target`, whose link can be cut

@@ -128,7 +128,7 @@ enum Output {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Enrolled edge nodes: list them or show one
+    /// Enrolled edge nodes: list them, count them by state, or show one
     Node {
         #[command(subcommand)]
         command: NodeCmd,
@@ -186,13 +186,78 @@ enum PolicyCmd {
 #[derive(Subcommand, Debug)]
 enum NodeCmd {
     /// List nodes: state, pool slot, connection, usage/capacity, last contact
-    #[command(visible_alias = "list")]
-    Ls,
+    #[command(
+        visible_alias = "list",
+        long_about = "\
+List nodes: state, pool slot, connection, usage/capacity, last contact.
+
+Nodes come ordered by id, fetched a page at a time (ListNodes, following
+next_page_token until the last page), so a fleet of any size is listed
+whole. --state and --pool are applied by the manager.
+
+  edgectl node ls --state suspect        members whose stream is closed
+  edgectl node ls --pool web -o json     the members of pool web, as JSON
+  edgectl node summary                   only the counts, for a large fleet"
+    )]
+    Ls(NodeLsArgs),
+    /// Count nodes by state (NodeSummary): total, connected, free, member, ...
+    #[command(long_about = "\
+Count nodes by state (NodeSummary): total, connected, FREE, MEMBER, SUSPECT,
+FAILED, FENCED. Cheap at any fleet size: the manager sends only the counts.
+
+  edgectl node summary                   the whole tenant
+  edgectl node summary --pool web        the members of pool web")]
+    Summary {
+        /// Only the members of this pool
+        #[arg(long, value_name = "NAME")]
+        pool: Option<String>,
+    },
     /// Show one node in detail (labels, disks, interfaces, peer reachability)
     Get {
         /// Node id
         id: String,
     },
+}
+
+#[derive(Args, Debug)]
+struct NodeLsArgs {
+    /// Only nodes in this state (any case: member or MEMBER)
+    #[arg(long, value_enum, ignore_case = true, value_name = "STATE")]
+    state: Option<StateArg>,
+    /// Only the members of this pool
+    #[arg(long, value_name = "NAME")]
+    pool: Option<String>,
+    /// Nodes per ListNodes call: 0 = the manager's default (100), at most
+    /// 1000; every page is fetched either way
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    page_size: u32,
+}
+
+/// A node state, as `--state` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StateArg {
+    /// Not in a pool: a spare
+    Free,
+    /// Holds a slot of a pool
+    Member,
+    /// A member whose stream is closed
+    Suspect,
+    /// Declared failed; its slot moved to a spare
+    Failed,
+    /// Came back after its slot moved away
+    Fenced,
+}
+
+impl From<StateArg> for pb::NodeState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Free => pb::NodeState::Free,
+            StateArg::Member => pb::NodeState::Member,
+            StateArg::Suspect => pb::NodeState::Suspect,
+            StateArg::Failed => pb::NodeState::Failed,
+            StateArg::Fenced => pb::NodeState::Fenced,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -376,18 +441,25 @@ async fn dispatch(
 ) -> anyhow::Result<()> {
     match command {
         Cmd::Node { command } => match command {
-            NodeCmd::Ls => {
-                let r = client
-                    .list_nodes(call(pb::ListNodesRequest {}))
-                    .await?
-                    .into_inner();
-                let mut nodes = r.nodes;
-                nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            NodeCmd::Ls(args) => {
+                let nodes = all_nodes(client, args).await?;
                 match out {
                     Output::Table => emit(&render::nodes_table(&nodes)),
                     Output::Json => emit_json(&serde_json::json!({
                         "nodes": nodes.iter().map(render::node).collect::<Vec<_>>()
                     })),
+                }
+            }
+            NodeCmd::Summary { pool } => {
+                let s = client
+                    .node_summary(call(pb::NodeSummaryRequest {
+                        pool: pool.unwrap_or_default(),
+                    }))
+                    .await?
+                    .into_inner();
+                match out {
+                    Output::Table => emit(&render::summary_table(&s)),
+                    Output::Json => emit_json(&render::summary(&s)),
                 }
             }
             NodeCmd::Get { id } => {
@@ -440,6 +512,34 @@ async fn dispatch(
             }
         }
         Cmd::Events(args) => events(client, args, out).await,
+    }
+}
+
+/// Every node `args` asks for: ListNodes page after page until the page
+/// without a next_page_token. Ordered by node id, as the manager sends them.
+async fn all_nodes(
+    client: &mut TenantServiceClient<Channel>,
+    args: NodeLsArgs,
+) -> anyhow::Result<Vec<pb::Node>> {
+    let mut req = pb::ListNodesRequest {
+        page_size: i32::try_from(args.page_size).unwrap_or(i32::MAX),
+        page_token: String::new(),
+        state: args.state.map_or(pb::NodeState::Unspecified, Into::into) as i32,
+        pool: args.pool.unwrap_or_default(),
+    };
+    let mut nodes = Vec::new();
+    loop {
+        let page = client.list_nodes(call(req.clone())).await?.into_inner();
+        nodes.extend(page.nodes);
+        if page.next_page_token.is_empty() {
+            return Ok(nodes);
+        }
+        // A token that does not move on would loop forever.
+        anyhow::ensure!(
+            page.next_page_token != req.page_token,
+            "the manager sent the same page token twice"
+        );
+        req.page_token = page.next_page_token;
     }
 }
 
@@ -659,6 +759,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let cli = Cli::try_parse_from([
+            "edgectl",
+            "node",
+            "ls",
+            "--state",
+            "SUSPECT",
+            "--pool",
+            "web",
+            "--page-size",
+            "2",
+        ])
+        .unwrap();
+        match cli.command {
+            Cmd::Node {
+                command: NodeCmd::Ls(a),
+            } => {
+                assert_eq!(a.state, Some(StateArg::Suspect));
+                assert_eq!(a.pool.as_deref(), Some("web"));
+                assert_eq!(a.page_size, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = Cli::try_parse_from(["edgectl", "node", "ls", "--state", "up"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
         let err = Cli::try_parse_from(["edgectl", "pool", "create"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }

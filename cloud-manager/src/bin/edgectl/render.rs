@@ -360,6 +360,47 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
     t.render()
 }
 
+/// `edgectl node summary`: one row of counts.
+pub fn summary_table(s: &pb::NodeSummaryResponse) -> String {
+    let mut t = Table::new(&[
+        "TOTAL",
+        "CONNECTED",
+        "FREE",
+        "MEMBER",
+        "SUSPECT",
+        "FAILED",
+        "FENCED",
+    ]);
+    t.row(
+        [
+            s.total,
+            s.connected,
+            s.free,
+            s.member,
+            s.suspect,
+            s.failed,
+            s.fenced,
+        ]
+        .iter()
+        .map(u32::to_string)
+        .collect(),
+    );
+    t.render()
+}
+
+/// `edgectl node summary -o json`.
+pub fn summary(s: &pb::NodeSummaryResponse) -> Value {
+    json!({
+        "total": s.total,
+        "connected": s.connected,
+        "free": s.free,
+        "member": s.member,
+        "suspect": s.suspect,
+        "failed": s.failed,
+        "fenced": s.fenced,
+    })
+}
+
 fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
 }
