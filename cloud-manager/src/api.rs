@@ -10,12 +10,12 @@ use tonic::{Request, Response, Status};
 use std::pin::Pin;
 
 use futures::Stream;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::tenant_caller;
 use crate::convert::{page_token, timestamp};
 use crate::errors::to_status;
+use crate::events::WatchFrom;
 use crate::manager::Manager;
 use crate::node_list::NodeQuery;
 use crate::pool::{AppDef, PolicyDef};
@@ -254,56 +254,55 @@ impl TenantService for TenantApi {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let tenant = self.tenant(&request)?;
         let req = request.into_inner();
-        // Subscribe before reading the backlog so nothing falls in between.
-        let mut live = self.manager.subscribe_events();
-        let backlog = if req.from_start || req.after_seq > 0 {
-            self.manager
-                .events_since(&tenant, req.after_seq)
-                .map_err(to_status)?
-        } else {
-            Vec::new()
-        };
-        let pool = req.pool;
-        let wanted = move |e: &crate::events::EventRecord| {
-            e.tenant == tenant && (pool.is_empty() || e.pool == pool)
-        };
-        let shutdown = self.shutdown.clone();
-        let stream = async_stream(move |tx| async move {
-            let mut last = req.after_seq;
-            for e in backlog.iter().filter(|e| wanted(e)) {
-                last = e.seq;
-                if tx.send(Ok(pb::Event::from(e))).await.is_err() {
-                    return;
-                }
+        // from_start asks for whatever is kept, so it is never a loss;
+        // after_seq asks for everything after it, so it can be.
+        let from = if req.from_start {
+            WatchFrom::Kept {
+                after: req.after_seq,
             }
-            loop {
+        } else if req.after_seq > 0 {
+            WatchFrom::After(req.after_seq)
+        } else {
+            WatchFrom::Now
+        };
+        let mut watch = self
+            .manager
+            .watch_events(&tenant, &req.pool, from)
+            .map_err(to_status)?;
+        let manager = self.manager.clone();
+        let shutdown = self.shutdown.clone();
+        let pool = req.pool;
+        let stream = async_stream(move |tx| async move {
+            let end = loop {
                 let next = tokio::select! {
-                    next = live.recv() => next,
+                    next = manager.next_event(&mut watch) => next,
                     _ = shutdown.cancelled() => {
-                        let msg = format!("manager is shutting down; resume with after_seq={last}");
+                        let msg = format!(
+                            "manager is shutting down; resume with after_seq={}",
+                            watch.position()
+                        );
                         let _ = tx.send(Err(Status::unavailable(msg))).await;
-                        return;
+                        break "manager shutting down";
                     }
-                    // The client went away: end now rather than at the next event.
-                    _ = tx.closed() => return,
+                    // The client went away: end now, not at the next event
+                    // (which may never come, e.g. for a pool that does not
+                    // exist).
+                    _ = tx.closed() => break "client gone",
                 };
                 match next {
-                    Ok(e) if e.seq > last && wanted(&e) => {
-                        last = e.seq;
+                    Ok(Some(e)) => {
                         if tx.send(Ok(pb::Event::from(&*e))).await.is_err() {
-                            return;
+                            break "client gone";
                         }
                     }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(n)) => {
-                        let msg =
-                            format!("watcher fell {n} events behind; resume with after_seq={last}");
-                        let _ = tx.send(Err(Status::data_loss(msg))).await;
-                        return;
+                    Ok(None) => break "manager stopped",
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        break "events dropped";
                     }
-                    Err(RecvError::Closed) => return,
                 }
-            }
+            };
+            tracing::info!(%tenant, %pool, reason = end, "event watch ended");
         });
         Ok(Response::new(stream))
     }

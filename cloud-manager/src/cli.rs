@@ -112,6 +112,9 @@ pub struct ServeArgs {
     /// How often to ask again about a member its peers still reach (ms).
     #[arg(long, env = "EDGEPOOL_PEER_RECHECK_MS")]
     pub peer_recheck_ms: Option<u32>,
+    /// Events kept per tenant (the newest).
+    #[arg(long, env = "EDGEPOOL_EVENTS_PER_TENANT")]
+    pub events_per_tenant: Option<u32>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -162,6 +165,7 @@ impl ServeArgs {
             (self.peer_check_timeout_ms, &mut c.peer_check_timeout_ms),
             (self.ping_timeout_ms, &mut c.ping_timeout_ms),
             (self.peer_recheck_ms, &mut c.peer_recheck_ms),
+            (self.events_per_tenant, &mut c.events_per_tenant),
         ] {
             if let Some(v) = flag {
                 *field = v;

@@ -27,6 +27,7 @@ pub fn to_status(e: ManagerError) -> Status {
             PoolError::NotFound(_) => Status::not_found(e.to_string()),
         },
         ManagerError::NotFound(m) => Status::not_found(m),
+        ManagerError::EventsDropped(_) => Status::data_loss(e.to_string()),
         ManagerError::PermissionDenied(m) => Status::permission_denied(m),
         ManagerError::Store(_) | ManagerError::Ca(_) | ManagerError::Poisoned => {
             // Details go to the log, not to the caller.

@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
-use crate::events::{EventKind, EventRecord};
+use crate::events::{Backlog, EventKind, EventRecord, EventsDropped, Watch, WatchFrom};
 use crate::model::{AppReport, Hello, NodeAssignment, NodeState, Sample, now_ms};
 use crate::node_list::{NodeCounts, NodeQuery, shown_state};
 use crate::pool::PoolError;
@@ -39,6 +39,8 @@ pub enum ManagerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    EventsDropped(#[from] EventsDropped),
     #[error("internal state lock poisoned")]
     Poisoned,
 }
@@ -270,7 +272,8 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(config: ManagerConfig, ca: Ca, store: Box<dyn Store>) -> Result<Self, ManagerError> {
-        let registry = store.load()?;
+        let mut registry = store.load()?;
+        registry.events.set_limit(config.events_per_tenant as usize);
         Ok(Manager {
             config,
             ca,
@@ -310,9 +313,11 @@ impl Manager {
         self.store.save(&current, &next)?;
         let seen = current.events.next_seq;
         *current = next;
-        for e in current.events.since(seen) {
+        // Sent under the registry lock, so the broadcast is in seq order
+        // and a watch subscribed under the lock misses nothing.
+        for e in current.events.recorded_after(seen) {
             // No subscribers is fine: events are also kept in the registry.
-            let _ = self.events.send(Arc::new(e.clone()));
+            let _ = self.events.send(e);
         }
         Ok(out)
     }
@@ -356,20 +361,46 @@ impl Manager {
         }
     }
 
-    /// Live events from now on (see also `events_since`).
-    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<EventRecord>> {
-        self.events.subscribe()
+    /// Starts following `tenant`'s events (only `pool`'s if not empty)
+    /// from `from`. Fails with `EventsDropped` if `from` is a seq after
+    /// which some of the tenant's events are no longer kept.
+    pub fn watch_events(
+        &self,
+        tenant: &str,
+        pool: &str,
+        from: WatchFrom,
+    ) -> Result<Watch, ManagerError> {
+        let r = self.registry()?;
+        // Subscribed under the lock that `mutate` broadcasts under: the
+        // backlog and the live events meet exactly.
+        let live = self.events.subscribe();
+        let (position, backlog) = match from {
+            WatchFrom::Now => (
+                r.events.next_seq,
+                Backlog {
+                    events: Vec::new(),
+                    through: r.events.next_seq,
+                },
+            ),
+            WatchFrom::Kept { after } => {
+                let position = after.max(r.events.kept_after(tenant));
+                (position, r.events.kept_since(tenant, position))
+            }
+            WatchFrom::After(after) => (after, r.events.since(tenant, after)?),
+        };
+        Ok(Watch::new(tenant, pool, position, backlog, live))
     }
 
-    /// Retained events of `tenant` with a sequence number above `after`.
-    pub fn events_since(&self, tenant: &str, after: u64) -> Result<Vec<EventRecord>, ManagerError> {
-        Ok(self
-            .registry()?
-            .events
-            .since(after)
-            .filter(|e| e.tenant == tenant)
-            .cloned()
-            .collect())
+    /// The next event of `watch`: `Ok(None)` when the manager is gone,
+    /// `EventsDropped` when the watch fell so far behind that events it
+    /// had not seen were dropped.
+    pub async fn next_event(
+        &self,
+        watch: &mut Watch,
+    ) -> Result<Option<Arc<EventRecord>>, ManagerError> {
+        watch
+            .next(|tenant, after| Ok(self.registry()?.events.since(tenant, after)?))
+            .await
     }
 
     /// Creates a single-use join token for `tenant`. Returns the token and

@@ -65,7 +65,8 @@ pub struct Registry {
     /// Keyed by `tenant/name`.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolRecord>,
-    #[serde(default)]
+    /// Stored row by row by the `Store` (see `events`), never as a whole.
+    #[serde(skip)]
     pub events: EventLog,
 }
 

@@ -7,7 +7,9 @@
 //! committed state. Each change writes only the records that differ
 //! between the registry before and after it (one row per token, node, pool
 //! and event, as JSON), in one transaction, so the cost of a change does not
-//! grow with the fleet. Nothing is written per telemetry sample.
+//! grow with the fleet. Nothing is written per telemetry sample. Events are
+//! keyed by their (global) seq; each tenant's `dropped_through` has its own
+//! row, so a restarted manager still reports a loss it cannot replay.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,8 +44,14 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Tenant -> the newest seq of its events that was dropped.
+const EVENTS_DROPPED: TableDefinition<&str, u64> = TableDefinition::new("events_dropped");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_EVENT_SEQ: &str = "next_event_seq";
+/// Events up to this seq are unknown for every tenant (see `EventLog::floor`).
+/// Written once, when a store is first opened by a version with per-tenant
+/// rings.
+const EVENTS_FLOOR: &str = "events_floor";
 
 pub struct RedbStore {
     db: redb::Database,
@@ -72,7 +80,20 @@ impl RedbStore {
             txn.open_table(NODES)?;
             txn.open_table(POOLS)?;
             txn.open_table(EVENTS)?;
-            txn.open_table(META)?;
+            txn.open_table(EVENTS_DROPPED)?;
+            let mut meta = txn.open_table(META)?;
+            if meta.get(EVENTS_FLOOR)?.is_none() {
+                // A store from a version that kept one ring for all tenants
+                // (or a new one): it does not say whose events it dropped,
+                // so everything before its oldest kept event counts as lost
+                // for every tenant.
+                let events = txn.open_table(EVENTS)?;
+                let floor = match events.first()? {
+                    Some((seq, _)) => seq.value().saturating_sub(1),
+                    None => meta.get(NEXT_EVENT_SEQ)?.map_or(0, |v| v.value()),
+                };
+                meta.insert(EVENTS_FLOOR, floor)?;
+            }
             Ok(())
         })?;
         Ok(store)
@@ -153,18 +174,28 @@ impl Store for RedbStore {
             ..Registry::default()
         };
         let events = txn.open_table(EVENTS).map_err(|e| self.backend(e))?;
+        // Rows are in seq order, so every tenant's ring comes back in order.
         for row in events.iter().map_err(|e| self.backend(e))? {
             let (_, v) = row.map_err(|e| self.backend(e))?;
             r.events
-                .events
-                .push_back(serde_json::from_slice(v.value()).map_err(|e| self.corrupt(e))?);
+                .restore(serde_json::from_slice(v.value()).map_err(|e| self.corrupt(e))?);
+        }
+        let dropped = txn
+            .open_table(EVENTS_DROPPED)
+            .map_err(|e| self.backend(e))?;
+        for row in dropped.iter().map_err(|e| self.backend(e))? {
+            let (tenant, seq) = row.map_err(|e| self.backend(e))?;
+            r.events.restore_dropped(tenant.value(), seq.value());
         }
         let meta = txn.open_table(META).map_err(|e| self.backend(e))?;
-        r.events.next_seq = meta
-            .get(NEXT_EVENT_SEQ)
-            .map_err(|e| self.backend(e))?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let number = |key| -> Result<u64, StoreError> {
+            Ok(meta
+                .get(key)
+                .map_err(|e| self.backend(e))?
+                .map_or(0, |v| v.value()))
+        };
+        r.events.next_seq = number(NEXT_EVENT_SEQ)?;
+        r.events.floor = number(EVENTS_FLOOR)?;
         Ok(r)
     }
 
@@ -176,17 +207,32 @@ impl Store for RedbStore {
             write_diff(&mut txn.open_table(NODES)?, &before.nodes, &after.nodes)?;
             write_diff(&mut txn.open_table(POOLS)?, &before.pools, &after.pools)?;
             let mut events = txn.open_table(EVENTS)?;
-            for e in after.events.since(before.events.next_seq) {
-                events.insert(e.seq, json(e)?.as_slice())?;
-            }
-            let oldest_kept = after
-                .events
-                .events
-                .front()
-                .map(|e| e.seq)
-                .unwrap_or(u64::MAX);
-            for e in before.events.events.iter().filter(|e| e.seq < oldest_kept) {
-                events.remove(e.seq)?;
+            let mut dropped = txn.open_table(EVENTS_DROPPED)?;
+            for (tenant, ring) in after.events.tenants() {
+                let old = before.events.tenant(tenant);
+                // A ring no change touched is the same allocation.
+                if old.is_some_and(|o| std::sync::Arc::ptr_eq(o, ring)) {
+                    continue;
+                }
+                for e in ring
+                    .events
+                    .iter()
+                    .filter(|e| e.seq > before.events.next_seq)
+                {
+                    events.insert(e.seq, json(&**e)?.as_slice())?;
+                }
+                let Some(old) = old else {
+                    if ring.dropped_through > 0 {
+                        dropped.insert(tenant.as_str(), ring.dropped_through)?;
+                    }
+                    continue;
+                };
+                for e in old.events.iter().filter(|e| e.seq <= ring.dropped_through) {
+                    events.remove(e.seq)?;
+                }
+                if ring.dropped_through != old.dropped_through {
+                    dropped.insert(tenant.as_str(), ring.dropped_through)?;
+                }
             }
             let mut meta = txn.open_table(META)?;
             meta.insert(NEXT_EVENT_SEQ, after.events.next_seq)?;
@@ -198,8 +244,9 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{EventKind, EventRecord, MAX_EVENTS};
+    use crate::events::{EventKind, EventRecord};
     use crate::registry::TokenRecord;
+    use redb::ReadableTableMetadata;
 
     fn token(tenant: &str) -> TokenRecord {
         TokenRecord {
@@ -235,26 +282,59 @@ mod tests {
     }
 
     #[test]
-    fn trimmed_events_are_removed() {
+    fn each_tenant_trims_its_own_events_durably() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let mut before = Registry::default();
-        for _ in 0..MAX_EVENTS {
+        before.events.set_limit(3);
+        let change = |tenant: &str, before: &mut Registry| {
             let mut after = before.clone();
             after
                 .events
-                .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
-            store.save(&before, &after).unwrap();
-            before = after;
+                .push(EventRecord::new(tenant, "", EventKind::NodeEnrolled), 1);
+            store.save(before, &after).unwrap();
+            *before = after;
+        };
+        change("quiet", &mut before);
+        for _ in 0..10 {
+            change("busy", &mut before);
         }
-        let mut after = before.clone();
-        after
-            .events
-            .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
-        store.save(&before, &after).unwrap();
-        let loaded = store.load().unwrap();
-        assert_eq!(loaded.events.events.len(), MAX_EVENTS);
-        assert_eq!(loaded, after);
+        let mut loaded = store.load().unwrap();
+        loaded.events.set_limit(3);
+        assert_eq!(loaded, before);
+        assert_eq!(loaded.events.kept_after("busy"), 8);
+        assert_eq!(loaded.events.kept("quiet").events.len(), 1);
+        // Only the kept events have rows.
+        let txn = store.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(EVENTS).unwrap().len().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_store_from_one_global_ring_counts_its_trimmed_events_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let mut r = Registry::default();
+        for _ in 0..5 {
+            r.events
+                .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
+        }
+        store.save(&Registry::default(), &r).unwrap();
+        // What an older version leaves: seqs 1 and 2 trimmed, no floor.
+        store
+            .write(|txn| {
+                let mut events = txn.open_table(EVENTS)?;
+                events.remove(1)?;
+                events.remove(2)?;
+                txn.open_table(META)?.remove(EVENTS_FLOOR)?;
+                Ok(())
+            })
+            .unwrap();
+        drop(store);
+        let loaded = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(loaded.events.floor, 2);
+        assert_eq!(loaded.events.since("t", 1).unwrap_err().oldest_kept, 3);
+        assert_eq!(loaded.events.since("other", 1).unwrap_err().resume_after, 2);
+        assert_eq!(loaded.events.since("t", 2).unwrap().events.len(), 3);
     }
 
     #[test]

@@ -154,12 +154,15 @@ Show or follow the tenant's events (WatchEvents).
 
 Without -f, prints the events that arrive within 300 ms of opening the
 stream and exits: the replayed retained events (the manager keeps the newest
-1000), then any new ones. With -f, keeps printing new events until Ctrl-C.
+1000 of each tenant), then any new ones. With -f, keeps printing new events
+until Ctrl-C.
 
 --after 0 (the default) follows the manager's definition: replay nothing,
 only new events. Pass --from-start to replay everything retained, or
 --after SEQ to replay the retained events after SEQ (e.g. to resume a watch
-with the last SEQ you saw).
+with the last SEQ you saw). SEQ numbers are shared by all tenants, so yours
+skip numbers: that is not a loss. If events after SEQ are no longer kept,
+edgectl says so (DataLoss, naming the oldest kept SEQ) and exits with 1.
 
   edgectl events --from-start            recent history, then exit
   edgectl events --pool web -f           new events of pool web until Ctrl-C
@@ -327,10 +330,11 @@ struct EventsArgs {
     /// Keep streaming new events until Ctrl-C
     #[arg(short = 'f', long)]
     follow: bool,
-    /// Replay retained events with a sequence number above SEQ first (0 = only new ones)
+    /// Replay retained events with a sequence number above SEQ first (0 = only new ones);
+    /// fails with DataLoss if some of them are no longer kept
     #[arg(long, value_name = "SEQ", default_value_t = 0)]
     after: u64,
-    /// Replay every retained event first (the manager keeps the newest 1000)
+    /// Replay every retained event first (the manager keeps the newest 1000 per tenant)
     #[arg(long, conflicts_with = "after")]
     from_start: bool,
 }
@@ -371,7 +375,12 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
-                Some(status) => eprintln!("edgectl: {}", status_line(status)),
+                Some(status) => {
+                    eprintln!("edgectl: {}", status_line(status));
+                    if let Some(hint) = data_loss_hint(status) {
+                        eprintln!("edgectl: {hint}");
+                    }
+                }
                 None => eprintln!("edgectl: {e:#}"),
             }
             ExitCode::FAILURE
@@ -390,6 +399,34 @@ fn status_line(s: &tonic::Status) -> String {
         }
     }
     format!("{:?}: {msg}", s.code())
+}
+
+/// What to do after `events` ended with DATA_LOSS: the manager's message
+/// names the `after_seq` that resumes from its oldest kept event.
+fn data_loss_hint(s: &tonic::Status) -> Option<String> {
+    if s.code() != tonic::Code::DataLoss {
+        return None;
+    }
+    let resume = s
+        .message()
+        .split("after_seq=")
+        .nth(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .filter(|n| !n.is_empty());
+    Some(match resume {
+        Some(n) => format!(
+            "some events were dropped before they could be shown; \
+             `edgectl events --after {n}` continues from the oldest kept one, \
+             --from-start shows all that are kept"
+        ),
+        None => "some events were dropped before they could be shown; \
+                 --from-start shows all that are kept"
+            .to_string(),
+    })
 }
 
 /// Names the manager address in connection failures.
@@ -629,33 +666,33 @@ async fn events(
     if !args.follow {
         let deadline = tokio::time::Instant::now() + EVENTS_WINDOW;
         let mut got = Vec::new();
+        let mut failed = None;
         loop {
             match tokio::time::timeout_at(deadline, stream.message()).await {
                 Err(_) => break,
                 Ok(Ok(Some(e))) => got.push(e),
                 Ok(Ok(None)) => break,
-                Ok(Err(status)) => return Err(status.into()),
+                Ok(Err(status)) => {
+                    failed = Some(status);
+                    break;
+                }
             }
         }
-        return match out {
-            Output::Table => {
-                emit(&render::events_table(&got))?;
-                if got.is_empty() && args.after == 0 && !args.from_start {
-                    eprintln!(
-                        "edgectl: no new events; --from-start or --after SEQ replays \
-                         retained events, -f follows new ones"
-                    );
-                }
-                Ok(())
+        if let Some(status) = failed {
+            // Show what did arrive before the stream ended, then why.
+            if !got.is_empty() {
+                print_events(&got, out)?;
             }
-            Output::Json => {
-                let text: String = got
-                    .iter()
-                    .map(|e| format!("{}\n", render::event(e)))
-                    .collect();
-                emit(&text)
-            }
-        };
+            return Err(status.into());
+        }
+        print_events(&got, out)?;
+        if got.is_empty() && out == Output::Table && args.after == 0 && !args.from_start {
+            eprintln!(
+                "edgectl: no new events; --from-start or --after SEQ replays \
+                 retained events, -f follows new ones"
+            );
+        }
+        return Ok(());
     }
     let headers = render::EVENT_HEADERS.map(String::from);
     if out == Output::Table {
@@ -681,6 +718,20 @@ async fn events(
                 }
                 None => anyhow::bail!("the manager closed the event stream"),
             }
+        }
+    }
+}
+
+/// Events as a table, or as JSON lines.
+fn print_events(events: &[pb::Event], out: Output) -> anyhow::Result<()> {
+    match out {
+        Output::Table => emit(&render::events_table(events)),
+        Output::Json => {
+            let text: String = events
+                .iter()
+                .map(|e| format!("{}\n", render::event(e)))
+                .collect();
+            emit(&text)
         }
     }
 }
