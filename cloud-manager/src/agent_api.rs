@@ -10,7 +10,7 @@ use futures::Stream;
 use pb::agent_message::Msg as Up;
 use pb::agent_service_server::AgentService;
 use pb::manager_message::Msg as Down;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,14 +33,26 @@ pub struct AgentApi {
     manager: Arc<Manager>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// One permit per stream being opened (from the start of `Connect`
+    /// until its hello is recorded): `max_concurrent_stream_opens`.
+    opens: Arc<Semaphore>,
+    /// The retry hint of a `Connect` refused for want of a permit.
+    retry_after: Duration,
 }
 
 impl AgentApi {
     pub fn new(manager: Arc<Manager>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        let config = manager.config();
+        let opens = Arc::new(Semaphore::new(
+            (config.max_concurrent_stream_opens as usize).max(1),
+        ));
+        let retry_after = Duration::from_millis(u64::from(config.stream_open_retry_ms));
         AgentApi {
             manager,
             shutdown,
             tracker,
+            opens,
+            retry_after,
         }
     }
 }
@@ -91,6 +103,15 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        // Taken first, so a storm of reconnects is refused before any work;
+        // held until the hello is recorded, then the stream runs freely.
+        let Ok(_opening) = self.opens.clone().try_acquire_owned() else {
+            tracing::debug!("too many agent streams opening; refused");
+            return Err(edgepool_common::grpc::exhausted(
+                "the manager is opening too many agent streams",
+                self.retry_after,
+            ));
+        };
         let caller = caller(&request, self.manager.trust_domain())?;
         let Identity::Node {
             tenant, node_id, ..

@@ -115,6 +115,18 @@ pub struct ServeArgs {
     /// Events kept per tenant (the newest).
     #[arg(long, env = "EDGEPOOL_EVENTS_PER_TENANT")]
     pub events_per_tenant: Option<u32>,
+    /// TLS handshakes in progress at once; more connections wait.
+    #[arg(long, env = "EDGEPOOL_MAX_CONCURRENT_HANDSHAKES")]
+    pub max_concurrent_handshakes: Option<u32>,
+    /// A TLS handshake not finished in this time is dropped (ms).
+    #[arg(long, env = "EDGEPOOL_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u32>,
+    /// Agent streams being opened at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "EDGEPOOL_MAX_CONCURRENT_STREAM_OPENS")]
+    pub max_concurrent_stream_opens: Option<u32>,
+    /// Retry hint sent with that RESOURCE_EXHAUSTED (ms).
+    #[arg(long, env = "EDGEPOOL_STREAM_OPEN_RETRY_MS")]
+    pub stream_open_retry_ms: Option<u32>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -166,6 +178,16 @@ impl ServeArgs {
             (self.ping_timeout_ms, &mut c.ping_timeout_ms),
             (self.peer_recheck_ms, &mut c.peer_recheck_ms),
             (self.events_per_tenant, &mut c.events_per_tenant),
+            (
+                self.max_concurrent_handshakes,
+                &mut c.max_concurrent_handshakes,
+            ),
+            (self.handshake_timeout_ms, &mut c.handshake_timeout_ms),
+            (
+                self.max_concurrent_stream_opens,
+                &mut c.max_concurrent_stream_opens,
+            ),
+            (self.stream_open_retry_ms, &mut c.stream_open_retry_ms),
         ] {
             if let Some(v) = flag {
                 *field = v;

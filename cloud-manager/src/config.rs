@@ -12,6 +12,10 @@ use serde::Deserialize;
 /// copied (as pointers) when one of its events is recorded.
 pub const MAX_EVENTS_PER_TENANT: u32 = 100_000;
 
+/// Upper bound of `max_concurrent_handshakes` and
+/// `max_concurrent_stream_opens`: beyond it a cap no longer shapes anything.
+pub const MAX_CONCURRENT_OPENS: u32 = 65_536;
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
@@ -77,6 +81,21 @@ pub struct ManagerConfig {
     /// ends with DATA_LOSS. Memory: about 300 bytes per kept event.
     /// Default 1000.
     pub events_per_tenant: u32,
+    /// TLS handshakes in progress at once on the manager's port. Above it,
+    /// new connections wait in the kernel's listen queue until a slot
+    /// frees, so a fleet reconnecting at once (after a manager restart)
+    /// is served at a steady rate instead of all at once. Default 256.
+    pub max_concurrent_handshakes: u32,
+    /// A TLS handshake not finished in this time is dropped, so a slow or
+    /// silent client cannot hold a handshake slot. Default 10000.
+    pub handshake_timeout_ms: u32,
+    /// Agent streams (`Connect`) being opened at once: from the stream's
+    /// start until its hello is handled and recorded. Above it `Connect`
+    /// answers RESOURCE_EXHAUSTED with a retry hint. Default 64.
+    pub max_concurrent_stream_opens: u32,
+    /// The retry hint of that RESOURCE_EXHAUSTED (agents wait this long
+    /// plus a random part of up to as long again). Default 1000.
+    pub stream_open_retry_ms: u32,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -104,6 +123,10 @@ impl Default for ManagerConfig {
             ping_timeout_ms: 500,
             peer_recheck_ms: 2000,
             events_per_tenant: crate::events::DEFAULT_EVENTS_PER_TENANT as u32,
+            max_concurrent_handshakes: 256,
+            handshake_timeout_ms: 10_000,
+            max_concurrent_stream_opens: 64,
+            stream_open_retry_ms: 1000,
             log_format: LogFormat::Plain,
         }
     }
@@ -181,6 +204,8 @@ impl ManagerConfig {
             ("peer_check_timeout_ms", self.peer_check_timeout_ms, 50),
             ("ping_timeout_ms", self.ping_timeout_ms, 50),
             ("peer_recheck_ms", self.peer_recheck_ms, 100),
+            ("handshake_timeout_ms", self.handshake_timeout_ms, 100),
+            ("stream_open_retry_ms", self.stream_open_retry_ms, 10),
         ] {
             if v < min || v > 600_000 {
                 return Err(invalid(field, &format!("must be between {min} and 600000")));
@@ -192,6 +217,20 @@ impl ManagerConfig {
         ] {
             if !(100..=60_000).contains(&v) {
                 return Err(invalid(field, "must be between 100 and 60000"));
+            }
+        }
+        for (field, v) in [
+            ("max_concurrent_handshakes", self.max_concurrent_handshakes),
+            (
+                "max_concurrent_stream_opens",
+                self.max_concurrent_stream_opens,
+            ),
+        ] {
+            if !(1..=MAX_CONCURRENT_OPENS).contains(&v) {
+                return Err(invalid(
+                    field,
+                    &format!("must be between 1 and {MAX_CONCURRENT_OPENS}"),
+                ));
             }
         }
         if !(1..=MAX_EVENTS_PER_TENANT).contains(&self.events_per_tenant) {
@@ -259,6 +298,16 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("events_per_tenant")
+        );
+        c = ManagerConfig {
+            max_concurrent_handshakes: 0,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_concurrent_handshakes")
         );
         c = ManagerConfig {
             trust_domain: "Bad Domain".into(),

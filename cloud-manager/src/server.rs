@@ -119,7 +119,17 @@ impl ManagerServer {
             self.manager.clone(),
             shutdown.clone(),
         ));
-        let incoming = tls::tls_incoming(self.listener, tls::fixed(self.tls), shutdown.clone());
+        let config = self.manager.config();
+        let limits = tls::AcceptLimits::new(
+            config.max_concurrent_handshakes as usize,
+            Duration::from_millis(u64::from(config.handshake_timeout_ms)),
+        );
+        let incoming = tls::tls_incoming(
+            self.listener,
+            tls::fixed(self.tls),
+            limits,
+            shutdown.clone(),
+        );
         tracing::info!(addr = %self.local_addr, "manager serving");
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

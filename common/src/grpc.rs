@@ -3,6 +3,35 @@
 use tokio_util::sync::CancellationToken;
 use tonic_reflection::server::{v1, v1alpha};
 
+/// gRPC metadata key of a retry hint in milliseconds, sent with
+/// `RESOURCE_EXHAUSTED` (e.g. `Connect` while the manager is opening too
+/// many agent streams at once). ASCII digits.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The retry hint of `status`, if it carries one.
+pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    let ms = status.metadata().get(RETRY_AFTER_MS)?.to_str().ok()?;
+    ms.trim()
+        .parse::<u64>()
+        .ok()
+        .map(std::time::Duration::from_millis)
+}
+
+/// A `RESOURCE_EXHAUSTED` status carrying `retry_after` twice: in the
+/// message, for people, and as `retry-after-ms` metadata, for programs.
+pub fn exhausted(what: &str, retry_after: std::time::Duration) -> tonic::Status {
+    let ms = retry_after.as_millis().min(u128::from(u64::MAX)) as u64;
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(ms.to_string()) {
+        metadata.insert(RETRY_AFTER_MS, v);
+    }
+    tonic::Status::with_metadata(
+        tonic::Code::ResourceExhausted,
+        format!("{what}; retry in {ms} ms"),
+        metadata,
+    )
+}
+
 /// Server reflection for `edge.v1` and `grpc.health.v1`, in both protocol
 /// versions: v1 for current clients, v1alpha for older grpcurl builds.
 #[allow(clippy::type_complexity)]
@@ -39,4 +68,18 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_hint_round_trip() {
+        let s = exhausted("busy", std::time::Duration::from_millis(750));
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.message(), "busy; retry in 750 ms");
+        assert_eq!(retry_after(&s), Some(std::time::Duration::from_millis(750)));
+        assert_eq!(retry_after(&tonic::Status::unavailable("x")), None);
+    }
 }

@@ -449,19 +449,57 @@ pub fn fixed(config: Arc<ServerConfig>) -> ConfigSource {
     Arc::new(move || config.clone())
 }
 
+/// How many TLS handshakes a server runs at once, and for how long each
+/// may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// Handshakes in progress at most (at least 1).
+    pub max_handshakes: usize,
+    /// A handshake not finished in this time is dropped, freeing its slot.
+    pub handshake_timeout: Duration,
+}
+
+impl AcceptLimits {
+    pub fn new(max_handshakes: usize, handshake_timeout: Duration) -> Self {
+        AcceptLimits {
+            max_handshakes: max_handshakes.max(1),
+            handshake_timeout,
+        }
+    }
+}
+
 /// Accepts TCP connections on `listener` and yields the ones whose TLS
 /// handshake succeeds, for `serve_with_incoming`. Handshakes run in their own
 /// tasks so a slow client cannot stall accepting; failed handshakes (no or
 /// untrusted client certificate where one is required, wrong CA, garbage)
 /// are logged at debug level and dropped. The stream ends when `stop` fires.
+///
+/// At most `limits.max_handshakes` handshakes run at once: the loop takes a
+/// slot *before* it accepts, so connections above the cap wait in the
+/// kernel's listen queue (bounded by the listen backlog; a client's own
+/// connect timeout bounds its wait) and cost no task, buffer or file
+/// descriptor here. A slot is held until the handshaken stream is handed to
+/// the server, and `limits.handshake_timeout` frees a slot that a slow or
+/// silent client holds. This is what shapes a reconnect storm (a fleet
+/// coming back after a manager restart) into a steady flow.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ConfigSource,
+    limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
     tokio::spawn(async move {
         loop {
+            let slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    // Never closed; if it were, nothing could be accepted.
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
                 a = listener.accept() => a,
@@ -480,13 +518,15 @@ pub fn tls_incoming(
             let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = acceptor.accept(tcp);
+                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
+                drop(slot);
             });
         }
     });

@@ -128,6 +128,9 @@ pub struct RunArgs {
     /// backoff in between).
     #[arg(long, env = "EDGE_AGENT_RECONNECT_MAX_MS")]
     pub reconnect_max_ms: Option<u64>,
+    /// TLS handshakes in progress at once on the peer port (default 32).
+    #[arg(long, env = "EDGE_AGENT_PEER_MAX_CONCURRENT_HANDSHAKES")]
+    pub peer_max_concurrent_handshakes: Option<u32>,
     /// How often pool members probe each other (ms, default 2000).
     #[arg(long, env = "EDGE_AGENT_PEER_PROBE_INTERVAL_MS")]
     pub peer_probe_interval_ms: Option<u64>,
@@ -212,6 +215,9 @@ impl RunArgs {
         }
         if let Some(v) = self.reconnect_max_ms {
             c.reconnect_max_ms = v;
+        }
+        if let Some(v) = self.peer_max_concurrent_handshakes {
+            c.peer_max_concurrent_handshakes = v;
         }
         if let Some(v) = self.peer_probe_interval_ms {
             c.peer_probe_interval_ms = v;

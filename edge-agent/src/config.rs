@@ -33,6 +33,10 @@ pub struct AgentConfig {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay (exponential backoff, jittered). Default 10000.
     pub reconnect_max_ms: u64,
+    /// TLS handshakes in progress at once on the peer port; more
+    /// connections wait in the kernel's listen queue. A handshake not done
+    /// in 10 s is dropped. Default 32 (a pool has few members).
+    pub peer_max_concurrent_handshakes: u32,
     /// How often a pool member probes the other members' peer ports for
     /// their capacity and usage (offload decisions, `GetNode.peers`).
     /// Default 2000.
@@ -101,6 +105,7 @@ impl Default for AgentConfig {
             capacity: CapacityConfig::default(),
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
+            peer_max_concurrent_handshakes: 32,
             peer_probe_interval_ms: 2000,
             peer_liveness_interval_ms: 200,
             peer_suspect_ms: 600,
@@ -156,6 +161,12 @@ impl AgentConfig {
             if !(100..=60_000).contains(&v) {
                 return Err(invalid(field, "must be between 100 and 60000"));
             }
+        }
+        if !(1..=65_536).contains(&self.peer_max_concurrent_handshakes) {
+            return Err(invalid(
+                "peer_max_concurrent_handshakes",
+                "must be between 1 and 65536",
+            ));
         }
         if self.peer_probe_interval_ms < 100 {
             return Err(invalid("peer_probe_interval_ms", "must be at least 100"));

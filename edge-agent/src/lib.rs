@@ -39,6 +39,7 @@ pub struct Agent {
     uplink: Uplink,
     assignments: watch::Receiver<Option<pb::Assignment>>,
     peer_listener: TcpListener,
+    peer_limits: tls::AcceptLimits,
     peer_addr: SocketAddr,
     link: watch::Receiver<LinkState>,
     probe_every: Duration,
@@ -135,6 +136,10 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         uplink,
         assignments,
         peer_listener,
+        peer_limits: tls::AcceptLimits::new(
+            config.peer_max_concurrent_handshakes as usize,
+            tls::HANDSHAKE_TIMEOUT,
+        ),
         peer_addr,
         link,
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
@@ -188,6 +193,7 @@ impl Agent {
         }
         let peer = tokio::spawn(peer::serve(
             self.peer_listener,
+            self.peer_limits,
             shared.clone(),
             shutdown.clone(),
         ));

@@ -36,6 +36,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn serve(
     listener: TcpListener,
+    limits: tls::AcceptLimits,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -44,7 +45,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
     let source_shared = shared.clone();
     let source: tls::ConfigSource = Arc::new(move || source_shared.peer_tls());
-    let incoming = tls::tls_incoming(listener, source, shutdown.clone());
+    let incoming = tls::tls_incoming(listener, source, limits, shutdown.clone());
     let serve = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)

@@ -1,5 +1,6 @@
 //! The stream to the manager (`AgentService.Connect`): hello, then
-//! telemetry and heartbeats; reconnects with jittered backoff forever.
+//! telemetry and heartbeats; reconnects with jittered backoff forever
+//! (after a `RESOURCE_EXHAUSTED` with a retry hint: the hint plus jitter).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +21,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The manager is considered gone after this many heartbeat intervals
 /// without any message from it.
 const SILENT_INTERVALS: u32 = 5;
+/// A manager's retry hint is followed up to this long (a wrong hint must
+/// not park the agent for hours).
+const MAX_RETRY_HINT: Duration = Duration::from_secs(60);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
@@ -79,9 +83,18 @@ impl Uplink {
             let started = Instant::now();
             let result = self.session(&shutdown).await;
             let _ = self.state.send(LinkState::Disconnected);
+            let mut hint = None;
             match result {
                 Ok(End::Shutdown) => return,
                 Ok(End::Closed) => tracing::warn!("manager closed the stream"),
+                Err(UplinkError::Refused(s))
+                    if s.code() == tonic::Code::ResourceExhausted
+                        && edgepool_common::grpc::retry_after(&s).is_some() =>
+                {
+                    // A busy manager, not a fault: it says when to return.
+                    hint = edgepool_common::grpc::retry_after(&s);
+                    tracing::info!(message = s.message(), "manager busy opening streams");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, manager = %self.manager, "stream to the manager failed")
                 }
@@ -89,7 +102,10 @@ impl Uplink {
             if started.elapsed() >= STABLE_SESSION {
                 self.backoff.reset();
             }
-            let delay = self.backoff.next_delay();
+            let delay = match hint {
+                Some(hint) => self.backoff.after_hint(hint.min(MAX_RETRY_HINT)),
+                None => self.backoff.next_delay(),
+            };
             tracing::info!(?delay, "reconnecting");
             tokio::select! {
                 _ = shutdown.cancelled() => return,

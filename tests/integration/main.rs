@@ -18,4 +18,5 @@ mod offload_faults;
 mod packaging;
 mod peers;
 mod pools;
+mod storm;
 mod stream;
