@@ -19,3 +19,4 @@ mod packaging;
 mod peers;
 mod pools;
 mod stream;
+mod swarm;
