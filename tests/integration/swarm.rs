@@ -93,7 +93,7 @@ async fn a_swarm_connects_pools_and_a_frozen_member_fails_over() {
     let mut first = swarm(&m, &data, &tmp.path().join("swarm-1.log"), true);
 
     let nodes = wait_all_connected(&m, &first).await;
-    let capacity = nodes[0].capacity.clone().unwrap_or_default();
+    let capacity = nodes[0].capacity.unwrap_or_default();
     assert_eq!((capacity.cpu_millis, capacity.memory_mb), (4000, 8192));
     let status = control(&socket, "status").await;
     assert!(

@@ -140,7 +140,13 @@ fn main() -> std::process::ExitCode {
     let result = builder
         .build()
         .context("starting the tokio runtime")
-        .and_then(|rt| rt.block_on(run(args)));
+        .and_then(|rt| {
+            let r = rt.block_on(run(args));
+            // A read of stdin blocks a thread until a line comes: do not
+            // wait for it.
+            rt.shutdown_timeout(Duration::from_millis(200));
+            r
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
