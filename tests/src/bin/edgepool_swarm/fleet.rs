@@ -349,17 +349,7 @@ async fn run_one(
     let data = DataDir::new(&v.dir);
     let cached = data.is_enrolled() && !settings.force_enroll && same_ca(&data, settings);
     if !cached {
-        let token = tokens.next().await?;
-        edge_agent::join::join(JoinRequest {
-            manager: settings.manager.clone(),
-            token,
-            trust: settings.trust.clone(),
-            node_id: v.node_id.clone(),
-            data_dir: v.dir.clone(),
-            force: true,
-        })
-        .await
-        .with_context(|| format!("enrolling {}", v.node_id))?;
+        enroll(v, settings, tokens, &stop).await?;
     }
     let i = v.index;
     let ip = Ipv4Addr::new(127, settings.peer_net, (i / 250) as u8, (i % 250 + 1) as u8);
@@ -391,6 +381,59 @@ async fn run_one(
         s.peer = Some(agent.peer_addr());
     }
     agent.run(stop).await
+}
+
+/// Enrolls with `join::join`, as `edge-agent join` would, and tries again
+/// (with backoff, with the same given token or a new minted one) while the
+/// manager cannot be reached: a manager busy enrolling thousands times a
+/// handshake out now and then.
+async fn enroll(
+    v: &Virtual,
+    settings: &Settings,
+    tokens: &Tokens,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = edge_agent::backoff::Backoff::new(
+        Duration::from_millis(settings.agent.reconnect_min_ms),
+        Duration::from_millis(settings.agent.reconnect_max_ms),
+    );
+    let minted = matches!(tokens, Tokens::Tenant(_));
+    let mut token: Option<String> = None;
+    loop {
+        // A minted token may have been redeemed before an answer was lost:
+        // a new one each try. A given one is tried again.
+        if token.is_none() || minted {
+            match tokens.next().await {
+                Ok(t) => token = Some(t),
+                Err(e) if minted => {
+                    tracing::debug!(agent = %v.node_id, error = %format!("{e:#}"), "no join token yet; trying again");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(t) = &token {
+            let result = edge_agent::join::join(JoinRequest {
+                manager: settings.manager.clone(),
+                token: t.clone(),
+                trust: settings.trust.clone(),
+                node_id: v.node_id.clone(),
+                data_dir: v.dir.clone(),
+                force: true,
+            })
+            .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e @ edge_agent::join::JoinError::Unreachable { .. }) => {
+                    tracing::debug!(agent = %v.node_id, error = %e, "enrollment failed; trying again");
+                }
+                Err(e) => return Err(e).with_context(|| format!("enrolling {}", v.node_id)),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => anyhow::bail!("stopped while enrolling"),
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
 }
 
 /// Whether the cached credentials were issued under the CA we were told
