@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fsutil;
+pub mod gate;
 pub mod grpc;
 pub mod identity;
 pub mod logging;

@@ -25,6 +25,8 @@ use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::gate::{Gate, GateState, Gated};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -412,6 +414,17 @@ pub fn server_name_of(addr: &str) -> Result<ServerName<'static>, TlsError> {
 /// Connects lazily, so a manager that is down is not an error here: the
 /// first RPC fails with `Unavailable` instead.
 pub fn channel(addr: &str, tls: Arc<ClientConfig>, timeout: Duration) -> Result<Channel, TlsError> {
+    channel_gated(addr, tls, timeout, None)
+}
+
+/// `channel` with its connections behind `gate` (see `crate::gate`): a cut
+/// gate refuses to dial, a paused one holds the bytes.
+pub fn channel_gated(
+    addr: &str,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    gate: Option<Gate>,
+) -> Result<Channel, TlsError> {
     let server_name = server_name_of(addr)?;
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| TlsError::BadAddress(addr.to_string()))?
@@ -422,13 +435,21 @@ pub fn channel(addr: &str, tls: Arc<ClientConfig>, timeout: Duration) -> Result<
         endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
+            let gate = gate.clone();
             async move {
                 let authority = uri
                     .authority()
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no authority"))?
                     .to_string();
+                if gate.as_ref().is_some_and(|g| g.state() == GateState::Cut) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "connection cut (gate)",
+                    ));
+                }
                 let tcp = TcpStream::connect(authority).await?;
                 tcp.set_nodelay(true)?;
+                let tcp = Gated::new(tcp, gate.as_ref());
                 let tls =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
                         .await
@@ -488,6 +509,34 @@ pub fn tls_incoming(
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    incoming(listener, config, limits, stop, Some)
+}
+
+/// `tls_incoming` with the accepted connections behind `gate` (see
+/// `crate::gate`): while it is cut, connections are dropped as accepted.
+pub fn tls_incoming_gated(
+    listener: TcpListener,
+    config: ConfigSource,
+    limits: AcceptLimits,
+    stop: tokio_util::sync::CancellationToken,
+    gate: Option<Gate>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<Gated<TcpStream>>, io::Error>> {
+    incoming(listener, config, limits, stop, move |tcp| match &gate {
+        Some(g) if g.state() == GateState::Cut => None,
+        g => Some(Gated::new(tcp, g.as_ref())),
+    })
+}
+
+fn incoming<S>(
+    listener: TcpListener,
+    config: ConfigSource,
+    limits: AcceptLimits,
+    stop: tokio_util::sync::CancellationToken,
+    wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<S>, io::Error>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
     tokio::spawn(async move {
@@ -514,11 +563,14 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let Some(stream) = wrap(tcp) else {
+                continue;
+            };
             // Taken per connection, so a new certificate applies at once.
             let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
-                let handshake = acceptor.accept(tcp);
+                let handshake = acceptor.accept(stream);
                 match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;

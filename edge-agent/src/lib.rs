@@ -53,8 +53,32 @@ pub struct Agent {
     measurer: telemetry::Measurer,
 }
 
+/// The machine under an agent. `Machine::default()` is the real one, what
+/// `edge-agent run` uses: sysinfo measurements, apps as OS processes, the
+/// host name, plain sockets. `edgepool-swarm` runs thousands of agents in
+/// one process, each on a simulated machine (Kubernetes' kubemark "hollow
+/// nodes": the agent's own code, a fake machine).
+#[derive(Default)]
+pub struct Machine {
+    /// Where samples come from (None: this machine, with sysinfo).
+    pub measure: Option<Box<dyn telemetry::Measure>>,
+    /// The app runtime (None: OS processes under `data_dir/apps`).
+    pub runtime: Option<runtime::Runtime>,
+    /// The host name in the hello (None: this machine's).
+    pub hostname: Option<String>,
+    /// Switches on the connection to the manager and on the peer
+    /// connections (see `edgepool_common::gate`; None: no switch).
+    pub uplink_gate: Option<edgepool_common::gate::Gate>,
+    pub peer_gate: Option<edgepool_common::gate::Gate>,
+}
+
 /// Loads the identity, measures capacity and binds the peer port.
 pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
+    build_on(config, Machine::default()).await
+}
+
+/// `build` on the given machine (see [`Machine`]).
+pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<Agent> {
     config.validate()?;
     let data = DataDir::new(&config.data_dir);
     let info = data.load_info()?;
@@ -79,21 +103,31 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
     } else {
         peer_addr.to_string()
     };
-    let interfaces = config.interfaces.clone();
-    let overrides = config.capacity;
-    let sampler =
-        tokio::task::spawn_blocking(move || telemetry::Sampler::new(interfaces, overrides))
-            .await??;
+    let sampler: Box<dyn telemetry::Measure> = match machine.measure {
+        Some(m) => m,
+        None => {
+            let interfaces = config.interfaces.clone();
+            let overrides = config.capacity;
+            Box::new(
+                tokio::task::spawn_blocking(move || telemetry::Sampler::new(interfaces, overrides))
+                    .await??,
+            )
+        }
+    };
     let hello = pb::Hello {
         agent_version: edgepool_common::VERSION.to_string(),
         peer_address: advertise,
         capacity: Some(uplink::resources(sampler.capacity())),
-        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        hostname: machine
+            .hostname
+            .unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_default()),
     };
-    let runtime = runtime::Runtime::new(
-        config.data_dir.join("apps"),
-        runtime::RuntimeOptions::default(),
-    );
+    let runtime = machine.runtime.unwrap_or_else(|| {
+        runtime::Runtime::new(
+            config.data_dir.join("apps"),
+            runtime::RuntimeOptions::default(),
+        )
+    });
     let shared = Arc::new(
         node::Shared::new(
             info.clone(),
@@ -108,7 +142,8 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         .with_offload_settings(offload::Settings::new(
             config.offload_lease_ms,
             config.scheduler_interval_ms,
-        )),
+        ))
+        .with_peer_gate(machine.peer_gate),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
     let (state, link) = watch::channel(LinkState::Disconnected);
@@ -129,6 +164,7 @@ pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
         ),
         state,
         liveness,
+        gate: machine.uplink_gate,
     };
     Ok(Agent {
         info,

@@ -86,6 +86,9 @@ pub struct Shared {
     /// Serialises reconciles coming from assignments, confirmations and
     /// isolation changes.
     sync: tokio::sync::Mutex<()>,
+    /// The switch on every peer connection (edgepool-swarm only; see
+    /// `edgepool_common::gate`).
+    peer_gate: Option<edgepool_common::gate::Gate>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -150,6 +153,7 @@ impl Shared {
             need: Mutex::new([0; 5]),
             interface_kbps: Mutex::new(0),
             sync: tokio::sync::Mutex::new(()),
+            peer_gate: None,
         })
     }
 
@@ -214,6 +218,16 @@ impl Shared {
     /// Changes whenever the membership does.
     pub fn membership_changes(&self) -> tokio::sync::watch::Receiver<()> {
         self.membership_changed.subscribe()
+    }
+
+    /// Puts every peer connection, made or accepted, behind `gate`.
+    pub fn with_peer_gate(mut self, gate: Option<edgepool_common::gate::Gate>) -> Self {
+        self.peer_gate = gate;
+        self
+    }
+
+    pub fn peer_gate(&self) -> Option<edgepool_common::gate::Gate> {
+        self.peer_gate.clone()
     }
 
     pub fn with_offload_settings(mut self, settings: crate::offload::Settings) -> Self {

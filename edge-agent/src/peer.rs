@@ -45,7 +45,13 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
     let source_shared = shared.clone();
     let source: tls::ConfigSource = Arc::new(move || source_shared.peer_tls());
-    let incoming = tls::tls_incoming(listener, source, limits, shutdown.clone());
+    let incoming = tls::tls_incoming_gated(
+        listener,
+        source,
+        limits,
+        shutdown.clone(),
+        shared.peer_gate(),
+    );
     let serve = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
@@ -202,7 +208,7 @@ fn peer_channel(
         tls::SpiffeServerVerifier::new(tls::roots(&shared.root_ca)?, move |id| *id == expected);
     let config =
         tls::client_config_with_verifier(verifier, Some((m.chain.clone(), shared.node_key())))?;
-    tls::channel(address, Arc::new(config), PROBE_TIMEOUT)
+    tls::channel_gated(address, Arc::new(config), PROBE_TIMEOUT, shared.peer_gate())
 }
 
 /// Probes every other member periodically until shutdown.

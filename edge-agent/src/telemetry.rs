@@ -226,6 +226,30 @@ impl Sampler {
     }
 }
 
+/// Where measurements come from: this machine ([`Sampler`]) or, for the
+/// virtual agents of `edgepool-swarm`, a simulated one.
+pub trait Measure: Send + 'static {
+    /// What the machine has (reported in the hello).
+    fn capacity(&self) -> Resources;
+    /// Takes one sample.
+    fn sample(&mut self) -> Sample;
+    /// Whether `sample` blocks (reads /proc, calls statvfs); if so it runs
+    /// on a blocking thread, with the app report.
+    fn blocks(&self) -> bool {
+        true
+    }
+}
+
+impl Measure for Sampler {
+    fn capacity(&self) -> Resources {
+        Sampler::capacity(self)
+    }
+
+    fn sample(&mut self) -> Sample {
+        Sampler::sample(self)
+    }
+}
+
 /// One measurement: the machine sample and the app report built with it.
 #[derive(Debug)]
 pub struct Measured {
@@ -256,7 +280,7 @@ impl Measurements {
 /// The measuring task: samples the machine and builds the app report on a
 /// blocking thread whenever asked, and publishes the result.
 pub struct Measurer {
-    sampler: Sampler,
+    sampler: Box<dyn Measure>,
     shared: Arc<crate::node::Shared>,
     ask: Arc<Notify>,
     latest: watch::Sender<Option<Arc<Measured>>>,
@@ -269,7 +293,10 @@ pub struct Measurer {
 const FAULT_ENV: &str = "EDGEPOOL_FAULT";
 
 /// A measuring task (to `run`) and the handle that asks it and reads it.
-pub fn measurer(sampler: Sampler, shared: Arc<crate::node::Shared>) -> (Measurer, Measurements) {
+pub fn measurer(
+    sampler: Box<dyn Measure>,
+    shared: Arc<crate::node::Shared>,
+) -> (Measurer, Measurements) {
     let ask = Arc::new(Notify::new());
     let (latest, rx) = watch::channel(None);
     let task = Measurer {
@@ -298,24 +325,32 @@ impl Measurer {
                 _ = shutdown.cancelled() => return,
                 _ = ask.notified() => {}
             }
-            let sh = shared.clone();
-            // sysinfo reads /proc and calls statvfs, the report reads the
-            // apps' /proc entries: blocking work, off the async threads.
-            let done = tokio::task::spawn_blocking(move || {
-                if let Some(extra) = slow {
-                    std::thread::sleep(extra);
+            let (back, sample, report) = if sampler.blocks() || slow.is_some() {
+                let sh = shared.clone();
+                // sysinfo reads /proc and calls statvfs, the report reads
+                // the apps' /proc entries: blocking work, off the async
+                // threads.
+                let done = tokio::task::spawn_blocking(move || {
+                    if let Some(extra) = slow {
+                        std::thread::sleep(extra);
+                    }
+                    let sample = sampler.sample();
+                    let report = sh.report();
+                    (sampler, sample, report)
+                })
+                .await;
+                match done {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "measuring failed; no more telemetry");
+                        return;
+                    }
                 }
+            } else {
+                // A simulated machine and runtime: nothing to wait for.
                 let sample = sampler.sample();
-                let report = sh.report();
+                let report = shared.report();
                 (sampler, sample, report)
-            })
-            .await;
-            let (back, sample, report) = match done {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::error!(error = %e, "measuring failed; no more telemetry");
-                    return;
-                }
             };
             sampler = back;
             shared.set_usage(sample.usage);

@@ -69,6 +69,9 @@ pub struct Uplink {
     /// The liveness prober's view of the other members: sent to the manager
     /// on every change (`PeerLiveness`).
     pub liveness: watch::Receiver<crate::liveness::Liveness>,
+    /// The switch on the connection to the manager (edgepool-swarm only;
+    /// see `edgepool_common::gate`).
+    pub gate: Option<edgepool_common::gate::Gate>,
 }
 
 enum End {
@@ -115,7 +118,12 @@ impl Uplink {
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
-        let channel = tls::channel(&self.manager, self.tls.clone(), CONNECT_TIMEOUT)?;
+        let channel = tls::channel_gated(
+            &self.manager,
+            self.tls.clone(),
+            CONNECT_TIMEOUT,
+            self.gate.clone(),
+        )?;
         let mut client = AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
         let up = |m: Up| pb::AgentMessage { msg: Some(m) };

@@ -20,3 +20,4 @@ mod peers;
 mod pools;
 mod storm;
 mod stream;
+mod swarm;

@@ -130,9 +130,18 @@ pub enum RuntimeError {
 /// Dropping the last clone without `stop_all` ends supervision but leaves
 /// the processes running, exactly as an agent crash would; a new runtime on
 /// the same `apps_dir` adopts them.
+///
+/// [`Runtime::simulated`] is the app runtime of `edgepool-swarm`'s virtual
+/// agents: the same interface, no processes (see `simulated`).
 #[derive(Clone)]
 pub struct Runtime {
-    inner: Arc<Inner>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Processes(Arc<Inner>),
+    Simulated(Arc<simulated::Apps>),
 }
 
 impl Runtime {
@@ -140,14 +149,23 @@ impl Runtime {
     /// stdout.log, stderr.log and app.json inside.
     pub fn new(apps_dir: PathBuf, options: RuntimeOptions) -> Self {
         Runtime {
-            inner: Arc::new(Inner {
+            backend: Backend::Processes(Arc::new(Inner {
                 apps_dir,
                 options,
                 apps: Mutex::new(BTreeMap::new()),
                 serial: tokio::sync::Mutex::new(()),
                 usage: Mutex::new(usage::Sampler::new()),
                 log_worker: Mutex::new(None),
-            }),
+            })),
+        }
+    }
+
+    /// Apps that "run" without an OS process: a start succeeds at once
+    /// with a made-up pid (above any real pid), each running app reports
+    /// `usage`, and nothing ever exits by itself.
+    pub fn simulated(usage: AppUsage) -> Self {
+        Runtime {
+            backend: Backend::Simulated(Arc::new(simulated::Apps::new(usage))),
         }
     }
 
@@ -158,17 +176,24 @@ impl Runtime {
     /// before anything changes.
     pub async fn reconcile(&self, desired: Vec<AppSpec>) -> Result<(), RuntimeError> {
         let desired = validate_all(desired)?;
-        let _serial = self.inner.serial.lock().await;
-        self.inner.ensure_log_worker();
-        std::fs::create_dir_all(&self.inner.apps_dir).map_err(|source| RuntimeError::Io {
-            context: format!("creating {}", self.inner.apps_dir.display()),
+        let inner = match &self.backend {
+            Backend::Processes(inner) => inner,
+            Backend::Simulated(apps) => {
+                apps.reconcile(desired);
+                return Ok(());
+            }
+        };
+        let _serial = inner.serial.lock().await;
+        inner.ensure_log_worker();
+        std::fs::create_dir_all(&inner.apps_dir).map_err(|source| RuntimeError::Io {
+            context: format!("creating {}", inner.apps_dir.display()),
             source,
         })?;
-        self.inner.stop_unwanted(&desired).await;
-        let mut adopted = self.inner.settle_leftovers(&desired).await;
+        inner.stop_unwanted(&desired).await;
+        let mut adopted = inner.settle_leftovers(&desired).await;
         for (name, wanted) in desired {
             let adopt = adopted.remove(&name);
-            self.inner.start(wanted, adopt);
+            inner.start(wanted, adopt);
         }
         Ok(())
     }
@@ -177,12 +202,16 @@ impl Runtime {
     /// measured at most every `USAGE_MIN_INTERVAL`; calls in between return
     /// the last measurement.
     pub fn status(&self) -> Vec<AppStatus> {
-        let snapshot: Vec<(String, Live)> = lock(&self.inner.apps)
+        let inner = match &self.backend {
+            Backend::Processes(inner) => inner,
+            Backend::Simulated(apps) => return apps.status(),
+        };
+        let snapshot: Vec<(String, Live)> = lock(&inner.apps)
             .iter()
             .map(|(name, entry)| (name.clone(), lock(&entry.live).clone()))
             .collect();
         let roots: Vec<u32> = snapshot.iter().filter_map(|(_, live)| live.pid).collect();
-        let usage = self.inner.usage(&roots);
+        let usage = inner.usage(&roots);
         snapshot
             .into_iter()
             .map(|(name, live)| AppStatus {
@@ -202,8 +231,12 @@ impl Runtime {
     /// Stops every app (SIGTERM to its process group, SIGKILL after
     /// `stop_grace`) and waits. The apps stay listed as `Stopped`.
     pub async fn stop_all(&self) {
-        let _serial = self.inner.serial.lock().await;
-        let tasks: Vec<(String, JoinHandle<()>)> = lock(&self.inner.apps)
+        let inner = match &self.backend {
+            Backend::Processes(inner) => inner,
+            Backend::Simulated(apps) => return apps.stop_all(),
+        };
+        let _serial = inner.serial.lock().await;
+        let tasks: Vec<(String, JoinHandle<()>)> = lock(&inner.apps)
             .iter_mut()
             .filter_map(|(name, entry)| entry.cancel().map(|task| (name.clone(), task)))
             .collect();
@@ -847,6 +880,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 mod procfs;
+mod simulated;
 mod usage;
 
 pub use usage::process_tree;
