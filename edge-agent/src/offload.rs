@@ -523,7 +523,29 @@ pub async fn scheduler_loop(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let usage = meter.measure(&shared, accounting);
+        // Off the runtime thread: walking an app's files or reading /proc
+        // must never hold up the stream, the beats or the peer server.
+        let measured = tokio::task::spawn_blocking({
+            let shared = shared.clone();
+            move || {
+                let usage = meter.measure(&shared, accounting);
+                (meter, usage)
+            }
+        })
+        .await;
+        let usage = match measured {
+            Ok((m, usage)) => {
+                meter = m;
+                usage
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "measuring the apps failed");
+                meter = Meter {
+                    net: BTreeMap::new(),
+                };
+                continue;
+            }
+        };
         shared.set_app_usage(usage.clone());
         let mut need = scheduler::need(&usage.values().copied().collect::<Vec<_>>(), reserve);
         if accounting == NetworkAccounting::Interface {
