@@ -845,3 +845,78 @@ fn app_changes(
         events,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn member(slot: u32, serial: &str, not_after: u64) -> MemberRecord {
+        MemberRecord {
+            slot,
+            node_id: format!("n{slot}"),
+            cert_pem: String::new(),
+            cert_serial: serial.into(),
+            cert_not_after_ms: not_after,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn renewals_are_spread_over_a_tenth_of_the_life_and_stable() {
+        let not_after = 10 * DAY_MS;
+        let at: Vec<u64> = (0..1000)
+            .map(|i| renew_at(&member(1, &format!("{i:032x}"), not_after), DAY_MS))
+            .collect();
+        let latest = not_after - DAY_MS / 3;
+        assert!(at.iter().all(|t| *t <= latest && *t > latest - DAY_MS / 10));
+        // Spread out: 1000 certificates over 8640 seconds, rarely two in one.
+        let distinct: BTreeSet<u64> = at.iter().map(|t| t / 1000).collect();
+        assert!(distinct.len() > 900, "{}", distinct.len());
+        // The same certificate falls due at the same moment every time.
+        let m = member(1, "abcdef", not_after);
+        assert_eq!(renew_at(&m, DAY_MS), renew_at(&m.clone(), DAY_MS));
+    }
+
+    #[test]
+    fn one_pass_takes_at_most_its_bound_most_urgent_first() {
+        let mut r = Registry::default();
+        for p in 0..100u32 {
+            let members = (1..=3)
+                .map(|s| member(s, &format!("{p:04}{s}"), DAY_MS + u64::from(p) * 1000))
+                .collect();
+            let pool = PoolRecord {
+                name: format!("p{p:03}"),
+                tenant: "t".into(),
+                ca: crate::chain::PoolCa {
+                    cert_pem: String::new(),
+                    key_pem: String::new(),
+                },
+                members,
+                apps: Vec::new(),
+                groups: BTreeMap::new(),
+                policy: PolicyDef::default(),
+                generation: 1,
+                created_at_ms: 0,
+                running: BTreeMap::new(),
+                spare_labels: BTreeMap::new(),
+                degraded: BTreeSet::new(),
+                inflight: Vec::new(),
+                offloads_seen: BTreeMap::new(),
+            };
+            r.pools.insert(PoolRecord::key("t", &pool.name), pool);
+        }
+        // Nothing is due early on; everything once the certificates expire.
+        assert!(due_renewals(&r, DAY_MS, 0, RENEWALS_PER_PASS).is_empty());
+        let due = due_renewals(&r, DAY_MS, 2 * DAY_MS, RENEWALS_PER_PASS);
+        assert_eq!(due.len(), RENEWALS_PER_PASS);
+        let first = &r.pools.get(&due[0].0).unwrap().members[due[0].1 as usize - 1];
+        let all_due = due_renewals(&r, DAY_MS, 2 * DAY_MS, usize::MAX);
+        assert_eq!(all_due.len(), 300);
+        assert!(all_due.iter().all(|(k, s)| renew_at(
+            &r.pools.get(k).unwrap().members[*s as usize - 1],
+            DAY_MS
+        ) >= renew_at(first, DAY_MS)));
+    }
+}
