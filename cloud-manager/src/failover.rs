@@ -237,11 +237,13 @@ impl Manager {
             let candidates: Vec<Candidate> = r
                 .nodes
                 .values()
-                .filter(|n| n.tenant == tenant)
+                // Only free nodes can be spares: the others cost nothing
+                // more than the look at their state.
+                .filter(|n| n.tenant == tenant && n.state == NodeState::Free)
                 .map(|n| Candidate {
                     node_id: n.node_id.clone(),
-                    free: n.state == NodeState::Free,
-                    connected: self.live_data(&n.node_id).is_ok_and(|l| l.conn_id.is_some()),
+                    free: true,
+                    connected: self.health(&n.node_id).is_ok_and(|h| h.connected),
                     capacity: n.capacity,
                     labels: n.labels.clone(),
                 })
