@@ -141,6 +141,7 @@ impl AgentService for AgentApi {
         let (conn_id, live) = self
             .manager
             .open_stream(&node_id, &hello)
+            .await
             .map_err(to_status)?;
 
         let config = self.manager.config();
@@ -269,7 +270,8 @@ impl Session {
                 }
                 Some(Up::AppReport(r)) => {
                     self.manager
-                        .record_report(&self.node_id, &self.live, AppReport::from(r));
+                        .record_report(&self.node_id, &self.live, AppReport::from(r))
+                        .await;
                 }
                 Some(Up::Heartbeat(h)) => {
                     self.live.seen();

@@ -73,6 +73,7 @@ impl TenantService for TenantApi {
         let (token, expires) = self
             .manager
             .create_token(&tenant, req.ttl_seconds, req.labels.into_iter().collect())
+            .await
             .map_err(to_status)?;
         tracing::info!(%tenant, "join token created");
         Ok(Response::new(pb::CreateJoinTokenResponse {

@@ -167,7 +167,7 @@ async fn start_agent(
     let same_ca = std::fs::read(data.ca()).ok() == std::fs::read(&ca_pem).ok();
     let known = manager.get_node(tenant, &node_id).is_ok();
     if !(data.is_enrolled() && same_ca && known) {
-        let (token, _) = manager.create_token(tenant, 600, BTreeMap::new())?;
+        let (token, _) = manager.create_token(tenant, 600, BTreeMap::new()).await?;
         let status = Command::new(exe)
             .args([
                 "agent",

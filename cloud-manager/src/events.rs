@@ -11,7 +11,7 @@
 //! silent skip. `Watch` follows a tenant's events live and falls back on the
 //! ring when it lags behind the broadcast.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -123,11 +123,14 @@ pub struct Backlog {
 }
 
 /// The event rings kept in the registry. Cloning it (the registry is
-/// cloned for every change) copies one pointer per tenant; recording an
-/// event copies that tenant's ring of pointers only.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// cloned for every change) is O(1): the rings sit in a persistent map;
+/// recording an event copies that tenant's ring of pointers only.
+#[derive(Clone, Debug)]
 pub struct EventLog {
-    tenants: BTreeMap<String, Arc<TenantEvents>>,
+    tenants: imbl::OrdMap<String, Arc<TenantEvents>>,
+    /// Tenants whose ring changed since `clear_touched` (what the store
+    /// writes).
+    touched: BTreeSet<String>,
     /// The last seq given out (0 = none yet).
     pub next_seq: u64,
     /// Events up to this seq are unknown for every tenant: a store written
@@ -138,10 +141,21 @@ pub struct EventLog {
     limit: usize,
 }
 
+/// Equal rings and counters (what was touched is not state).
+impl PartialEq for EventLog {
+    fn eq(&self, other: &Self) -> bool {
+        self.tenants == other.tenants
+            && self.next_seq == other.next_seq
+            && self.floor == other.floor
+            && self.limit == other.limit
+    }
+}
+
 impl Default for EventLog {
     fn default() -> Self {
         EventLog {
-            tenants: BTreeMap::new(),
+            tenants: imbl::OrdMap::new(),
+            touched: BTreeSet::new(),
             next_seq: 0,
             floor: 0,
             limit: DEFAULT_EVENTS_PER_TENANT,
@@ -162,6 +176,9 @@ impl EventLog {
         self.next_seq += 1;
         event.seq = self.next_seq;
         event.at_ms = now_ms;
+        if !self.touched.contains(&event.tenant) {
+            self.touched.insert(event.tenant.clone());
+        }
         let ring = Arc::make_mut(self.tenants.entry(event.tenant.clone()).or_default());
         ring.events.push_back(Arc::new(event));
         while ring.events.len() > self.limit {
@@ -182,6 +199,15 @@ impl EventLog {
     pub fn restore_dropped(&mut self, tenant: &str, dropped_through: u64) {
         Arc::make_mut(self.tenants.entry(tenant.to_string()).or_default()).dropped_through =
             dropped_through;
+    }
+
+    /// The tenants whose ring changed since `clear_touched`.
+    pub fn touched(&self) -> impl Iterator<Item = &String> {
+        self.touched.iter()
+    }
+
+    pub fn clear_touched(&mut self) {
+        self.touched.clear();
     }
 
     /// Every tenant's ring.
@@ -243,15 +269,17 @@ impl EventLog {
         }
     }
 
-    /// The events recorded after `seq` (of every tenant), in seq order:
-    /// what a change recorded, to broadcast and to store.
+    /// The events recorded after `seq` (of every tenant touched since
+    /// `clear_touched`), in seq order: what a change recorded, to broadcast
+    /// and to store. Costs the tenants and events the change touched.
     pub fn recorded_after(&self, seq: u64) -> Vec<Arc<EventRecord>> {
         if self.next_seq <= seq {
             return Vec::new();
         }
         let mut out: Vec<Arc<EventRecord>> = self
-            .tenants
-            .values()
+            .touched
+            .iter()
+            .filter_map(|t| self.tenants.get(t))
             .flat_map(|t| t.events.iter().rev().take_while(|e| e.seq > seq))
             .cloned()
             .collect();

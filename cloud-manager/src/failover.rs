@@ -43,7 +43,7 @@
 //! assignment (stop everything); once it reports no running app it is FREE
 //! again and can serve as a spare.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,7 @@ pub use crate::liveness::{CheckAnswer, Confirmation, PeerAlive, PeerView, confir
 use crate::manager::{Command, Manager, ManagerError};
 use crate::model::{NodeState, Resources, now_ms};
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
+use crate::registry::Registry;
 
 /// What the detector knows about a member's connection (monotonic times).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,16 +140,6 @@ pub enum Outcome {
 const FAULT_ENV: &str = "EDGEPOOL_FAULT";
 
 impl Manager {
-    /// Health of a node from its live state.
-    pub fn health(&self, node_id: &str) -> Result<Health, ManagerError> {
-        let live = self.live_data(node_id)?;
-        Ok(Health {
-            connected: live.conn_id.is_some(),
-            last_seen: live.last_seen_at,
-            disconnected_at: live.disconnected_at,
-        })
-    }
-
     /// What `reporter` says of the other members of its pool. Entries about
     /// anything but a current member of the reporter's own pool (another
     /// pool, another tenant, a stale slot) are dropped: a node can only
@@ -181,13 +172,11 @@ impl Manager {
                 .collect()
         };
         let now = Instant::now();
-        let mut suspicion = false;
         for p in &accepted {
             self.liveness.record(reporter, p, now);
-            suspicion |= !p.reachable;
-        }
-        if suspicion {
-            self.detector_wake.notify_one();
+            if !p.reachable {
+                self.watch_node(&p.node_id, now);
+            }
         }
     }
 
@@ -248,11 +237,13 @@ impl Manager {
             let candidates: Vec<Candidate> = r
                 .nodes
                 .values()
-                .filter(|n| n.tenant == tenant)
+                // Only free nodes can be spares: the others cost nothing
+                // more than the look at their state.
+                .filter(|n| n.tenant == tenant && n.state == NodeState::Free)
                 .map(|n| Candidate {
                     node_id: n.node_id.clone(),
-                    free: n.state == NodeState::Free,
-                    connected: self.live_data(&n.node_id).is_ok_and(|l| l.conn_id.is_some()),
+                    free: true,
+                    connected: self.health(&n.node_id).is_ok_and(|h| h.connected),
                     capacity: n.capacity,
                     labels: n.labels.clone(),
                 })
@@ -332,7 +323,7 @@ impl Manager {
 
     /// A node in FAILED state connected again: fence it (its assignment is
     /// empty, so it stops its old group).
-    pub(crate) fn fence_if_failed(&self, node_id: &str) -> Result<(), ManagerError> {
+    pub(crate) async fn fence_if_failed(&self, node_id: &str) -> Result<(), ManagerError> {
         let failed = self
             .registry()?
             .nodes
@@ -341,8 +332,8 @@ impl Manager {
         if !failed {
             return Ok(());
         }
-        self.mutate(|r| {
-            if let Some(n) = r.nodes.get_mut(node_id) {
+        self.mutate_async(|r| {
+            if let Some(n) = r.nodes.get_mut(node_id).filter(|n| n.state == NodeState::Failed) {
                 n.state = NodeState::Fenced;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFenced)
                     .node(node_id, 0)
@@ -351,10 +342,11 @@ impl Manager {
             }
             Ok(())
         })
+        .await
     }
 
     /// A fenced node reported that it runs nothing: it is FREE again.
-    pub(crate) fn release_fenced(
+    pub(crate) async fn release_fenced(
         &self,
         node_id: &str,
         running_apps: usize,
@@ -367,8 +359,12 @@ impl Manager {
         if !fenced || running_apps > 0 {
             return Ok(());
         }
-        self.mutate(|r| {
-            if let Some(n) = r.nodes.get_mut(node_id) {
+        self.mutate_async(|r| {
+            if let Some(n) = r
+                .nodes
+                .get_mut(node_id)
+                .filter(|n| n.state == NodeState::Fenced)
+            {
                 n.state = NodeState::Free;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFreed)
                     .node(node_id, 0)
@@ -377,6 +373,7 @@ impl Manager {
             }
             Ok(())
         })
+        .await
     }
 }
 
@@ -406,7 +403,17 @@ enum Verdict {
 /// detector counts the gap as time it did not observe.
 const STALL_SLACK: Duration = Duration::from_millis(1000);
 
-/// The detector: watches every pool member and fails over dead ones.
+/// The pool of `node` (tenant, name, members) if it is a current member.
+fn membership<'r>(r: &'r Registry, node: &str) -> Option<(&'r str, &'r str, &'r [MemberRecord])> {
+    let n = r.nodes.get(node).filter(|n| !n.pool.is_empty())?;
+    let p = r.pools.get(&PoolRecord::key(&n.tenant, &n.pool))?;
+    p.member_of(node)?;
+    Some((&p.tenant, &p.name, &p.members))
+}
+
+/// The detector: watches pool members and fails over dead ones. Each
+/// round looks only at the members whose deadline passed (`watchlist`)
+/// and at the current suspects.
 pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken) {
     let cfg = manager.config().clone();
     let every = Duration::from_millis(u64::from(cfg.failure_check_ms));
@@ -415,9 +422,21 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
     let recheck = Duration::from_millis(u64::from(cfg.peer_recheck_ms));
     let mut observed_from = Instant::now();
     let mut last_round = Instant::now();
-    let mut episodes: HashMap<(String, u32), Episode> = HashMap::new();
-    let mut deciding: HashSet<(String, u32)> = HashSet::new();
-    let mut tasks: JoinSet<((String, u32), Verdict)> = JoinSet::new();
+    // Keyed by node id: the members under suspicion, what was decided
+    // about them, and those being decided.
+    let mut suspects: HashSet<String> = HashSet::new();
+    let mut episodes: HashMap<String, Episode> = HashMap::new();
+    let mut deciding: HashSet<String> = HashSet::new();
+    let mut tasks: JoinSet<(String, Verdict)> = JoinSet::new();
+    // Every member once at the start; from then on only what is armed.
+    if let Ok(r) = manager.registry() {
+        let mut w = manager.watchlist.lock().unwrap_or_else(|p| p.into_inner());
+        for p in r.pools.values() {
+            for m in &p.members {
+                w.arm(&m.node_id, observed_from);
+            }
+        }
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -447,73 +466,90 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
             episodes.clear();
         }
         last_round = now;
-        let pools: Vec<(String, String, Vec<MemberRecord>)> = match manager.registry() {
-            Ok(r) => r
-                .pools
-                .values()
-                .map(|p| (p.tenant.clone(), p.name.clone(), p.members.clone()))
-                .collect(),
-            Err(_) => continue,
+        // Only the members whose deadline passed and the suspects: a
+        // round costs what is due, not the fleet.
+        let due = manager
+            .watchlist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_due(now);
+        let Ok(r) = manager.registry() else {
+            continue;
         };
-        let mut active = HashSet::new();
-        for (tenant, pool, members) in &pools {
+        let look: BTreeSet<String> = due.into_iter().chain(suspects.iter().cloned()).collect();
+        for node in look {
+            let Some((tenant, pool, members)) = membership(&r, &node) else {
+                // No member (any more): nothing to watch until it is one
+                // again (`push_assignments` arms it then).
+                suspects.remove(&node);
+                continue;
+            };
+            let Some(m) = members.iter().find(|m| m.node_id == node) else {
+                continue;
+            };
+            let key = node.clone();
+            let Ok(h) = manager.health(&node) else {
+                continue;
+            };
             let names: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
-            for m in members {
-                let key = (format!("{tenant}/{pool}"), m.slot);
-                let Ok(h) = manager.health(&m.node_id) else {
-                    continue;
-                };
-                let peers = manager.liveness.view(&m.node_id, &names, now);
-                let own = suspect_since(h, observed_from, heartbeat_timeout, now);
-                if own.is_none() && peers == PeerView::Fine {
-                    continue;
-                }
-                active.insert(key.clone());
-                if deciding.contains(&key) {
-                    continue;
-                }
-                let ep = episodes.entry(key.clone()).or_default();
-                if ep.next_check.is_some_and(|t| now < t) {
-                    continue;
-                }
-                // Peers' path: decided at once (the ping runs while the
-                // grace passes, counted from their last success and never
-                // from before we were observing). Manager's path: after
-                // the grace.
-                let peers_deadline = match &peers {
-                    PeerView::Unreachable { last_alive, .. } => {
-                        Some((*last_alive).max(observed_from) + grace)
-                    }
-                    PeerView::Fine => None,
-                };
-                let by_manager = own.is_some_and(|since| has_failed(since, grace, now));
-                if peers_deadline.is_none() && !by_manager {
-                    continue;
-                }
-                let lost_at = match (&peers, own) {
-                    (PeerView::Unreachable { last_alive, .. }, _) => *last_alive,
-                    (PeerView::Fine, Some(since)) => since,
-                    (PeerView::Fine, None) => now,
-                };
-                let lost_at_ms = now_ms()
-                    .saturating_sub(now.saturating_duration_since(lost_at).as_millis() as u64);
-                let announce = !ep.announced;
-                ep.announced = true;
-                deciding.insert(key.clone());
-                let job = Decision {
-                    manager: manager.clone(),
-                    tenant: tenant.clone(),
-                    pool: pool.clone(),
-                    member: m.clone(),
-                    members: members.clone(),
-                    peers_deadline,
-                    lost_at_ms,
-                    announce,
-                };
-                tasks.spawn(async move { (key, job.run().await) });
+            let peers = manager.liveness.view(&node, &names, now);
+            let own = suspect_since(h, observed_from, heartbeat_timeout, now);
+            if own.is_none() && peers == PeerView::Fine {
+                suspects.remove(&node);
+                // Look again when its heartbeats could first be overdue.
+                let seen = h.last_seen.unwrap_or(observed_from).max(observed_from);
+                manager
+                    .watchlist
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .arm(&node, seen + heartbeat_timeout + Duration::from_millis(1));
+                continue;
             }
+            suspects.insert(node.clone());
+            if deciding.contains(&key) {
+                continue;
+            }
+            let ep = episodes.entry(key.clone()).or_default();
+            if ep.next_check.is_some_and(|t| now < t) {
+                continue;
+            }
+            // Peers' path: decided at once (the ping runs while the
+            // grace passes, counted from their last success and never
+            // from before we were observing). Manager's path: after
+            // the grace.
+            let peers_deadline = match &peers {
+                PeerView::Unreachable { last_alive, .. } => {
+                    Some((*last_alive).max(observed_from) + grace)
+                }
+                PeerView::Fine => None,
+            };
+            let by_manager = own.is_some_and(|since| has_failed(since, grace, now));
+            if peers_deadline.is_none() && !by_manager {
+                continue;
+            }
+            let lost_at = match (&peers, own) {
+                (PeerView::Unreachable { last_alive, .. }, _) => *last_alive,
+                (PeerView::Fine, Some(since)) => since,
+                (PeerView::Fine, None) => now,
+            };
+            let lost_at_ms =
+                now_ms().saturating_sub(now.saturating_duration_since(lost_at).as_millis() as u64);
+            let announce = !ep.announced;
+            ep.announced = true;
+            deciding.insert(key.clone());
+            let job = Decision {
+                manager: manager.clone(),
+                tenant: tenant.to_string(),
+                pool: pool.to_string(),
+                member: m.clone(),
+                members: members.to_vec(),
+                peers_deadline,
+                lost_at_ms,
+                announce,
+            };
+            tasks.spawn(async move { (key, job.run().await) });
         }
-        episodes.retain(|k, _| active.contains(k) || deciding.contains(k));
+        episodes.retain(|k, _| suspects.contains(k) || deciding.contains(k));
     }
 }
 
@@ -546,7 +582,7 @@ impl Decision {
                     if self.announce {
                         self.record_suspect(format!(
                             "{node}'s peers cannot reach it, but it answers the manager: its peer links are broken; no failover"
-                        ));
+                        )).await;
                     }
                     return Verdict::Answered;
                 }
@@ -576,7 +612,7 @@ impl Decision {
                         self.record_suspect(format!(
                             "{node} lost its link to the manager but is reached by {}: cut off from the cloud, not failed; no failover",
                             by.join(", ")
-                        ));
+                        )).await;
                     }
                     return Verdict::ReachedBy;
                 }
@@ -584,7 +620,7 @@ impl Decision {
                     if self.announce {
                         self.record_suspect(format!(
                             "{node} lost its link to the manager and no other member could say whether it runs (no answer in time): not failing over without evidence"
-                        ));
+                        )).await;
                     }
                     return Verdict::Unknown;
                 }
@@ -605,15 +641,18 @@ impl Decision {
         Verdict::Handled
     }
 
-    fn record_suspect(&self, message: String) {
+    async fn record_suspect(&self, message: String) {
         tracing::warn!(node = %self.member.node_id, pool = %self.pool, "{message}");
-        let result = self.manager.mutate(|r| {
-            let e = EventRecord::new(&self.tenant, &self.pool, EventKind::NodeSuspect)
-                .node(&self.member.node_id, self.member.slot)
-                .message(message.clone());
-            r.events.push(e, now_ms());
-            Ok(())
-        });
+        let result = self
+            .manager
+            .mutate_async(|r| {
+                let e = EventRecord::new(&self.tenant, &self.pool, EventKind::NodeSuspect)
+                    .node(&self.member.node_id, self.member.slot)
+                    .message(message.clone());
+                r.events.push(e, now_ms());
+                Ok(())
+            })
+            .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not record NODE_SUSPECT");
         }

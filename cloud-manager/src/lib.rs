@@ -7,6 +7,7 @@ pub mod chain;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deadlines;
 pub mod dev;
 pub mod events;
 pub mod failover;
@@ -20,6 +21,8 @@ pub mod pool_ops;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod table;
+pub mod writer;
 
 mod agent_api;
 mod api;

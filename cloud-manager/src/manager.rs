@@ -1,8 +1,10 @@
 //! The manager's core: durable registry + live connection state, with the
 //! operations the transport handlers call. No tonic or prost here.
 //!
-//! Locking: the registry sits behind one mutex taken only for durable
-//! changes and listings; per-message work (telemetry, heartbeats) touches
+//! Locking: the durable registry is read as an immutable snapshot (an
+//! `Arc`, no lock held while reading) and changed only through `mutate`,
+//! whose commit runs on the store writer's thread (`writer`); per-message
+//! work (telemetry, heartbeats, app reports that change nothing) touches
 //! only the sending node's own `LiveNode`, found once when its stream opens.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +24,7 @@ use crate::node_list::{NodeCounts, NodeQuery, shown_state};
 use crate::pool::PoolError;
 use crate::registry::{EnrollError, NodeRecord, Registry, TOKEN_BYTES, TOKEN_PREFIX, TokenRecord};
 use crate::store::{Store, StoreError};
+use crate::writer::{Durable, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -257,34 +260,44 @@ pub struct NodePage {
 pub struct Manager {
     pub(crate) config: ManagerConfig,
     pub(crate) ca: Ca,
-    registry: Mutex<Registry>,
-    store: Box<dyn Store>,
+    /// The durable registry: committed snapshot, prepared head, writer.
+    durable: Arc<Durable>,
     live: RwLock<HashMap<String, Arc<LiveNode>>>,
     next_conn: AtomicU64,
-    events: broadcast::Sender<Arc<EventRecord>>,
     /// Open peer checks: random id -> (the node asked, where its answer goes).
     checks: Mutex<HashMap<u64, (String, oneshot::Sender<crate::liveness::CheckAnswer>)>>,
     /// What members say of each other's liveness (see `failover`).
     pub(crate) liveness: crate::liveness::LivenessBook,
     /// Wakes the failure detector at once (a member was reported unreachable).
     pub(crate) detector_wake: tokio::sync::Notify,
+    /// Members the failure detector must look at, and when (see
+    /// `deadlines`): armed when a stream closes, a peer reports a member
+    /// unreachable, or a node's assignment changes.
+    pub(crate) watchlist: Mutex<crate::deadlines::DeadlineQueue>,
+    /// Declared last: dropping the manager stops the writer after the rest.
+    _writer: Writer,
 }
 
 impl Manager {
     pub fn new(config: ManagerConfig, ca: Ca, store: Box<dyn Store>) -> Result<Self, ManagerError> {
         let mut registry = store.load()?;
         registry.events.set_limit(config.events_per_tenant as usize);
+        let (durable, writer) = Durable::start(registry, store, broadcast::channel(1024).0)
+            .map_err(|e| StoreError::Backend {
+                path: config.data_dir.join("state.redb"),
+                why: format!("could not start the store writer: {e}"),
+            })?;
         Ok(Manager {
             config,
             ca,
-            registry: Mutex::new(registry),
-            store,
+            durable,
+            _writer: writer,
             live: RwLock::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
-            events: broadcast::channel(1024).0,
             checks: Mutex::new(HashMap::new()),
             liveness: crate::liveness::LivenessBook::default(),
             detector_wake: tokio::sync::Notify::new(),
+            watchlist: Mutex::new(crate::deadlines::DeadlineQueue::default()),
         })
     }
 
@@ -296,29 +309,35 @@ impl Manager {
         &self.config.trust_domain
     }
 
-    pub(crate) fn registry(&self) -> Result<MutexGuard<'_, Registry>, ManagerError> {
-        self.registry.lock().map_err(|_| ManagerError::Poisoned)
+    /// The committed registry: an immutable snapshot, read without a lock.
+    pub(crate) fn registry(&self) -> Result<Arc<Registry>, ManagerError> {
+        Ok(self.durable.current())
     }
 
-    /// Applies `f` to a copy of the registry, persists the copy, then makes
-    /// it current and broadcasts the events `f` recorded. If `f` or the
-    /// store fails, nothing changes.
+    /// Applies `f` to a copy of the registry (with every change prepared
+    /// before it), has the writer commit the rows it touched, and returns
+    /// once they are committed, the copy is current and its events are
+    /// broadcast. If `f` or the store fails, nothing changes. Blocks the
+    /// calling thread until the commit: for blocking threads only; async
+    /// code uses `mutate_async`.
     pub(crate) fn mutate<T>(
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, ManagerError>,
     ) -> Result<T, ManagerError> {
-        let mut current = self.registry()?;
-        let mut next = current.clone();
-        let out = f(&mut next)?;
-        self.store.save(&current, &next)?;
-        let seen = current.events.next_seq;
-        *current = next;
-        // Sent under the registry lock, so the broadcast is in seq order
-        // and a watch subscribed under the lock misses nothing.
-        for e in current.events.recorded_after(seen) {
-            // No subscribers is fine: events are also kept in the registry.
-            let _ = self.events.send(e);
-        }
+        let (out, pending) = self.durable.prepare(true, f)?;
+        pending.wait()?;
+        Ok(out)
+    }
+
+    /// `mutate` for async code: waits for the commit without blocking the
+    /// runtime thread. `f` itself runs at once (it must not do slow work:
+    /// changes that sign certificates run on blocking threads).
+    pub(crate) async fn mutate_async<T>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> Result<T, ManagerError>,
+    ) -> Result<T, ManagerError> {
+        let (out, pending) = self.durable.prepare(false, f)?;
+        pending.done().await?;
         Ok(out)
     }
 
@@ -370,25 +389,25 @@ impl Manager {
         pool: &str,
         from: WatchFrom,
     ) -> Result<Watch, ManagerError> {
-        let r = self.registry()?;
-        // Subscribed under the lock that `mutate` broadcasts under: the
-        // backlog and the live events meet exactly.
-        let live = self.events.subscribe();
-        let (position, backlog) = match from {
-            WatchFrom::Now => (
-                r.events.next_seq,
-                Backlog {
-                    events: Vec::new(),
-                    through: r.events.next_seq,
-                },
-            ),
-            WatchFrom::Kept { after } => {
-                let position = after.max(r.events.kept_after(tenant));
-                (position, r.events.kept_since(tenant, position))
-            }
-            WatchFrom::After(after) => (after, r.events.since(tenant, after)?),
-        };
-        Ok(Watch::new(tenant, pool, position, backlog, live))
+        // Subscribed together with the snapshot the backlog is read from:
+        // the backlog and the live events meet exactly.
+        self.durable.with_subscription(|r, live| {
+            let (position, backlog) = match from {
+                WatchFrom::Now => (
+                    r.events.next_seq,
+                    Backlog {
+                        events: Vec::new(),
+                        through: r.events.next_seq,
+                    },
+                ),
+                WatchFrom::Kept { after } => {
+                    let position = after.max(r.events.kept_after(tenant));
+                    (position, r.events.kept_since(tenant, position))
+                }
+                WatchFrom::After(after) => (after, r.events.since(tenant, after)?),
+            };
+            Ok(Watch::new(tenant, pool, position, backlog, live))
+        })
     }
 
     /// The next event of `watch`: `Ok(None)` when the manager is gone,
@@ -405,7 +424,7 @@ impl Manager {
 
     /// Creates a single-use join token for `tenant`. Returns the token and
     /// its expiry (ms since the epoch).
-    pub fn create_token(
+    pub async fn create_token(
         &self,
         tenant: &str,
         ttl_seconds: u32,
@@ -435,10 +454,11 @@ impl Manager {
             expires_at_ms: expires,
             used_by: None,
         };
-        self.mutate(|r| {
+        self.mutate_async(|r| {
             r.add_token(&token, record, now);
             Ok(())
-        })?;
+        })
+        .await?;
         Ok((token, expires))
     }
 
@@ -524,7 +544,7 @@ impl Manager {
 
     /// Registers a new stream for `node_id` (replacing an older one) and
     /// records its hello. Returns the connection id and the live handle.
-    pub fn open_stream(
+    pub async fn open_stream(
         &self,
         node_id: &str,
         hello: &Hello,
@@ -532,16 +552,17 @@ impl Manager {
         let changed = self.registry()?.hello_changes(node_id, hello);
         let live = self.live_node(node_id)?;
         if changed {
-            self.mutate(|r| {
+            self.mutate_async(|r| {
                 r.apply_hello(node_id, hello);
                 Ok(())
-            })?;
+            })
+            .await?;
             // Peers learn the new peer address through the membership.
             self.push_pool_of(node_id)?;
         }
         // A failed node that comes back is fenced before it learns its
         // (now empty) assignment.
-        self.fence_if_failed(node_id)?;
+        self.fence_if_failed(node_id).await?;
         // The session sends this first thing (and every later change).
         live.set_assignment(self.assignment_for(node_id)?);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -567,6 +588,8 @@ impl Manager {
             live.stream_change.notify_waiters();
             // What it said of its peers is no longer current.
             self.liveness.forget_reporter(node_id);
+            // A member without its stream is suspect at once.
+            self.watch_node(node_id, Instant::now());
             tracing::info!(node = %node_id, conn_id, "agent disconnected");
         }
     }
@@ -582,6 +605,37 @@ impl Manager {
             self.close_stream(node_id, &live, conn_id);
         }
         Ok(())
+    }
+
+    /// Has the failure detector look at `node_id` at `at` at the latest
+    /// (at once if `at` has passed).
+    pub(crate) fn watch_node(&self, node_id: &str, at: Instant) {
+        self.watchlist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .arm(node_id, at);
+        if at <= Instant::now() {
+            self.detector_wake.notify_one();
+        }
+    }
+
+    /// The connection facts the failure detector needs (no copy of the
+    /// node's samples or reports).
+    pub(crate) fn health(&self, node_id: &str) -> Result<crate::failover::Health, ManagerError> {
+        Ok(self
+            .live
+            .read()
+            .map_err(|_| ManagerError::Poisoned)?
+            .get(node_id)
+            .map(|l| {
+                let l = l.lock();
+                crate::failover::Health {
+                    connected: l.conn_id.is_some(),
+                    last_seen: l.last_seen_at,
+                    disconnected_at: l.disconnected_at,
+                }
+            })
+            .unwrap_or_default())
     }
 
     pub(crate) fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {
@@ -639,7 +693,8 @@ impl Manager {
         // then one node's live data at a time.
         let registry = self.registry()?;
         let live = self.live.read().map_err(|_| ManagerError::Poisoned)?;
-        let page = crate::node_list::page(&registry.nodes, tenant, query, |id| {
+        let nodes = registry.nodes.after(query.after.as_deref());
+        let page = crate::node_list::page(nodes, tenant, query, |id| {
             live.get(id).is_some_and(|l| l.is_connected())
         });
         let nodes = page

@@ -3,13 +3,10 @@
 //!
 //! Pages are cut from the registry's node map, which is ordered by node id
 //! and holds every tenant's nodes: a page starts right after the last node
-//! id of the previous one (a `BTreeMap` range), so a page costs the nodes it
+//! id of the previous one (a range of the ordered map), so a page costs the nodes it
 //! walks past, not the whole fleet, and a node that enrolls while a client
 //! pages through is either on a later page or (if its id sorts before the
 //! cursor) not at all, never twice.
-
-use std::collections::BTreeMap;
-use std::ops::Bound;
 
 use crate::model::NodeState;
 use crate::registry::NodeRecord;
@@ -65,20 +62,16 @@ pub fn shown_state(stored: NodeState, connected: bool) -> NodeState {
 /// The page of `tenant`'s nodes that `query` asks for. `connected` tells
 /// whether a node's stream is open; it is asked only for the nodes it
 /// matters for (members, under a state filter).
+///
+/// `nodes` are the registry's nodes after `query.after`, in id order.
 pub fn page<'a>(
-    nodes: &'a BTreeMap<String, NodeRecord>,
+    nodes: impl Iterator<Item = &'a NodeRecord>,
     tenant: &str,
     query: &NodeQuery,
     connected: impl Fn(&str) -> bool,
 ) -> Page<'a> {
-    let start = match &query.after {
-        Some(id) => Bound::Excluded(id.as_str()),
-        None => Bound::Unbounded,
-    };
     let size = query.page_size.clamp(1, MAX_PAGE_SIZE);
     let mut matching = nodes
-        .range::<str, _>((start, Bound::Unbounded))
-        .map(|(_, n)| n)
         .filter(|n| n.tenant == tenant)
         .filter(|n| query.pool.as_ref().is_none_or(|p| n.pool == *p))
         .filter(|n| {
@@ -128,6 +121,8 @@ pub fn count<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+    use std::ops::Bound;
 
     fn node(id: &str, tenant: &str, state: NodeState, pool: &str) -> NodeRecord {
         NodeRecord {
@@ -149,6 +144,19 @@ mod tests {
 
     /// n-00 .. n-09 of tenant a (n-03/n-04 members of pool p, n-04 without
     /// a stream), interleaved with tenant b's nodes.
+    fn from_cursor<'a>(
+        nodes: &'a BTreeMap<String, NodeRecord>,
+        q: &NodeQuery,
+    ) -> impl Iterator<Item = &'a NodeRecord> {
+        let start = match &q.after {
+            Some(id) => Bound::Excluded(id.as_str()),
+            None => Bound::Unbounded,
+        };
+        nodes
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, n)| n)
+    }
+
     fn fleet() -> BTreeMap<String, NodeRecord> {
         let mut m = BTreeMap::new();
         for i in 0..10 {
@@ -183,7 +191,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut pages = 0;
         loop {
-            let p = page(&nodes, "a", &q, up);
+            let p = page(from_cursor(&nodes, &q), "a", &q, up);
             seen.extend(ids(&p));
             pages += 1;
             match p.next_after {
@@ -204,7 +212,7 @@ mod tests {
             page_size: 10,
             ..Default::default()
         };
-        let p = page(&nodes, "a", &q, up);
+        let p = page(from_cursor(&nodes, &q), "a", &q, up);
         assert_eq!(p.nodes.len(), 10);
         assert_eq!(p.next_after, None);
     }
@@ -218,7 +226,7 @@ mod tests {
             pool: pool.map(String::from),
             ..Default::default()
         };
-        let get = |query: NodeQuery| ids(&page(&nodes, "a", &query, up));
+        let get = |query: NodeQuery| ids(&page(from_cursor(&nodes, &query), "a", &query, up));
         assert_eq!(get(q(Some(NodeState::Member), None)), ["n-03"]);
         assert_eq!(get(q(Some(NodeState::Suspect), None)), ["n-04"]);
         assert_eq!(get(q(Some(NodeState::Failed), None)), ["n-07"]);
@@ -239,7 +247,7 @@ mod tests {
                 page_size: 2,
                 ..Default::default()
             };
-            let p = page(&nodes, "a", &q, up);
+            let p = page(from_cursor(&nodes, &q), "a", &q, up);
             assert_eq!(ids(&p), ["n-06", "n-07"]);
             assert_eq!(p.next_after.as_deref(), Some("n-07"));
         }

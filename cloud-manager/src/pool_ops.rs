@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sha2::Digest;
+
 use edgepool_common::identity::{Identity, validate_name};
 use time::Duration;
 
@@ -339,6 +341,9 @@ impl Manager {
         for id in node_ids {
             let a = self.assignment_for(id)?;
             self.live_node(id)?.set_assignment(a);
+            // Its membership may have changed: the failure detector looks
+            // at it again (and starts or stops watching it).
+            self.watch_node(id, std::time::Instant::now());
         }
         Ok(())
     }
@@ -431,7 +436,7 @@ impl Manager {
 
     /// Takes an agent's app report: keeps it for `GetPool` and records
     /// APP_STARTED / APP_STOPPED / APP_EXITED when something changed.
-    pub fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
+    pub async fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
         let previous = live.swap_report(report.clone());
         let running_apps = report
             .apps
@@ -441,16 +446,18 @@ impl Manager {
         // A failed-over node heard from again on a stream that never
         // dropped (it was frozen, or cut and healed quickly) is fenced just
         // as if it had reconnected.
-        if let Err(e) = self.fence_if_failed(node_id) {
+        if let Err(e) = self.fence_if_failed(node_id).await {
             tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
         }
-        if let Err(e) = self.release_fenced(node_id, running_apps) {
+        if let Err(e) = self.release_fenced(node_id, running_apps).await {
             tracing::warn!(node = %node_id, error = %e, "could not release a fenced node");
         }
-        // A cheap look first (most reports change nothing), then the real
-        // work inside `mutate`, computed from the registry as it is there:
-        // reports of several nodes can arrive at once, and each must see
-        // the others' changes (no lost or doubled events).
+        // A cheap look at the committed snapshot first, without any lock
+        // (most reports change nothing), then the real work inside
+        // `mutate`, computed from the registry as it is there (with every
+        // change prepared before it): reports of several nodes can arrive
+        // at once, and each must see the others' changes (no lost or
+        // doubled events).
         let changed = match self.registry() {
             Ok(r) => report_changes(&r, node_id, &report, previous.as_ref()).is_some(),
             Err(_) => false,
@@ -458,7 +465,7 @@ impl Manager {
         if !changed {
             return;
         }
-        let result = self.mutate(|r| {
+        let result = self.mutate_async(|r| {
             let Some(c) = report_changes(r, node_id, &report, previous.as_ref()) else {
                 return Ok(());
             };
@@ -512,7 +519,8 @@ impl Manager {
                 }
             }
             Ok(())
-        });
+        })
+        .await;
         if let Err(e) = result {
             tracing::warn!(node = %node_id, error = %e, "could not record app events");
         }
@@ -570,65 +578,103 @@ impl Manager {
         Ok(push)
     }
 
-    /// Renews member certificates with less than a third of their lifetime
-    /// left and pushes the new membership. Returns how many were renewed.
+    /// Renews the member certificates that are due (`renew_at`), at most
+    /// `RENEWALS_PER_PASS` of them, the most urgent first, and pushes the
+    /// new membership to their pools. Returns how many were renewed.
     pub fn renew_member_certs(&self) -> Result<usize, ManagerError> {
         let validity_ms = u64::from(self.config.member_cert_validity_seconds) * 1000;
-        let due = |m: &MemberRecord, now: u64| m.cert_not_after_ms < now + validity_ms / 3;
-        let any_due = {
-            let now = now_ms();
-            let r = self.registry()?;
-            r.pools
-                .values()
-                .any(|p| p.members.iter().any(|m| due(m, now)))
-        };
-        if !any_due {
+        let now = now_ms();
+        let due = due_renewals(&*self.registry()?, validity_ms, now, RENEWALS_PER_PASS);
+        if due.is_empty() {
             return Ok(0);
         }
         let (count, nodes) = self.mutate(|r| {
             let now = now_ms();
             let mut count = 0;
-            let mut nodes = Vec::new();
-            let certs: BTreeMap<String, String> = r
-                .nodes
-                .iter()
-                .map(|(k, n)| (k.clone(), n.cert_pem.clone()))
-                .collect();
-            for pool in r.pools.values_mut() {
-                let mut renewed = Vec::new();
-                for m in pool.members.iter_mut().filter(|m| due(m, now)) {
-                    let identity = self.member_identity(&pool.tenant, &pool.name, m.slot);
-                    let node_cert = certs
-                        .get(&m.node_id)
-                        .map(String::as_str)
-                        .unwrap_or_default();
-                    let cert = issue_member(
-                        &self.ca,
-                        &pool.ca,
-                        &identity,
-                        node_cert,
-                        self.member_validity(),
-                    )?;
-                    m.cert_pem = cert.cert_pem;
-                    m.cert_serial = cert.serial_hex;
-                    m.cert_not_after_ms = cert.not_after_ms;
-                    renewed.push((m.node_id.clone(), m.slot));
-                }
-                if !renewed.is_empty() {
-                    count += renewed.len();
-                    nodes.extend(pool.members.iter().map(|m| m.node_id.clone()));
-                    for (node, slot) in renewed {
-                        let e = EventRecord::new(&pool.tenant, &pool.name, EventKind::CertRenewed)
-                            .node(&node, slot);
-                        r.events.push(e, now);
-                    }
-                }
+            let mut nodes = BTreeSet::new();
+            for (key, slot) in &due {
+                let Some(pool) = r.pools.get_mut(key) else {
+                    continue;
+                };
+                let Some(m) = pool
+                    .members
+                    .get_mut((*slot as usize).wrapping_sub(1))
+                    .filter(|m| renew_at(m, validity_ms) <= now)
+                else {
+                    continue;
+                };
+                let identity = self.member_identity(&pool.tenant, &pool.name, m.slot);
+                let node_cert = r
+                    .nodes
+                    .get(&m.node_id)
+                    .map(|n| n.cert_pem.as_str())
+                    .unwrap_or_default();
+                let cert = issue_member(
+                    &self.ca,
+                    &pool.ca,
+                    &identity,
+                    node_cert,
+                    self.member_validity(),
+                )?;
+                m.cert_pem = cert.cert_pem;
+                m.cert_serial = cert.serial_hex;
+                m.cert_not_after_ms = cert.not_after_ms;
+                count += 1;
+                let e = EventRecord::new(&pool.tenant, &pool.name, EventKind::CertRenewed)
+                    .node(&m.node_id, m.slot);
+                nodes.extend(pool.members.iter().map(|m| m.node_id.clone()));
+                r.events.push(e, now);
             }
             Ok((count, nodes))
         })?;
         self.push_assignments(nodes.iter().map(String::as_str))?;
         Ok(count)
     }
+}
+
+/// Most member certificates one renewal pass signs: a fleet whose
+/// certificates all fall due together (pools created at once, a manager
+/// that was down) is renewed over several passes, not in one burst.
+pub const RENEWALS_PER_PASS: usize = 64;
+
+/// When a member certificate is renewed (ms since the epoch): when a third
+/// of its life is left, brought forward by up to a tenth of its life by an
+/// amount that depends only on its serial. Certificates issued together
+/// (a pool's members, pools created in one go) thus fall due spread over
+/// that tenth, and a restarted manager computes the same moments.
+pub fn renew_at(m: &MemberRecord, validity_ms: u64) -> u64 {
+    let spread = validity_ms / 10;
+    let jitter = if spread == 0 {
+        0
+    } else {
+        let h = sha2::Sha256::digest(m.cert_serial.as_bytes());
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[..8]);
+        u64::from_le_bytes(b) % spread
+    };
+    m.cert_not_after_ms
+        .saturating_sub(validity_ms / 3)
+        .saturating_sub(jitter)
+}
+
+/// The certificates due at `now`, most urgent first, at most `max`: (pool
+/// key, slot).
+pub fn due_renewals(r: &Registry, validity_ms: u64, now: u64, max: usize) -> Vec<(String, u32)> {
+    let mut due: Vec<(u64, &String, u32)> = r
+        .pools
+        .iter()
+        .flat_map(|(key, p)| {
+            p.members
+                .iter()
+                .map(move |m| (renew_at(m, validity_ms), key, m.slot))
+        })
+        .filter(|(at, _, _)| *at <= now)
+        .collect();
+    due.sort();
+    due.into_iter()
+        .take(max)
+        .map(|(_, key, slot)| (key.clone(), slot))
+        .collect()
 }
 
 fn members_view(r: &Registry, pool: &PoolRecord) -> Vec<MemberView> {
@@ -797,5 +843,80 @@ fn app_changes(
     AppChanges {
         running: next,
         events,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn member(slot: u32, serial: &str, not_after: u64) -> MemberRecord {
+        MemberRecord {
+            slot,
+            node_id: format!("n{slot}"),
+            cert_pem: String::new(),
+            cert_serial: serial.into(),
+            cert_not_after_ms: not_after,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn renewals_are_spread_over_a_tenth_of_the_life_and_stable() {
+        let not_after = 10 * DAY_MS;
+        let at: Vec<u64> = (0..1000)
+            .map(|i| renew_at(&member(1, &format!("{i:032x}"), not_after), DAY_MS))
+            .collect();
+        let latest = not_after - DAY_MS / 3;
+        assert!(at.iter().all(|t| *t <= latest && *t > latest - DAY_MS / 10));
+        // Spread out: 1000 certificates over 8640 seconds, rarely two in one.
+        let distinct: BTreeSet<u64> = at.iter().map(|t| t / 1000).collect();
+        assert!(distinct.len() > 900, "{}", distinct.len());
+        // The same certificate falls due at the same moment every time.
+        let m = member(1, "abcdef", not_after);
+        assert_eq!(renew_at(&m, DAY_MS), renew_at(&m.clone(), DAY_MS));
+    }
+
+    #[test]
+    fn one_pass_takes_at_most_its_bound_most_urgent_first() {
+        let mut r = Registry::default();
+        for p in 0..100u32 {
+            let members = (1..=3)
+                .map(|s| member(s, &format!("{p:04}{s}"), DAY_MS + u64::from(p) * 1000))
+                .collect();
+            let pool = PoolRecord {
+                name: format!("p{p:03}"),
+                tenant: "t".into(),
+                ca: crate::chain::PoolCa {
+                    cert_pem: String::new(),
+                    key_pem: String::new(),
+                },
+                members,
+                apps: Vec::new(),
+                groups: BTreeMap::new(),
+                policy: PolicyDef::default(),
+                generation: 1,
+                created_at_ms: 0,
+                running: BTreeMap::new(),
+                spare_labels: BTreeMap::new(),
+                degraded: BTreeSet::new(),
+                inflight: Vec::new(),
+                offloads_seen: BTreeMap::new(),
+            };
+            r.pools.insert(PoolRecord::key("t", &pool.name), pool);
+        }
+        // Nothing is due early on; everything once the certificates expire.
+        assert!(due_renewals(&r, DAY_MS, 0, RENEWALS_PER_PASS).is_empty());
+        let due = due_renewals(&r, DAY_MS, 2 * DAY_MS, RENEWALS_PER_PASS);
+        assert_eq!(due.len(), RENEWALS_PER_PASS);
+        let first = &r.pools.get(&due[0].0).unwrap().members[due[0].1 as usize - 1];
+        let all_due = due_renewals(&r, DAY_MS, 2 * DAY_MS, usize::MAX);
+        assert_eq!(all_due.len(), 300);
+        assert!(all_due.iter().all(|(k, s)| renew_at(
+            &r.pools.get(k).unwrap().members[*s as usize - 1],
+            DAY_MS
+        ) >= renew_at(first, DAY_MS)));
     }
 }

@@ -1,9 +1,10 @@
 //! Durable registry of join tokens and enrolled nodes: pure state and
-//! decisions, no I/O. The manager applies a mutation to a copy, persists the
-//! copy through the `Store`, and only then makes it current, so a refused or
-//! failed request changes nothing.
+//! decisions, no I/O. The manager applies a change to a copy (O(1): the
+//! tables are persistent maps, see `table`), commits the rows the change
+//! touched through the `Store`, and only then makes the copy current, so a
+//! refused or failed request changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use edgepool_common::identity::validate_name;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::events::EventLog;
 use crate::model::{Hello, NodeState, Resources};
 use crate::pool::PoolRecord;
+use crate::table::Table;
 
 /// Prefix of every join token, so a token pasted in the wrong place is easy
 /// to recognise (and to grep out of logs).
@@ -56,17 +58,17 @@ pub struct NodeRecord {
     pub slot: u32,
 }
 
-/// Everything the manager must not lose.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Everything the manager must not lose. Cloning it is O(1) in the number
+/// of tokens, nodes and pools (and O(tenants) for the event rings).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Registry {
     /// Keyed by SHA-256 (hex) of the token: the secret itself is never stored.
-    pub tokens: HashMap<String, TokenRecord>,
-    pub nodes: BTreeMap<String, NodeRecord>,
+    pub tokens: Table<TokenRecord>,
+    /// Keyed by node id, across all tenants.
+    pub nodes: Table<NodeRecord>,
     /// Keyed by `tenant/name`.
-    #[serde(default)]
-    pub pools: BTreeMap<String, PoolRecord>,
+    pub pools: Table<PoolRecord>,
     /// Stored row by row by the `Store` (see `events`), never as a whole.
-    #[serde(skip)]
     pub events: EventLog,
 }
 
@@ -112,6 +114,14 @@ pub fn token_well_formed(token: &str) -> bool {
 }
 
 impl Registry {
+    /// Forgets which rows were touched: the start of a new change.
+    pub fn clear_touched(&mut self) {
+        self.tokens.clear_touched();
+        self.nodes.clear_touched();
+        self.pools.clear_touched();
+        self.events.clear_touched();
+    }
+
     /// Records a new token (given its secret) and drops long-dead ones.
     pub fn add_token(&mut self, token: &str, record: TokenRecord, now_ms: u64) {
         self.tokens

@@ -4,10 +4,12 @@
 //! `RedbStore`, is a redb database (`state.redb` in the data directory):
 //! pure Rust (no server, no C library to install), ACID transactions with
 //! an fsync at each commit, and a crash at any point leaves the last
-//! committed state. Each change writes only the records that differ
-//! between the registry before and after it (one row per token, node, pool
-//! and event, as JSON), in one transaction, so the cost of a change does not
-//! grow with the fleet. Nothing is written per telemetry sample. Events are
+//! committed state. A change writes only the records it touched (one row
+//! per token, node, pool and event, as JSON: its `WriteSet`, built from
+//! the keys the change marked, never by comparing tables), so the cost of
+//! a change does not grow with the fleet. Several changes can be committed
+//! in one transaction (group commit, see `writer`). Nothing is written per
+//! telemetry sample. Events are
 //! keyed by their (global) seq; each tenant's `dropped_through` has its own
 //! row, so a restarted manager still reports a loss it cannot replay.
 
@@ -20,12 +22,14 @@ use serde::de::DeserializeOwned;
 
 use crate::registry::Registry;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {why}")]
     Backend { path: PathBuf, why: String },
     #[error("store {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error("could not encode a record: {0}")]
+    Encode(String),
     #[error(
         "another cloud-manager is using {dir} (its store {path} is locked); stop it first, or give this one another --data-dir"
     )]
@@ -35,9 +39,91 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// The saved registry, or an empty one on first start.
     fn load(&self) -> Result<Registry, StoreError>;
-    /// Durably turns the saved `before` into `after` (atomically: all of
-    /// the change or none of it).
-    fn save(&self, before: &Registry, after: &Registry) -> Result<(), StoreError>;
+    /// Durably applies `changes`, in order, in one transaction: all of
+    /// them or none.
+    fn commit(&self, changes: &[&WriteSet]) -> Result<(), StoreError>;
+}
+
+/// Key and encoded row (`None`: removed) of one table.
+type Rows = Vec<(String, Option<Vec<u8>>)>;
+
+/// The rows one registry change writes, encoded: built from the keys the
+/// change touched, so its size is the change's, never the fleet's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteSet {
+    /// Key and new row (`None`: removed), per table.
+    tokens: Rows,
+    nodes: Rows,
+    pools: Rows,
+    /// Events recorded by the change.
+    events: Vec<(u64, Vec<u8>)>,
+    /// Events the change pushed out of their tenant's ring.
+    events_removed: Vec<u64>,
+    /// Tenants whose newest dropped seq moved.
+    dropped: Vec<(String, u64)>,
+    next_seq: u64,
+}
+
+impl WriteSet {
+    /// What turns `before` into `after`, where `after` is `before` plus one
+    /// change made since `Registry::clear_touched`.
+    pub fn of(before: &Registry, after: &Registry) -> Result<WriteSet, StoreError> {
+        fn rows<V: Clone + Serialize>(table: &crate::table::Table<V>) -> Result<Rows, StoreError> {
+            table
+                .touched()
+                .map(|k| Ok((k.clone(), table.get(k).map(encode).transpose()?)))
+                .collect()
+        }
+        let mut w = WriteSet {
+            tokens: rows(&after.tokens)?,
+            nodes: rows(&after.nodes)?,
+            pools: rows(&after.pools)?,
+            next_seq: after.events.next_seq,
+            ..WriteSet::default()
+        };
+        for tenant in after.events.touched() {
+            let Some(ring) = after.events.tenant(tenant) else {
+                continue;
+            };
+            for e in ring
+                .events
+                .iter()
+                .rev()
+                .take_while(|e| e.seq > before.events.next_seq)
+            {
+                w.events.push((e.seq, encode(&**e)?));
+            }
+            let old = before.events.tenant(tenant);
+            let old_dropped = old.map_or(0, |o| o.dropped_through);
+            if let Some(old) = old {
+                w.events_removed.extend(
+                    old.events
+                        .iter()
+                        .take_while(|e| e.seq <= ring.dropped_through)
+                        .map(|e| e.seq),
+                );
+            }
+            if ring.dropped_through != old_dropped {
+                w.dropped.push((tenant.clone(), ring.dropped_through));
+            }
+        }
+        w.events.sort_by_key(|(seq, _)| *seq);
+        Ok(w)
+    }
+
+    /// How many rows it writes or removes (besides the seq counter).
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+            + self.nodes.len()
+            + self.pools.len()
+            + self.events.len()
+            + self.events_removed.len()
+            + self.dropped.len()
+    }
+}
+
+fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Encode(e.to_string()))
 }
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
@@ -138,39 +224,13 @@ impl RedbStore {
     }
 }
 
-fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, redb::Error> {
-    serde_json::to_vec(v).map_err(|e| redb::Error::Corrupted(e.to_string()))
-}
-
-/// Writes the rows of `after` that differ from `before`, removes the rows
-/// that are gone.
-fn write_diff<K, V>(
-    table: &mut redb::Table<&str, &[u8]>,
-    before: &BTreeMap<K, V>,
-    after: &BTreeMap<K, V>,
-) -> Result<(), redb::Error>
-where
-    K: AsRef<str> + Ord,
-    V: Serialize + PartialEq,
-{
-    for (k, v) in after {
-        if before.get(k) != Some(v) {
-            table.insert(k.as_ref(), json(v)?.as_slice())?;
-        }
-    }
-    for k in before.keys().filter(|k| !after.contains_key(*k)) {
-        table.remove(k.as_ref())?;
-    }
-    Ok(())
-}
-
 impl Store for RedbStore {
     fn load(&self) -> Result<Registry, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
         let mut r = Registry {
             tokens: self.read_map(&txn, TOKENS)?.into_iter().collect(),
-            nodes: self.read_map(&txn, NODES)?,
-            pools: self.read_map(&txn, POOLS)?,
+            nodes: self.read_map(&txn, NODES)?.into_iter().collect(),
+            pools: self.read_map(&txn, POOLS)?.into_iter().collect(),
             ..Registry::default()
         };
         let events = txn.open_table(EVENTS).map_err(|e| self.backend(e))?;
@@ -199,43 +259,41 @@ impl Store for RedbStore {
         Ok(r)
     }
 
-    fn save(&self, before: &Registry, after: &Registry) -> Result<(), StoreError> {
+    fn commit(&self, changes: &[&WriteSet]) -> Result<(), StoreError> {
         self.write(|txn| {
-            let tokens_before: BTreeMap<&String, _> = before.tokens.iter().collect();
-            let tokens_after: BTreeMap<&String, _> = after.tokens.iter().collect();
-            write_diff(&mut txn.open_table(TOKENS)?, &tokens_before, &tokens_after)?;
-            write_diff(&mut txn.open_table(NODES)?, &before.nodes, &after.nodes)?;
-            write_diff(&mut txn.open_table(POOLS)?, &before.pools, &after.pools)?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            let mut nodes = txn.open_table(NODES)?;
+            let mut pools = txn.open_table(POOLS)?;
             let mut events = txn.open_table(EVENTS)?;
             let mut dropped = txn.open_table(EVENTS_DROPPED)?;
-            for (tenant, ring) in after.events.tenants() {
-                let old = before.events.tenant(tenant);
-                // A ring no change touched is the same allocation.
-                if old.is_some_and(|o| std::sync::Arc::ptr_eq(o, ring)) {
-                    continue;
-                }
-                for e in ring
-                    .events
-                    .iter()
-                    .filter(|e| e.seq > before.events.next_seq)
-                {
-                    events.insert(e.seq, json(&**e)?.as_slice())?;
-                }
-                let Some(old) = old else {
-                    if ring.dropped_through > 0 {
-                        dropped.insert(tenant.as_str(), ring.dropped_through)?;
+            let mut next_seq = None;
+            for w in changes {
+                for (table, rows) in [
+                    (&mut tokens, &w.tokens),
+                    (&mut nodes, &w.nodes),
+                    (&mut pools, &w.pools),
+                ] {
+                    for (k, v) in rows {
+                        match v {
+                            Some(v) => table.insert(k.as_str(), v.as_slice())?,
+                            None => table.remove(k.as_str())?,
+                        };
                     }
-                    continue;
-                };
-                for e in old.events.iter().filter(|e| e.seq <= ring.dropped_through) {
-                    events.remove(e.seq)?;
                 }
-                if ring.dropped_through != old.dropped_through {
-                    dropped.insert(tenant.as_str(), ring.dropped_through)?;
+                for (seq, e) in &w.events {
+                    events.insert(*seq, e.as_slice())?;
                 }
+                for seq in &w.events_removed {
+                    events.remove(*seq)?;
+                }
+                for (tenant, seq) in &w.dropped {
+                    dropped.insert(tenant.as_str(), *seq)?;
+                }
+                next_seq = Some(w.next_seq);
             }
-            let mut meta = txn.open_table(META)?;
-            meta.insert(NEXT_EVENT_SEQ, after.events.next_seq)?;
+            if let Some(seq) = next_seq {
+                txn.open_table(META)?.insert(NEXT_EVENT_SEQ, seq)?;
+            }
             Ok(())
         })
     }
@@ -258,50 +316,110 @@ mod tests {
         }
     }
 
+    /// Applies `f` to a copy of `current` and commits what it touched.
+    fn change(store: &RedbStore, current: &mut Registry, f: impl FnOnce(&mut Registry)) {
+        let mut next = current.clone();
+        next.clear_touched();
+        f(&mut next);
+        let w = WriteSet::of(current, &next).unwrap();
+        store.commit(&[&w]).unwrap();
+        next.clear_touched();
+        *current = next;
+    }
+
     #[test]
     fn round_trip_of_changes_and_empty_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
-        let empty = store.load().unwrap();
-        assert_eq!(empty, Registry::default());
-        let mut r = Registry::default();
-        r.add_token("ept_a", token("t"), 0);
-        r.add_token("ept_b", token("t"), 0);
-        r.events
-            .push(EventRecord::new("t", "p", EventKind::PoolCreated), 5);
-        store.save(&empty, &r).unwrap();
-        let mut r2 = r.clone();
-        r2.tokens.remove(&crate::registry::hash_token("ept_a"));
-        r2.events
-            .push(EventRecord::new("t", "p", EventKind::PoolDeleted), 6);
-        store.save(&r, &r2).unwrap();
+        let mut r = store.load().unwrap();
+        assert_eq!(r, Registry::default());
+        change(&store, &mut r, |r| {
+            r.add_token("ept_a", token("t"), 0);
+            r.add_token("ept_b", token("t"), 0);
+            r.events
+                .push(EventRecord::new("t", "p", EventKind::PoolCreated), 5);
+        });
+        change(&store, &mut r, |r| {
+            r.tokens.remove(&crate::registry::hash_token("ept_a"));
+            r.events
+                .push(EventRecord::new("t", "p", EventKind::PoolDeleted), 6);
+        });
         drop(store);
         // A new process sees exactly the last committed state.
         let reopened = RedbStore::open(dir.path()).unwrap();
-        assert_eq!(reopened.load().unwrap(), r2);
+        assert_eq!(reopened.load().unwrap(), r);
+    }
+
+    #[test]
+    fn a_change_writes_only_what_it_touched_whatever_the_fleet() {
+        let mut r = Registry::default();
+        for i in 0..5000 {
+            r.nodes.insert(
+                format!("n{i:05}"),
+                crate::registry::NodeRecord {
+                    node_id: format!("n{i:05}"),
+                    tenant: "t".into(),
+                    labels: Default::default(),
+                    cert_serial: String::new(),
+                    enrolled_at_ms: 0,
+                    state: crate::model::NodeState::Free,
+                    peer_address: String::new(),
+                    capacity: Default::default(),
+                    agent_version: String::new(),
+                    hostname: String::new(),
+                    cert_pem: String::new(),
+                    pool: String::new(),
+                    slot: 0,
+                },
+            );
+        }
+        r.clear_touched();
+        let mut next = r.clone();
+        if let Some(n) = next.nodes.get_mut("n00042") {
+            n.hostname = "h".into();
+        }
+        next.events
+            .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
+        let w = WriteSet::of(&r, &next).unwrap();
+        assert_eq!(w.rows(), 2, "{w:?}");
+        assert_eq!(w.nodes[0].0, "n00042");
+    }
+
+    #[test]
+    fn a_batch_commits_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let base = Registry::default();
+        let mut one = base.clone();
+        one.add_token("ept_a", token("t"), 0);
+        let w1 = WriteSet::of(&base, &one).unwrap();
+        one.clear_touched();
+        let mut two = one.clone();
+        two.add_token("ept_b", token("t"), 0);
+        let w2 = WriteSet::of(&one, &two).unwrap();
+        store.commit(&[&w1, &w2]).unwrap();
+        assert_eq!(store.load().unwrap(), two);
     }
 
     #[test]
     fn each_tenant_trims_its_own_events_durably() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
-        let mut before = Registry::default();
-        before.events.set_limit(3);
-        let change = |tenant: &str, before: &mut Registry| {
-            let mut after = before.clone();
-            after
-                .events
-                .push(EventRecord::new(tenant, "", EventKind::NodeEnrolled), 1);
-            store.save(before, &after).unwrap();
-            *before = after;
+        let mut current = Registry::default();
+        current.events.set_limit(3);
+        let push = |tenant: &str, current: &mut Registry| {
+            change(&store, current, |r| {
+                r.events
+                    .push(EventRecord::new(tenant, "", EventKind::NodeEnrolled), 1)
+            });
         };
-        change("quiet", &mut before);
+        push("quiet", &mut current);
         for _ in 0..10 {
-            change("busy", &mut before);
+            push("busy", &mut current);
         }
         let mut loaded = store.load().unwrap();
         loaded.events.set_limit(3);
-        assert_eq!(loaded, before);
+        assert_eq!(loaded, current);
         assert_eq!(loaded.events.kept_after("busy"), 8);
         assert_eq!(loaded.events.kept("quiet").events.len(), 1);
         // Only the kept events have rows.
@@ -314,11 +432,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(dir.path()).unwrap();
         let mut r = Registry::default();
-        for _ in 0..5 {
-            r.events
-                .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
-        }
-        store.save(&Registry::default(), &r).unwrap();
+        change(&store, &mut r, |r| {
+            for _ in 0..5 {
+                r.events
+                    .push(EventRecord::new("t", "", EventKind::NodeEnrolled), 1);
+            }
+        });
         // What an older version leaves: seqs 1 and 2 trimmed, no floor.
         store
             .write(|txn| {
