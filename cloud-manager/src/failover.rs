@@ -60,13 +60,7 @@ use crate::model::{NodeState, Resources, now_ms};
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
 use crate::registry::Registry;
 
-/// What the detector knows about a member's connection (monotonic times).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Health {
-    pub connected: bool,
-    pub last_seen: Option<Instant>,
-    pub disconnected_at: Option<Instant>,
-}
+pub use crate::liveness::Health;
 
 /// Since when the node has been suspect, or `None` if it is healthy.
 /// `observed_from` is when the detector started observing (its start, or

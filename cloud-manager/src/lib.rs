@@ -19,6 +19,7 @@ pub mod partition;
 pub mod pool;
 pub mod pool_ops;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod store;
 pub mod table;

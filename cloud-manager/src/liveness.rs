@@ -6,6 +6,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// What the detector knows about a member's connection (monotonic times).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    pub connected: bool,
+    pub last_seen: Option<Instant>,
+    pub disconnected_at: Option<Instant>,
+}
+
 /// One member's word on another member's liveness (`PeerLiveness`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerAlive {

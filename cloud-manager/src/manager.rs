@@ -621,7 +621,7 @@ impl Manager {
 
     /// The connection facts the failure detector needs (no copy of the
     /// node's samples or reports).
-    pub(crate) fn health(&self, node_id: &str) -> Result<crate::failover::Health, ManagerError> {
+    pub(crate) fn health(&self, node_id: &str) -> Result<crate::liveness::Health, ManagerError> {
         Ok(self
             .live
             .read()
@@ -629,7 +629,7 @@ impl Manager {
             .get(node_id)
             .map(|l| {
                 let l = l.lock();
-                crate::failover::Health {
+                crate::liveness::Health {
                     connected: l.conn_id.is_some(),
                     last_seen: l.last_seen_at,
                     disconnected_at: l.disconnected_at,

@@ -3,17 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Amounts of the five scheduled resources.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    pub cpu_millis: u64,
-    pub memory_mb: u64,
-    pub disk_mb: u64,
-    pub network_mbps: u64,
-    /// Disk read+write rate in KiB/s (capacity or usage).
-    #[serde(default)]
-    pub disk_io_kbps: u64,
-}
+pub use crate::resources::Resources;
 
 /// Lifecycle state of a node (see `NodeState` in the proto).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,7 +61,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::fmt;
 
-use crate::model::Resources;
+use crate::resources::Resources;
 
 /// One app of the tenant to place on the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::PoolCa;
-use crate::model::Resources;
 use crate::partition::{AppRequest, partition};
+use crate::resources::Resources;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppDef {
