@@ -29,6 +29,8 @@ pub fn to_status(e: ManagerError) -> Status {
         ManagerError::NotFound(m) => Status::not_found(m),
         ManagerError::EventsDropped(_) => Status::data_loss(e.to_string()),
         ManagerError::PermissionDenied(m) => Status::permission_denied(m),
+        // The node changed under the request (checks are made first).
+        ManagerError::Transition(_) => Status::failed_precondition(e.to_string()),
         ManagerError::Store(_) | ManagerError::Ca(_) | ManagerError::Poisoned => {
             // Details go to the log, not to the caller.
             tracing::error!(error = %e, "internal error");

@@ -57,6 +57,7 @@ use crate::events::{EventKind, EventRecord};
 pub use crate::liveness::{CheckAnswer, Confirmation, PeerAlive, PeerView, confirmation};
 use crate::manager::{Command, Manager, ManagerError};
 use crate::model::{NodeState, Resources, now_ms};
+use crate::node_state::NodeEvent;
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
 use crate::registry::Registry;
 
@@ -285,14 +286,10 @@ impl Manager {
             p.running.retain(|app, _| !group.contains(app));
             let push: Vec<String> = p.members.iter().map(|m| m.node_id.clone()).chain([node_id.to_string()]).collect();
             if let Some(n) = r.nodes.get_mut(node_id) {
-                n.state = NodeState::Failed;
-                n.pool.clear();
-                n.slot = 0;
+                n.change(NodeEvent::Fail, "", 0)?;
             }
             if let Some(n) = r.nodes.get_mut(&target) {
-                n.state = NodeState::Member;
-                n.pool = pool.to_string();
-                n.slot = slot;
+                n.change(NodeEvent::Join, pool, slot)?;
             }
             let started = EventRecord::new(tenant, pool, EventKind::FailoverStarted)
                 .node(&target, slot)
@@ -328,7 +325,7 @@ impl Manager {
         }
         self.mutate_async(|r| {
             if let Some(n) = r.nodes.get_mut(node_id).filter(|n| n.state == NodeState::Failed) {
-                n.state = NodeState::Fenced;
+                n.change(NodeEvent::Return, "", 0)?;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFenced)
                     .node(node_id, 0)
                     .message("failed node is back: told to stop its old group; FREE again once it runs nothing");
@@ -359,7 +356,7 @@ impl Manager {
                 .get_mut(node_id)
                 .filter(|n| n.state == NodeState::Fenced)
             {
-                n.state = NodeState::Free;
+                n.change(NodeEvent::Drained, "", 0)?;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFreed)
                     .node(node_id, 0)
                     .message("fenced node stopped its old group and is FREE again");

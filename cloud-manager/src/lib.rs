@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod manager;
 pub mod model;
 pub mod node_list;
+pub mod node_state;
 pub mod partition;
 pub mod pool;
 pub mod pool_ops;

@@ -46,6 +46,8 @@ pub enum ManagerError {
     EventsDropped(#[from] EventsDropped),
     #[error("internal state lock poisoned")]
     Poisoned,
+    #[error(transparent)]
+    Transition(#[from] crate::node_state::InvalidTransition),
 }
 
 /// What a successful enrollment returns to the node.

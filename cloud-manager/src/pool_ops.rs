@@ -17,6 +17,7 @@ use crate::model::{
     AppReport, AppRun, AppRunState, MemberView, NodeAssignment, NodeState, PlacementView, PoolView,
     Resources, now_ms,
 };
+use crate::node_state::NodeEvent;
 use crate::pool::{
     AppDef, MemberRecord, PolicyDef, PoolError, PoolRecord, RunningApp, invalid, plan_groups,
     precondition, validate_apps, validate_policy,
@@ -45,9 +46,7 @@ impl Manager {
             let record = self.build_pool(r, tenant, &req)?;
             for m in &record.members {
                 if let Some(n) = r.nodes.get_mut(&m.node_id) {
-                    n.state = NodeState::Member;
-                    n.pool = record.name.clone();
-                    n.slot = m.slot;
+                    n.change(NodeEvent::Join, &record.name, m.slot)?;
                 }
             }
             r.events.push(
@@ -204,9 +203,7 @@ impl Manager {
                 if let Some(n) = r.nodes.get_mut(&m.node_id)
                     && n.pool == record.name
                 {
-                    n.state = NodeState::Free;
-                    n.pool.clear();
-                    n.slot = 0;
+                    n.change(NodeEvent::Leave, "", 0)?;
                 }
             }
             r.events.push(

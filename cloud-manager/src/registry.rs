@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::events::EventLog;
 use crate::model::{Hello, NodeState, Resources};
+use crate::node_state::{InvalidTransition, NodeEvent, transition};
 use crate::pool::PoolRecord;
 use crate::table::Table;
 
@@ -56,6 +57,28 @@ pub struct NodeRecord {
     pub pool: String,
     #[serde(default)]
     pub slot: u32,
+}
+
+impl NodeRecord {
+    /// Moves the node through its lifecycle (`node_state::transition`, the
+    /// only place `state` changes): `Join` makes it the member holding
+    /// `slot` of `pool`; every other event leaves it in no pool.
+    pub fn change(
+        &mut self,
+        event: NodeEvent,
+        pool: &str,
+        slot: u32,
+    ) -> Result<(), InvalidTransition> {
+        self.state = transition(self.state, event)?;
+        if event == NodeEvent::Join {
+            self.pool = pool.to_string();
+            self.slot = slot;
+        } else {
+            self.pool.clear();
+            self.slot = 0;
+        }
+        Ok(())
+    }
 }
 
 /// Everything the manager must not lose. Cloning it is O(1) in the number
