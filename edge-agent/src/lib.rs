@@ -41,6 +41,7 @@ pub struct Agent {
     peer_listener: TcpListener,
     peer_limits: tls::AcceptLimits,
     peer_addr: SocketAddr,
+    lazy_peer_server: bool,
     link: watch::Receiver<LinkState>,
     probe_every: Duration,
     liveness_every: Duration,
@@ -70,6 +71,14 @@ pub struct Machine {
     /// connections (see `edgepool_common::gate`; None: no switch).
     pub uplink_gate: Option<edgepool_common::gate::Gate>,
     pub peer_gate: Option<edgepool_common::gate::Gate>,
+    /// Build the peer server (tonic router, health, reflection, TLS
+    /// acceptor) only once the node first becomes a pool member. The port
+    /// is bound at once either way, so the advertised address is known;
+    /// until then connections wait in the listen queue (no peer dials a
+    /// node that is not a member). A simulated fleet sets it: most of its
+    /// nodes are never members, and a server per node is most of what a
+    /// virtual agent costs. False (the real agent): served from the start.
+    pub lazy_peer_server: bool,
 }
 
 /// Loads the identity, measures capacity and binds the peer port.
@@ -177,6 +186,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             tls::HANDSHAKE_TIMEOUT,
         ),
         peer_addr,
+        lazy_peer_server: machine.lazy_peer_server,
         link,
         probe_every: Duration::from_millis(config.peer_probe_interval_ms),
         liveness_every: Duration::from_millis(config.peer_liveness_interval_ms),
@@ -227,10 +237,11 @@ impl Agent {
         {
             tracing::warn!(error = %e, "could not apply the saved assignment");
         }
-        let peer = tokio::spawn(peer::serve(
+        let peer = tokio::spawn(serve_peers(
             self.peer_listener,
             self.peer_limits,
             shared.clone(),
+            self.lazy_peer_server,
             shutdown.clone(),
         ));
         let prober = tokio::spawn(peer::probe_loop(
@@ -280,6 +291,32 @@ impl Agent {
         tracing::info!("agent stopped");
         Ok(())
     }
+}
+
+/// Serves the peer port; with `lazy`, not before the node first becomes a
+/// pool member (see `Machine::lazy_peer_server`).
+async fn serve_peers(
+    listener: TcpListener,
+    limits: tls::AcceptLimits,
+    shared: Arc<node::Shared>,
+    lazy: bool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if lazy {
+        // Subscribed before the check: a change in between is not missed.
+        let mut changes = shared.membership_changes();
+        while shared.membership().is_none() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    peer::serve(listener, limits, shared, shutdown).await
 }
 
 /// Applies the latest assignment from the manager, until the uplink ends.

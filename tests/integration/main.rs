@@ -18,6 +18,7 @@ mod offload_faults;
 mod packaging;
 mod peers;
 mod pools;
+mod scale;
 mod storm;
 mod stream;
 mod swarm;

@@ -6,6 +6,8 @@
 //! The binaries are taken from the cargo target directory next to the test
 //! executable (or `EDGEPOOL_BIN_DIR`); `scripts/test.sh` builds them first.
 
+pub mod procstat;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -137,11 +139,14 @@ impl Proc {
 
     fn spawn_inner(name: &str, cmd: &mut Command, log: &Path, session: bool) -> Proc {
         let file = std::fs::File::create(log).expect("log file");
+        // Info logs unless the caller chose a filter.
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log clone"))
             .stderr(file)
-            .env("RUST_LOG", "info")
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
         Proc {

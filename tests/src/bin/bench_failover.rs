@@ -28,17 +28,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgepool_common::proto as pb;
+use edgepool_tests::procstat::percentile;
 use edgepool_tests::*;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
 
 fn text_arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();

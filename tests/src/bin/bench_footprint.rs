@@ -26,28 +26,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgepool_common::proto as pb;
+use edgepool_tests::procstat::{cpu_ticks, rss_kib, ticks_per_sec};
 use edgepool_tests::{
     AgentDir, DEADLINE, Proc, TempDir, bin, enroll, eventually, number_arg, wait_connected,
 };
-
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// utime + stime in clock ticks.
-fn cpu_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -64,13 +46,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn read_pid(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
-}
-
-fn ticks_per_sec() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64
 }
 
 /// RSS samples (MiB, one a second) and CPU (% of one core over the window)

@@ -369,6 +369,9 @@ async fn run_one(
         hostname: Some(v.node_id.clone()),
         uplink_gate: Some(uplink_gate),
         peer_gate: Some(peer_gate),
+        // Most virtual nodes are never pool members: no peer server until
+        // one is (docs/swarm.md, Resources).
+        lazy_peer_server: true,
     };
     let agent = edge_agent::build_on(config, machine).await?;
     {
