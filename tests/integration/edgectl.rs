@@ -3,7 +3,6 @@
 //! codes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use edgepool_tests::*;
 
@@ -11,17 +10,7 @@ use edgepool_tests::*;
 /// from the environment, no config found through the working directory or
 /// HOME).
 pub fn edgectl(config: Option<&Path>, cwd: &Path, args: &[&str]) -> (Output, Option<i32>) {
-    let mut cmd = Command::new(bin("edgectl"));
-    for var in [
-        "EDGECTL_MANAGER",
-        "EDGECTL_CA_CERT",
-        "EDGECTL_CERT",
-        "EDGECTL_KEY",
-        "EDGECTL_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.current_dir(cwd).env("HOME", cwd);
+    let mut cmd = edgectl_command(cwd);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

@@ -4,7 +4,6 @@
 //! goes away.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use edgepool_common::proto as pb;
@@ -70,20 +69,9 @@ async fn enroll_into(m: &Manager, client: &mut TenantServiceClient<Channel>, nod
 }
 
 fn edgectl(m: &Manager, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("edgectl"));
-    for var in [
-        "EDGECTL_MANAGER",
-        "EDGECTL_CA_CERT",
-        "EDGECTL_CERT",
-        "EDGECTL_KEY",
-        "EDGECTL_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = edgectl_command(&m.dir);
     let file = |name: &str| m.dir.join(name).display().to_string();
-    cmd.current_dir(&m.dir)
-        .env("HOME", &m.dir)
-        .args(["--manager", &m.addr.to_string()])
+    cmd.args(["--manager", &m.addr.to_string()])
         .args(["--ca-cert", &file("ca.pem")])
         .args(["--cert", &file("tenant.pem"), "--key", &file("tenant.key")])
         .args(args);

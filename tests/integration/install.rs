@@ -19,17 +19,7 @@ fn repo() -> PathBuf {
 /// The real `edgectl` as an operator runs it: settings only from
 /// `$HOME/.config/edgectl/config.toml`.
 fn edgectl(home: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("edgectl"));
-    for var in [
-        "EDGECTL_MANAGER",
-        "EDGECTL_CA_CERT",
-        "EDGECTL_CERT",
-        "EDGECTL_KEY",
-        "EDGECTL_CONFIG",
-    ] {
-        cmd.env_remove(var);
-    }
-    run(cmd.current_dir(home).env("HOME", home).args(args))
+    run(edgectl_command(home).args(args))
 }
 
 fn json(out: &Output) -> serde_json::Value {

@@ -50,6 +50,24 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The real `edgectl`, run in `home` (also its `HOME`) with no `EDGECTL_*`
+/// setting inherited from the environment: it sees only what the caller
+/// gives it.
+pub fn edgectl_command(home: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("edgectl"));
+    for var in [
+        "EDGECTL_MANAGER",
+        "EDGECTL_CA_CERT",
+        "EDGECTL_CERT",
+        "EDGECTL_KEY",
+        "EDGECTL_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(home).env("HOME", home);
+    cmd
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `deadline`.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
 where
