@@ -275,6 +275,15 @@ impl Session {
                 }
                 Some(Up::Heartbeat(h)) => {
                     self.live.seen();
+                    // A failed-over node heard from again on a stream that
+                    // never dropped (it was frozen, or cut and healed
+                    // quickly) is fenced, as if it had reconnected. Its
+                    // app reports come only when they change, so this is
+                    // the sign of life to look at (a look at the snapshot;
+                    // work only for a failed node).
+                    if let Err(e) = self.manager.fence_if_failed(&self.node_id).await {
+                        tracing::warn!(node = %self.node_id, error = %e, "could not fence a failed node");
+                    }
                     // Acks are advisory: if the agent is not reading, drop them.
                     let _ = self
                         .tx

@@ -10,6 +10,7 @@
 //! exposes the verified peer chain through `Request::peer_certs()`.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -425,6 +426,21 @@ pub fn channel_gated(
     timeout: Duration,
     gate: Option<Gate>,
 ) -> Result<Channel, TlsError> {
+    channel_from(addr, tls, timeout, gate, None)
+}
+
+/// `channel_gated` whose connections leave from `source` (any port) instead
+/// of the address the kernel picks. Thousands of connections from one
+/// address to one server make every `connect` search the used ephemeral
+/// ports; a simulated fleet gives each virtual agent its own loopback
+/// address instead.
+pub fn channel_from(
+    addr: &str,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    gate: Option<Gate>,
+    source: Option<IpAddr>,
+) -> Result<Channel, TlsError> {
     let server_name = server_name_of(addr)?;
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| TlsError::BadAddress(addr.to_string()))?
@@ -447,7 +463,10 @@ pub fn channel_gated(
                         "connection cut (gate)",
                     ));
                 }
-                let tcp = TcpStream::connect(authority).await?;
+                let tcp = match source {
+                    None => TcpStream::connect(authority).await?,
+                    Some(ip) => connect_from(ip, &authority).await?,
+                };
                 tcp.set_nodelay(true)?;
                 let tcp = Gated::new(tcp, gate.as_ref());
                 let tls =
@@ -460,6 +479,33 @@ pub fn channel_gated(
             }
         })),
     )
+}
+
+/// Connects to `authority` (host:port) from `source`, trying each of the
+/// host's addresses of `source`'s family in turn.
+async fn connect_from(source: IpAddr, authority: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for to in tokio::net::lookup_host(authority).await? {
+        if to.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if source.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(to).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!("{authority} has no address to reach from {source}"),
+        )
+    }))
 }
 
 /// Where a server gets its TLS config for each new connection.

@@ -38,7 +38,9 @@ pub struct Agent {
     shared: Arc<node::Shared>,
     uplink: Uplink,
     assignments: watch::Receiver<Option<pb::Assignment>>,
-    peer_listener: TcpListener,
+    /// None: bound only once the node becomes a pool member (a lazy peer
+    /// server on a fixed port, see `Machine::lazy_peer_server`).
+    peer_listener: Option<TcpListener>,
     peer_limits: tls::AcceptLimits,
     peer_addr: SocketAddr,
     lazy_peer_server: bool,
@@ -71,13 +73,21 @@ pub struct Machine {
     /// connections (see `edgepool_common::gate`; None: no switch).
     pub uplink_gate: Option<edgepool_common::gate::Gate>,
     pub peer_gate: Option<edgepool_common::gate::Gate>,
+    /// The local address the stream to the manager leaves from (None: the
+    /// kernel's pick). A simulated fleet gives each virtual agent its own,
+    /// as separate machines would have: thousands of connections from one
+    /// address to one port make every `connect` search the used ports.
+    pub uplink_source: Option<std::net::IpAddr>,
     /// Build the peer server (tonic router, health, reflection, TLS
-    /// acceptor) only once the node first becomes a pool member. The port
-    /// is bound at once either way, so the advertised address is known;
-    /// until then connections wait in the listen queue (no peer dials a
-    /// node that is not a member). A simulated fleet sets it: most of its
-    /// nodes are never members, and a server per node is most of what a
-    /// virtual agent costs. False (the real agent): served from the start.
+    /// acceptor) only once the node first becomes a pool member; no peer
+    /// dials a node that is not a member. With a fixed `peer_listen` port
+    /// the port too is bound only then (the advertised address is known
+    /// without it), so a node that is never a member holds no descriptor
+    /// for it; with port 0 it is bound at once to learn the port, and
+    /// connections wait in the listen queue until the server is built. A
+    /// simulated fleet sets it: most of its nodes are never members, and a
+    /// server per node is most of what a virtual agent costs. False (the
+    /// real agent): bound and served from the start.
     pub lazy_peer_server: bool,
 }
 
@@ -100,10 +110,13 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
     } else {
         config.manager.clone()
     };
-    let peer_listener = TcpListener::bind(config.peer_listen)
-        .await
-        .with_context(|| format!("binding the peer port {}", config.peer_listen))?;
-    let peer_addr = peer_listener.local_addr()?;
+    let (peer_listener, peer_addr) = if machine.lazy_peer_server && config.peer_listen.port() != 0 {
+        (None, config.peer_listen)
+    } else {
+        let l = bind_peer_port(config.peer_listen).await?;
+        let addr = l.local_addr()?;
+        (Some(l), addr)
+    };
     let advertise = if !config.peer_advertise.is_empty() {
         config.peer_advertise.clone()
     } else if peer_addr.ip().is_unspecified() {
@@ -174,6 +187,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         state,
         liveness,
         gate: machine.uplink_gate,
+        source: machine.uplink_source,
     };
     Ok(Agent {
         info,
@@ -239,6 +253,7 @@ impl Agent {
         }
         let peer = tokio::spawn(serve_peers(
             self.peer_listener,
+            self.peer_addr,
             self.peer_limits,
             shared.clone(),
             self.lazy_peer_server,
@@ -293,10 +308,18 @@ impl Agent {
     }
 }
 
+async fn bind_peer_port(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the peer port {addr}"))
+}
+
 /// Serves the peer port; with `lazy`, not before the node first becomes a
-/// pool member (see `Machine::lazy_peer_server`).
+/// pool member (see `Machine::lazy_peer_server`), binding it then when it
+/// was not bound yet (`listener` None: `addr`).
 async fn serve_peers(
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    addr: SocketAddr,
     limits: tls::AcceptLimits,
     shared: Arc<node::Shared>,
     lazy: bool,
@@ -316,6 +339,10 @@ async fn serve_peers(
             }
         }
     }
+    let listener = match listener {
+        Some(l) => l,
+        None => bind_peer_port(addr).await?,
+    };
     peer::serve(listener, limits, shared, shutdown).await
 }
 

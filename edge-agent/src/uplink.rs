@@ -72,6 +72,8 @@ pub struct Uplink {
     /// The switch on the connection to the manager (edgepool-swarm only;
     /// see `edgepool_common::gate`).
     pub gate: Option<edgepool_common::gate::Gate>,
+    /// The local address the stream leaves from (None: the kernel's pick).
+    pub source: Option<std::net::IpAddr>,
 }
 
 enum End {
@@ -118,11 +120,12 @@ impl Uplink {
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
-        let channel = tls::channel_gated(
+        let channel = tls::channel_from(
             &self.manager,
             self.tls.clone(),
             CONNECT_TIMEOUT,
             self.gate.clone(),
+            self.source,
         )?;
         let mut client = AgentServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
@@ -163,6 +166,8 @@ impl Uplink {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut seq = 0u64;
+        // The app report this stream carried last.
+        let mut reported: Option<pb::AppReport> = None;
         // A new stream hears the current view at once if a member is down.
         if self.liveness.borrow().iter().any(|p| !p.reachable) {
             self.liveness.mark_changed();
@@ -190,7 +195,14 @@ impl Uplink {
                     // (the silence check notices) and the next measurement
                     // replaces this one.
                     let _ = tx.try_send(up(Up::Telemetry(to_proto(&m.sample))));
-                    let _ = tx.try_send(up(Up::AppReport(m.report.clone())));
+                    // A report only when it differs from the last one this
+                    // stream carried (the first always goes): most nodes run
+                    // nothing and would say so every second.
+                    if reported.as_ref() != Some(&m.report)
+                        && tx.try_send(up(Up::AppReport(m.report.clone()))).is_ok()
+                    {
+                        reported = Some(m.report.clone());
+                    }
                     if tx.is_closed() {
                         return Ok(End::Closed);
                     }

@@ -241,7 +241,7 @@ async fn interrupted() {
     }
 }
 
-/// The manager holds a descriptor per agent, the swarm about four: raise
+/// The manager holds a descriptor per agent, the swarm one or two: raise
 /// the soft limit to the hard one; the children inherit it (the swarm
 /// raises its own further when it may).
 fn raise_fd_limit() {

@@ -33,11 +33,23 @@ pub fn start_swarm(m: &Manager, dir: &Path, agents: usize, ramp_per_sec: f64) ->
         .arg("--data-dir")
         .arg(dir)
         .args(["--ramp-per-sec", &ramp_per_sec.to_string()])
+        // A fixed peer port, bound only by pool members: one descriptor per
+        // virtual agent fewer (10,000 agents fit a 20,000 limit).
+        .args(["--peer-port", &free_port().to_string()])
         .args(["--status-interval-ms", "10000"])
         // The swarm's default: N agents' info lines say the same thing N
         // times.
         .env("RUST_LOG", "warn,edgepool_swarm=info");
     Proc::spawn("edgepool-swarm", &mut cmd, &dir.join("swarm.log"))
+}
+
+/// A port that is free right now (the kernel's pick on 127.0.0.1); the
+/// swarm's agents bind it on their own 127.x addresses.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
 }
 
 /// Sends one command to the swarm's control socket; returns its data

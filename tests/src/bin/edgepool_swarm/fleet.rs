@@ -38,6 +38,8 @@ pub struct Settings {
     pub name_prefix: String,
     /// Agent `i` binds its peer port on `127.<net>.<i / 250>.<i % 250 + 1>`.
     pub peer_net: u8,
+    /// The peer port on that address (0: ephemeral, bound at start).
+    pub peer_port: u16,
     pub force_enroll: bool,
     pub capacity: Capacity,
     pub app_usage: AppUsage,
@@ -356,7 +358,7 @@ async fn run_one(
     let config = AgentConfig {
         data_dir: v.dir.clone(),
         manager: settings.manager.clone(),
-        peer_listen: SocketAddr::from((ip, 0)),
+        peer_listen: SocketAddr::from((ip, settings.peer_port)),
         ..settings.agent.clone()
     };
     let (uplink_gate, peer_gate) = {
@@ -369,6 +371,8 @@ async fn run_one(
         hostname: Some(v.node_id.clone()),
         uplink_gate: Some(uplink_gate),
         peer_gate: Some(peer_gate),
+        // Its own address for the manager link too, as a machine of its own.
+        uplink_source: Some(ip.into()),
         // Most virtual nodes are never pool members: no peer server until
         // one is (docs/swarm.md, Resources).
         lazy_peer_server: true,
