@@ -152,7 +152,7 @@ pub struct RunArgs {
     pub offload_lease_ms: Option<u64>,
     /// Network accounting: interface (default) or process.
     #[arg(long, env = "EDGE_AGENT_NETWORK_ACCOUNTING")]
-    pub network_accounting: Option<crate::offload::NetworkAccounting>,
+    pub network_accounting: Option<crate::config::NetworkAccounting>,
     /// Isolation lease in ms (default 10000; see agent.example.toml).
     #[arg(long, env = "EDGE_AGENT_ISOLATION_LEASE_MS")]
     pub isolation_lease_ms: Option<u64>,

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use edgepool_common::logging::LogFormat;
 use serde::Deserialize;
 
+use crate::offload_state::MAX_LEASE_MS;
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
@@ -66,7 +68,7 @@ pub struct AgentConfig {
     /// How the node's network use is measured: `interface` (rx+tx of the
     /// measured interfaces; one agent per machine) or `process` (each app's
     /// socket I/O; for several agents on one machine). Default `interface`.
-    pub network_accounting: crate::offload::NetworkAccounting,
+    pub network_accounting: NetworkAccounting,
     /// What the node keeps for itself, added to the group's need before it
     /// is compared with the thresholds. Default all 0.
     pub reserve: CapacityConfig,
@@ -92,6 +94,18 @@ pub struct CapacityConfig {
     pub disk_io_kbps: u64,
 }
 
+/// How the node's network use is measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkAccounting {
+    /// The measured interfaces' rx+tx rate (one agent per machine).
+    #[default]
+    Interface,
+    /// Each app's socket I/O (its process group's read/written bytes that
+    /// did not go to disk): for several agents on one machine.
+    Process,
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
@@ -113,7 +127,7 @@ impl Default for AgentConfig {
             isolation_lease_ms: 10_000,
             scheduler_interval_ms: 1000,
             offload_lease_ms: 6000,
-            network_accounting: crate::offload::NetworkAccounting::Interface,
+            network_accounting: NetworkAccounting::Interface,
             reserve: CapacityConfig::default(),
             log_format: LogFormat::Plain,
         }
@@ -188,7 +202,7 @@ impl AgentConfig {
         if self.scheduler_interval_ms < 50 {
             return Err(invalid("scheduler_interval_ms", "must be at least 50"));
         }
-        if !(300..=crate::offload::MAX_LEASE_MS).contains(&self.offload_lease_ms) {
+        if !(300..=MAX_LEASE_MS).contains(&self.offload_lease_ms) {
             return Err(invalid(
                 "offload_lease_ms",
                 "must be between 300 and 3600000",

@@ -4,13 +4,18 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod heard;
 pub mod join;
 pub mod liveness;
 pub mod membership;
 pub mod node;
 pub mod offload;
+pub mod offload_state;
 pub mod peer;
+pub mod peer_client;
+pub mod resources;
 pub mod runtime;
 pub mod scheduler;
 pub mod state;
@@ -51,7 +56,7 @@ pub struct Agent {
     stop_apps_on_exit: bool,
     isolation_lease: Duration,
     scheduler_every: Duration,
-    network_accounting: offload::NetworkAccounting,
+    network_accounting: config::NetworkAccounting,
     reserve: [u64; 5],
     measurer: telemetry::Measurer,
 }
@@ -161,7 +166,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             sampler.capacity(),
         )?
         .with_peer_suspect(Duration::from_millis(config.peer_suspect_ms))
-        .with_offload_settings(offload::Settings::new(
+        .with_offload_settings(offload_state::Settings::new(
             config.offload_lease_ms,
             config.scheduler_interval_ms,
         ))
@@ -368,12 +373,7 @@ async fn isolation_loop(
     lease: Duration,
     shutdown: CancellationToken,
 ) {
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    };
+    let now = clock::now_ms;
     let mut link = link;
     let mut down_since = Some(now());
     loop {

@@ -9,35 +9,42 @@
 //! each other from one exchange per interval (half the messages of each
 //! member asking every other one, which is what the agent's CPU goes on).
 //!
-//! `Heard` keeps, per watched member (slot and certificate serial), when it
-//! was last heard from. The loop publishes a member silent for
-//! `peer_suspect_ms` as unreachable; it sleeps until the next member could
-//! turn silent, and is woken when the membership changes or a member it may
-//! have published as silent is heard again, so it does not poll.
+//! `Heard` (`crate::heard`, kept in `node::Shared`) keeps, per watched
+//! member (slot and certificate serial), when it was last heard from. The
+//! loop publishes a member silent for `peer_suspect_ms` as unreachable; it
+//! sleeps until the next member could turn silent, and is woken when the
+//! membership changes or a member it may have published as silent is heard
+//! again, so it does not poll.
 //!
 //! A frozen or cut member stops beating and answering: both ends of each of
 //! its streams hear nothing. A beat that cannot be sent (the stream is
 //! blocked by flow control) is skipped; a stream with no answer for
 //! `STALE_BEATS` intervals is dropped with its connection and opened again,
 //! so a connection that died without a reset does not hide a live member.
+//!
+//! The peer server (`crate::peer`) serves the answering side (`Answers`);
+//! this module dials with `crate::peer_client` and never imports the
+//! server.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use edgepool_common::identity::Identity;
 use edgepool_common::proto as pb;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::heard::Member;
 use crate::membership::Membership;
 use crate::node::Shared;
+use crate::peer_client::peer_client;
 
 /// What the liveness loop publishes for the uplink: one entry per other
 /// member (empty when not a member).
@@ -50,62 +57,6 @@ const LIVENESS_REPEAT: Duration = Duration::from_secs(1);
 /// A beat stream with no answer for this many intervals is opened again on
 /// a new connection.
 const STALE_BEATS: u32 = 10;
-
-/// One watched member: its slot and the serial of its member certificate.
-type Member = (u32, String);
-
-/// When each watched member was last heard from (a beat or an answer).
-#[derive(Debug)]
-pub struct Heard {
-    at: Mutex<HashMap<Member, Instant>>,
-    suspect_after: Duration,
-    /// Wakes the loop: a member silent for `suspect_after` was heard again.
-    revived: Notify,
-}
-
-impl Heard {
-    pub fn new(suspect_after: Duration) -> Self {
-        Heard {
-            at: Mutex::new(HashMap::new()),
-            suspect_after,
-            revived: Notify::new(),
-        }
-    }
-
-    /// Records a sign of life of member `slot` presenting the certificate
-    /// with `serial`. Members not watched (not in our membership, or with
-    /// another certificate) are ignored.
-    pub fn record(&self, slot: u32, serial: &str) {
-        let now = Instant::now();
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, t)) = at.iter_mut().find(|((s, c), _)| *s == slot && c == serial) {
-            let was_silent = now.saturating_duration_since(*t) >= self.suspect_after;
-            *t = now;
-            if was_silent {
-                self.revived.notify_one();
-            }
-        }
-    }
-
-    /// Watches exactly `members`: a member new to the set gets the full
-    /// `suspect_after` before it can look silent.
-    fn watch(&self, members: &[Member]) {
-        let now = Instant::now();
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        at.retain(|k, _| members.contains(k));
-        for m in members {
-            at.entry(m.clone()).or_insert(now);
-        }
-    }
-
-    fn last(&self, member: &Member) -> Option<Instant> {
-        self.at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(member)
-            .copied()
-    }
-}
 
 /// One other member as the loop watches it: a new certificate (ours or
 /// theirs) or address means a new stream and a new task.
@@ -133,7 +84,7 @@ pub async fn liveness_loop(
     shutdown: CancellationToken,
 ) {
     let heard = &shared.heard;
-    let suspect_after = heard.suspect_after;
+    let suspect_after = heard.suspect_after();
     let mut membership_changes = shared.membership_changes();
     let mut tasks: HashMap<WatchKey, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut published: Vec<(u32, String, bool)> = Vec::new();
@@ -143,7 +94,7 @@ pub async fn liveness_loop(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(wake_at) => {}
-            _ = heard.revived.notified() => {}
+            _ = heard.revived() => {}
             changed = membership_changes.changed() => {
                 if changed.is_err() {
                     break;
@@ -247,7 +198,7 @@ async fn beat_peer(shared: Arc<Shared>, m: Arc<Membership>, key: WatchKey, every
         tokio::time::sleep_until(next).await;
         next = Instant::now() + every;
         if client.is_none() {
-            client = crate::peer::peer_client(&shared, &m, key.slot, &key.address).ok();
+            client = peer_client(&shared, &m, key.slot, &key.address).ok();
         }
         let Some(c) = client.as_mut() else { continue };
         let (tx, rx) = mpsc::channel(4);
@@ -377,36 +328,5 @@ impl Stream for Answers {
                 Poll::Ready(Some(Err(status)))
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn heard_tracks_only_watched_members_and_wakes_on_revival() {
-        let heard = Heard::new(Duration::from_millis(200));
-        heard.record(2, "aa");
-        assert!(heard.last(&(2, "aa".into())).is_none(), "not watched yet");
-        heard.watch(&[(2, "aa".into())]);
-        let start = heard.last(&(2, "aa".into())).expect("watched");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        heard.record(2, "bb");
-        assert_eq!(heard.last(&(2, "aa".into())), Some(start), "other serial");
-        heard.record(2, "aa");
-        assert!(heard.last(&(2, "aa".into())) > Some(start));
-        // Heard within suspect_after: no wake-up.
-        let woken = tokio::time::timeout(Duration::from_millis(1), heard.revived.notified());
-        assert!(woken.await.is_err());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        heard.record(2, "aa");
-        let woken = tokio::time::timeout(Duration::from_millis(1), heard.revived.notified());
-        assert!(
-            woken.await.is_ok(),
-            "a silent member heard again wakes the loop"
-        );
-        heard.watch(&[(3, "cc".into())]);
-        assert!(heard.last(&(2, "aa".into())).is_none(), "no longer watched");
     }
 }

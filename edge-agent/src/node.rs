@@ -16,6 +16,12 @@
 //! - *isolated*: cut off from the manager and from every peer for longer
 //!   than the isolation lease, apps whose `on_disconnect` is STOP are
 //!   stopped (and started again when the node is back in touch).
+//!
+//! Layering: the workers (the uplink, the peer server and prober, the
+//! liveness loop, the offload loops, the measurer) depend on this module;
+//! it depends only on modules below them (`membership`, `runtime`,
+//! `state`, `heard`, `offload_state`, `resources`, `scheduler`, `clock`),
+//! never on a worker, so the crate has no import cycles.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,10 +31,13 @@ use edgepool_common::tls;
 use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::clock::now_ms;
+use crate::heard::Heard;
 use crate::membership::{Membership, MembershipError};
+use crate::offload_state::{OffloadState, Settings, policy_of};
+use crate::resources::Resources;
 use crate::runtime::{AppSpec, AppState, Runtime};
 use crate::state::{DataDir, NodeInfo};
-use crate::telemetry::Resources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -67,14 +76,15 @@ pub struct Shared {
     membership: RwLock<Option<Arc<Membership>>>,
     /// Bumped on every membership change (the liveness loop waits on it).
     membership_changed: tokio::sync::watch::Sender<()>,
-    /// When each other member was last heard from (`crate::liveness`).
-    pub heard: crate::liveness::Heard,
+    /// When each other member was last heard from (`crate::heard`; the
+    /// beat streams of `crate::liveness` record into it).
+    pub heard: Heard,
     peer_tls: RwLock<Arc<rustls::ServerConfig>>,
     peers: Mutex<Vec<PeerStatus>>,
     applied: Mutex<Option<pb::Assignment>>,
     gates: Mutex<Gates>,
-    offload: Mutex<crate::offload::OffloadState>,
-    offload_settings: crate::offload::Settings,
+    offload: Mutex<OffloadState>,
+    offload_settings: Settings,
     /// Wakes the offload reconciliation (a release to send, a changed group).
     offload_kick: tokio::sync::Notify,
     /// Wakes the lease check (a guest was admitted).
@@ -128,7 +138,7 @@ impl Shared {
         capacity: Resources,
     ) -> Result<Self, tls::TlsError> {
         let peer_tls = peer_server_config(&root_ca, node_chain.clone(), node_key.clone_key())?;
-        let offload = crate::offload::OffloadState::load(&data.dir);
+        let offload = OffloadState::load(&data.dir);
         Ok(Shared {
             info,
             data,
@@ -140,13 +150,13 @@ impl Shared {
             usage: Mutex::new(Resources::default()),
             membership: RwLock::new(None),
             membership_changed: tokio::sync::watch::Sender::new(()),
-            heard: crate::liveness::Heard::new(std::time::Duration::from_millis(600)),
+            heard: Heard::new(std::time::Duration::from_millis(600)),
             peer_tls: RwLock::new(Arc::new(peer_tls)),
             peers: Mutex::new(Vec::new()),
             applied: Mutex::new(None),
             gates: Mutex::new(Gates::default()),
             offload: Mutex::new(offload),
-            offload_settings: crate::offload::Settings::default(),
+            offload_settings: Settings::default(),
             offload_kick: tokio::sync::Notify::new(),
             lease_kick: tokio::sync::Notify::new(),
             app_usage: Mutex::new(BTreeMap::new()),
@@ -195,7 +205,7 @@ impl Shared {
         let reservations = lock(&self.offload).reservations(&self.app_usage(), None);
         crate::scheduler::add(
             self.measured_need(),
-            crate::scheduler::reserved(&reservations, crate::offload::now_ms(), window),
+            crate::scheduler::reserved(&reservations, now_ms(), window),
         )
     }
 
@@ -208,10 +218,9 @@ impl Shared {
         lock(&self.app_usage).clone()
     }
 
-    /// Replaces the offload settings (before the agent runs).
     /// A member silent this long is published as unreachable.
     pub fn with_peer_suspect(mut self, suspect_after: std::time::Duration) -> Self {
-        self.heard = crate::liveness::Heard::new(suspect_after);
+        self.heard = Heard::new(suspect_after);
         self
     }
 
@@ -230,12 +239,13 @@ impl Shared {
         self.peer_gate.clone()
     }
 
-    pub fn with_offload_settings(mut self, settings: crate::offload::Settings) -> Self {
+    /// Replaces the offload settings (before the agent runs).
+    pub fn with_offload_settings(mut self, settings: Settings) -> Self {
         self.offload_settings = settings;
         self
     }
 
-    pub fn offload_settings(&self) -> &crate::offload::Settings {
+    pub fn offload_settings(&self) -> &Settings {
         &self.offload_settings
     }
 
@@ -277,17 +287,17 @@ impl Shared {
         ]
     }
 
-    pub fn offload_state(&self) -> crate::offload::OffloadState {
+    pub fn offload_state(&self) -> OffloadState {
         lock(&self.offload).clone()
     }
 
     /// Reads the offload state without copying it.
-    pub fn with_offload<R>(&self, f: impl FnOnce(&crate::offload::OffloadState) -> R) -> R {
+    pub fn with_offload<R>(&self, f: impl FnOnce(&OffloadState) -> R) -> R {
         f(&lock(&self.offload))
     }
 
     /// Changes the offload state and saves it.
-    pub fn update_offload(&self, f: impl FnOnce(&mut crate::offload::OffloadState)) {
+    pub fn update_offload(&self, f: impl FnOnce(&mut OffloadState)) {
         let mut s = lock(&self.offload);
         f(&mut s);
         if let Err(e) = s.save(&self.data.dir) {
@@ -306,7 +316,7 @@ impl Shared {
     pub fn policy(&self) -> Option<crate::scheduler::Policy> {
         let applied = lock(&self.applied);
         let a = applied.as_ref().filter(|a| !a.pool.is_empty())?;
-        Some(crate::offload::policy_of(a.policy.as_ref()?))
+        Some(policy_of(a.policy.as_ref()?))
     }
 
     pub fn return_home(&self) -> bool {
@@ -394,7 +404,7 @@ impl Shared {
         let members: Vec<String> = a.members.iter().map(|m| m.node_id.clone()).collect();
         self.update_offload(|s| {
             if a.pool.is_empty() {
-                *s = crate::offload::OffloadState::default();
+                *s = OffloadState::default();
             } else {
                 s.retain_members(&members);
             }

@@ -13,7 +13,12 @@
 //! go to the manager in the app report (and show in `GetNode.peers`).
 //!
 //! Liveness: `Beat` streams between members, served here and kept by
-//! `crate::liveness`.
+//! `crate::liveness`. Offload: `Offer` and `Release` are answered by
+//! `crate::offload` (`admit`, `release`).
+//!
+//! This is the top of the peer side: it depends on `liveness` and
+//! `offload`, which dial other members through `crate::peer_client` and
+//! never import this module.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,10 +34,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::clock::now_ms;
+use crate::liveness::Answers;
 use crate::membership::Membership;
 use crate::node::{PeerStatus, Shared};
-
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::offload;
+use crate::peer_client::{PROBE_TIMEOUT, peer_client};
 
 pub async fn serve(
     listener: TcpListener,
@@ -147,7 +154,7 @@ impl PeerService for PeerApi {
         request: Request<pb::OfferRequest>,
     ) -> Result<Response<pb::OfferResponse>, Status> {
         let (_, caller_slot) = self.authorize(&request)?;
-        let pid = crate::offload::admit(&self.shared, caller_slot, request.into_inner()).await?;
+        let pid = offload::admit(&self.shared, caller_slot, request.into_inner()).await?;
         Ok(Response::new(pb::OfferResponse { pid }))
     }
 
@@ -157,18 +164,18 @@ impl PeerService for PeerApi {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (_, caller_slot) = self.authorize(&request)?;
         let r = request.into_inner();
-        crate::offload::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
+        offload::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
-    type BeatStream = crate::liveness::Answers;
+    type BeatStream = Answers;
 
     async fn beat(
         &self,
         request: Request<tonic::Streaming<pb::BeatMessage>>,
     ) -> Result<Response<Self::BeatStream>, Status> {
         let c = self.caller(&request)?;
-        Ok(Response::new(crate::liveness::Answers::new(
+        Ok(Response::new(Answers::new(
             self.shared.clone(),
             request.into_inner(),
             c.identity,
@@ -176,39 +183,6 @@ impl PeerService for PeerApi {
             c.slot,
         )))
     }
-}
-
-/// A client for member `slot` of `m`'s pool, presenting our member
-/// certificate and accepting only that member's certificate from the server.
-pub fn peer_client(
-    shared: &Shared,
-    m: &Membership,
-    slot: u32,
-    address: &str,
-) -> Result<PeerServiceClient<Channel>, tls::TlsError> {
-    Ok(PeerServiceClient::new(peer_channel(
-        shared, m, slot, address,
-    )?))
-}
-
-/// A mutual-TLS channel to member `slot` (see `peer_client`).
-fn peer_channel(
-    shared: &Shared,
-    m: &Membership,
-    slot: u32,
-    address: &str,
-) -> Result<Channel, tls::TlsError> {
-    let expected = Identity::Member {
-        domain: m.domain.clone(),
-        tenant: m.tenant.clone(),
-        pool: m.pool.clone(),
-        slot,
-    };
-    let verifier =
-        tls::SpiffeServerVerifier::new(tls::roots(&shared.root_ca)?, move |id| *id == expected);
-    let config =
-        tls::client_config_with_verifier(verifier, Some((m.chain.clone(), shared.node_key())))?;
-    tls::channel_gated(address, Arc::new(config), PROBE_TIMEOUT, shared.peer_gate())
 }
 
 /// Probes every other member periodically until shutdown.
@@ -281,13 +255,6 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
             shared.confirm_membership().await;
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Answers the manager's "do you reach member `slot` at `address`?" with

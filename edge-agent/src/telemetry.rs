@@ -26,22 +26,15 @@ use sysinfo::{
 };
 
 use crate::config::CapacityConfig;
+use crate::node::Shared;
+
+// Re-exported: samples and the `Measure` trait speak in it.
+pub use crate::resources::Resources;
 
 const MIB: u64 = 1024 * 1024;
 /// Link capacity assumed when no measured interface reports a speed
 /// (common in VMs); set `capacity.network_mbps` to the real uplink.
 pub const FALLBACK_LINK_MBPS: u64 = 1000;
-
-/// Amounts of the five scheduled resources.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Resources {
-    pub cpu_millis: u64,
-    pub memory_mb: u64,
-    pub disk_mb: u64,
-    pub network_mbps: u64,
-    /// Disk read+write rate in KiB/s.
-    pub disk_io_kbps: u64,
-}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskSample {
@@ -281,7 +274,7 @@ impl Measurements {
 /// blocking thread whenever asked, and publishes the result.
 pub struct Measurer {
     sampler: Box<dyn Measure>,
-    shared: Arc<crate::node::Shared>,
+    shared: Arc<Shared>,
     ask: Arc<Notify>,
     latest: watch::Sender<Option<Arc<Measured>>>,
     /// Extra time per measurement (fault injection, see `FAULT_ENV`).
@@ -293,10 +286,7 @@ pub struct Measurer {
 const FAULT_ENV: &str = "EDGEPOOL_FAULT";
 
 /// A measuring task (to `run`) and the handle that asks it and reads it.
-pub fn measurer(
-    sampler: Box<dyn Measure>,
-    shared: Arc<crate::node::Shared>,
-) -> (Measurer, Measurements) {
+pub fn measurer(sampler: Box<dyn Measure>, shared: Arc<Shared>) -> (Measurer, Measurements) {
     let ask = Arc::new(Notify::new());
     let (latest, rx) = watch::channel(None);
     let task = Measurer {

@@ -281,7 +281,7 @@ fn to_proto(s: &Sample) -> pb::Telemetry {
     }
 }
 
-pub fn resources(r: crate::telemetry::Resources) -> pb::Resources {
+pub fn resources(r: crate::resources::Resources) -> pb::Resources {
     pb::Resources {
         cpu_millis: r.cpu_millis,
         memory_mb: r.memory_mb,
