@@ -330,19 +330,8 @@ async fn serve_peers(
     lazy: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if lazy {
-        // Subscribed before the check: a change in between is not missed.
-        let mut changes = shared.membership_changes();
-        while shared.membership().is_none() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+    if lazy && !shared.until_member(&shutdown).await {
+        return Ok(());
     }
     let listener = match listener {
         Some(l) => l,

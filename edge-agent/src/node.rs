@@ -229,6 +229,26 @@ impl Shared {
         self.membership_changed.subscribe()
     }
 
+    /// Resolves once the node is a pool member (at once if it is one);
+    /// false if `shutdown` fired first. The workers that only act for a
+    /// member wait here instead of waking on their timers: most nodes of
+    /// a fleet are spares.
+    pub async fn until_member(&self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        // Subscribed before the check: a change in between is not missed.
+        let mut changes = self.membership_changes();
+        while self.membership().is_none() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
     /// Puts every peer connection, made or accepted, behind `gate`.
     pub fn with_peer_gate(mut self, gate: Option<edgepool_common::gate::Gate>) -> Self {
         self.peer_gate = gate;

@@ -178,7 +178,15 @@ pub async fn scheduler_loop(
     };
     let mut calm_since: Option<u64> = None;
     let mut pool_key: Option<(String, u32)> = None;
+    // The last pass measured no app.
+    let mut no_apps = false;
     loop {
+        // A node in no pool that runs nothing has nothing to measure or
+        // move: it waits to be a member (apps still stopping after it left
+        // a pool are measured until they are gone).
+        if no_apps && shared.membership().is_none() && !shared.until_member(&shutdown).await {
+            return;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
@@ -206,6 +214,7 @@ pub async fn scheduler_loop(
                 continue;
             }
         };
+        no_apps = usage.is_empty();
         shared.set_app_usage(usage.clone());
         let mut need = scheduler::need(&usage.values().copied().collect::<Vec<_>>(), reserve);
         if accounting == NetworkAccounting::Interface {
@@ -553,6 +562,10 @@ async fn return_home(
 /// lease, release what the group no longer lists, and retry releases.
 pub async fn reconcile_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
+        // Only a member has guests and moved-out apps to reconcile.
+        if !shared.until_member(&shutdown).await {
+            return;
+        }
         let every = (shared.offload_settings().lease / 3).max(Duration::from_millis(100));
         tokio::select! {
             _ = shutdown.cancelled() => return,

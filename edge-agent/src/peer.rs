@@ -193,6 +193,13 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
         HashMap::new();
     let mut last_ok: HashMap<u32, u64> = HashMap::new();
     loop {
+        // A node in no pool has nobody to probe: it waits to be a member.
+        if shared.membership().is_none() {
+            clients.clear();
+            if !shared.until_member(&shutdown).await {
+                return;
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

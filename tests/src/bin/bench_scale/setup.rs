@@ -81,7 +81,8 @@ pub async fn summary(t: &mut TenantServiceClient<Channel>) -> Option<pb::NodeSum
         .map(|r| r.into_inner())
 }
 
-/// Polls NodeSummary every 100 ms until `agents` nodes are connected;
+/// Polls NodeSummary every 250 ms (a summary walks the whole fleet; the
+/// poll must not be a load of its own) until `agents` nodes are connected;
 /// the time it took from `since`. Fails after `deadline`, or as soon as
 /// the swarm exits.
 pub async fn wait_all_connected(
@@ -106,7 +107,7 @@ pub async fn wait_all_connected(
         if since.elapsed() > deadline {
             anyhow::bail!("only {last} of {agents} agents connected after {deadline:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
