@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::caller;
 use crate::errors::to_status;
-use crate::manager::{Command, LiveNode, Manager};
+use crate::live::{Command, LiveNode};
+use crate::manager::Manager;
 use crate::model::{AppReport, Hello, Sample};
 
 /// The agent must send its hello this soon after opening the stream.
@@ -78,7 +79,9 @@ impl AgentService for AgentApi {
         let manager = self.manager.clone();
         // Signing and the fsync'd state write are blocking work.
         let grant = tokio::task::spawn_blocking(move || {
-            manager.enroll(&req.token, &req.node_id, &req.csr_pem, req.force)
+            manager
+                .enrollment()
+                .enroll(&req.token, &req.node_id, &req.csr_pem, req.force)
         })
         .await
         .map_err(|_| Status::internal("internal error"))?
@@ -123,6 +126,7 @@ impl AgentService for AgentApi {
         };
         tracing::Span::current().record("node_id", node_id.as_str());
         self.manager
+            .enrollment()
             .authorize_node(&tenant, &node_id, &caller.serial)
             .map_err(to_status)?;
 
@@ -140,6 +144,7 @@ impl AgentService for AgentApi {
         };
         let (conn_id, live) = self
             .manager
+            .streams()
             .open_stream(&node_id, &hello)
             .await
             .map_err(to_status)?;
@@ -249,6 +254,7 @@ impl Session {
                         error: r.error.chars().take(256).collect(),
                     };
                     self.manager
+                        .failover()
                         .answer_check(&self.node_id, r.request_id, answer);
                 }
                 Some(Up::Pong(p)) => {
@@ -266,10 +272,13 @@ impl Session {
                             silent_ms: p.silent_ms,
                         })
                         .collect();
-                    self.manager.record_liveness(&self.node_id, peers);
+                    self.manager
+                        .failover()
+                        .record_liveness(&self.node_id, peers);
                 }
                 Some(Up::AppReport(r)) => {
                     self.manager
+                        .streams()
                         .record_report(&self.node_id, &self.live, AppReport::from(r))
                         .await;
                 }
@@ -299,6 +308,7 @@ impl Session {
             }
         }
         self.manager
+            .streams()
             .close_stream(&self.node_id, &self.live, self.conn_id);
     }
 }

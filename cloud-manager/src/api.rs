@@ -19,7 +19,7 @@ use crate::events::WatchFrom;
 use crate::manager::Manager;
 use crate::node_list::NodeQuery;
 use crate::pool::{AppDef, PolicyDef};
-use crate::pool_ops::PoolRequest;
+use crate::pools::PoolRequest;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
@@ -72,6 +72,7 @@ impl TenantService for TenantApi {
         let req = request.into_inner();
         let (token, expires) = self
             .manager
+            .enrollment()
             .create_token(&tenant, req.ttl_seconds, req.labels.into_iter().collect())
             .await
             .map_err(to_status)?;
@@ -91,6 +92,7 @@ impl TenantService for TenantApi {
         let query = NodeQuery::try_from(request.into_inner()).map_err(to_status)?;
         let page = self
             .manager
+            .nodes()
             .list_nodes_page(&tenant, &query)
             .map_err(to_status)?;
         Ok(Response::new(pb::ListNodesResponse {
@@ -112,6 +114,7 @@ impl TenantService for TenantApi {
         let pool = request.into_inner().pool;
         let counts = self
             .manager
+            .nodes()
             .node_summary(&tenant, Some(pool.as_str()).filter(|p| !p.is_empty()))
             .map_err(to_status)?;
         Ok(Response::new(counts.into()))
@@ -129,6 +132,7 @@ impl TenantService for TenantApi {
         }
         let node = self
             .manager
+            .nodes()
             .get_node(&tenant, &req.node_id)
             .map_err(to_status)?;
         Ok(Response::new(pb::Node::from(&node)))
@@ -160,10 +164,11 @@ impl TenantService for TenantApi {
         };
         let manager = self.manager.clone();
         // Key generation, signing and the fsync'd write are blocking work.
-        let pool = tokio::task::spawn_blocking(move || manager.create_pool(&tenant, pool_req))
-            .await
-            .map_err(|_| Status::internal("internal error"))?
-            .map_err(to_status)?;
+        let pool =
+            tokio::task::spawn_blocking(move || manager.pools().create_pool(&tenant, pool_req))
+                .await
+                .map_err(|_| Status::internal("internal error"))?
+                .map_err(to_status)?;
         Ok(Response::new(pb::Pool::from(&pool)))
     }
 
@@ -175,7 +180,11 @@ impl TenantService for TenantApi {
         let tenant = self.tenant(&request)?;
         let name = request.into_inner().name;
         required("name", &name)?;
-        let pool = self.manager.get_pool(&tenant, &name).map_err(to_status)?;
+        let pool = self
+            .manager
+            .pools()
+            .get_pool(&tenant, &name)
+            .map_err(to_status)?;
         Ok(Response::new(pb::Pool::from(&pool)))
     }
 
@@ -185,7 +194,11 @@ impl TenantService for TenantApi {
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let pools = self.manager.list_pools(&tenant).map_err(to_status)?;
+        let pools = self
+            .manager
+            .pools()
+            .list_pools(&tenant)
+            .map_err(to_status)?;
         Ok(Response::new(pb::ListPoolsResponse {
             pools: pools.iter().map(pb::Pool::from).collect(),
         }))
@@ -200,7 +213,7 @@ impl TenantService for TenantApi {
         let name = request.into_inner().name;
         required("name", &name)?;
         let manager = self.manager.clone();
-        tokio::task::spawn_blocking(move || manager.delete_pool(&tenant, &name))
+        tokio::task::spawn_blocking(move || manager.pools().delete_pool(&tenant, &name))
             .await
             .map_err(|_| Status::internal("internal error"))?
             .map_err(to_status)?;
@@ -217,11 +230,12 @@ impl TenantService for TenantApi {
         required("pool", &req.pool)?;
         let apps = apps_from(req.apps)?;
         let manager = self.manager.clone();
-        let pool =
-            tokio::task::spawn_blocking(move || manager.update_apps(&tenant, &req.pool, apps))
-                .await
-                .map_err(|_| Status::internal("internal error"))?
-                .map_err(to_status)?;
+        let pool = tokio::task::spawn_blocking(move || {
+            manager.pools().update_apps(&tenant, &req.pool, apps)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?
+        .map_err(to_status)?;
         Ok(Response::new(pb::Pool::from(&pool)))
     }
 
@@ -238,11 +252,12 @@ impl TenantService for TenantApi {
             .ok_or_else(|| Status::invalid_argument("policy: required"))
             .and_then(|p| PolicyDef::try_from(p).map_err(|e| to_status(e.into())))?;
         let manager = self.manager.clone();
-        let pool =
-            tokio::task::spawn_blocking(move || manager.update_policy(&tenant, &req.pool, policy))
-                .await
-                .map_err(|_| Status::internal("internal error"))?
-                .map_err(to_status)?;
+        let pool = tokio::task::spawn_blocking(move || {
+            manager.pools().update_policy(&tenant, &req.pool, policy)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))?
+        .map_err(to_status)?;
         Ok(Response::new(pb::Pool::from(&pool)))
     }
 
@@ -268,6 +283,7 @@ impl TenantService for TenantApi {
         };
         let mut watch = self
             .manager
+            .control()
             .watch_events(&tenant, &req.pool, from)
             .map_err(to_status)?;
         let manager = self.manager.clone();
@@ -276,7 +292,7 @@ impl TenantService for TenantApi {
         let stream = async_stream(move |tx| async move {
             let end = loop {
                 let next = tokio::select! {
-                    next = manager.next_event(&mut watch) => next,
+                    next = manager.control().next_event(&mut watch) => next,
                     _ = shutdown.cancelled() => {
                         let msg = format!(
                             "manager is shutting down; resume with after_seq={}",

@@ -8,9 +8,9 @@ pub use nodes::page_token;
 use edgepool_common::proto as pb;
 
 use crate::events::{EventKind, EventRecord};
-use crate::manager::NodeView;
 use crate::model::{AppReport, AppRun, AppRunState, MemberView, NodeAssignment, PoolView};
 use crate::model::{DiskStat, Hello, InterfaceStat, NodeState, Resources, Sample};
+use crate::nodes::NodeView;
 use crate::pool::{AppDef, OnDisconnect, PolicyDef, PoolError, TargetMode, Threshold};
 
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {

@@ -9,10 +9,16 @@
 //! heard from meanwhile, arms it again for `last_seen + timeout`. So a
 //! healthy node is looked at about once per heartbeat timeout, a suspect
 //! one every round until it is decided.
+//!
+//! `Watchlist` is the queue as the manager shares it: behind a lock, with
+//! the bell that wakes the detector (the only part that reads the clock).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
+
+use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 pub struct DeadlineQueue {
@@ -63,6 +69,41 @@ impl DeadlineQueue {
 
     pub fn is_empty(&self) -> bool {
         self.armed.is_empty()
+    }
+}
+
+/// The failure detector's watchlist: a `DeadlineQueue` under its own lock
+/// (never taken per message), and the bell that wakes the detector when a
+/// deadline is already due. The detector (`failover::Failover`) drains it;
+/// `pools::Pools` arms it whenever it pushes an assignment (the node's
+/// membership may have changed), without knowing the detector.
+#[derive(Debug, Default)]
+pub struct Watchlist {
+    queue: Mutex<DeadlineQueue>,
+    wake: Notify,
+}
+
+impl Watchlist {
+    /// Has the failure detector look at `node_id` at `at` at the latest
+    /// (at once if `at` has passed).
+    pub fn watch(&self, node_id: &str, at: Instant) {
+        self.queue().arm(node_id, at);
+        if at <= Instant::now() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The queue itself, locked (for the detector).
+    pub fn queue(&self) -> MutexGuard<'_, DeadlineQueue> {
+        // Arming and popping leave the queue consistent at every step, so
+        // a poisoned lock is still usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves when `watch` armed a deadline that was already due (at
+    /// once if that happened since the last wait).
+    pub async fn woken(&self) {
+        self.wake.notified().await;
     }
 }
 

@@ -30,7 +30,7 @@ use crate::config::ManagerConfig;
 use crate::manager::Manager;
 use crate::model::Resources;
 use crate::pool::{AppDef, OnDisconnect};
-use crate::pool_ops::PoolRequest;
+use crate::pools::PoolRequest;
 
 /// Name of the pool `dev` creates.
 const DEMO_POOL: &str = "demo";
@@ -165,9 +165,12 @@ async fn start_agent(
     // Enroll again when the agent has no identity, when its CA is not this
     // manager's (the dir was re-initialised), or when the manager lost it.
     let same_ca = std::fs::read(data.ca()).ok() == std::fs::read(&ca_pem).ok();
-    let known = manager.get_node(tenant, &node_id).is_ok();
+    let known = manager.nodes().get_node(tenant, &node_id).is_ok();
     if !(data.is_enrolled() && same_ca && known) {
-        let (token, _) = manager.create_token(tenant, 600, BTreeMap::new()).await?;
+        let (token, _) = manager
+            .enrollment()
+            .create_token(tenant, 600, BTreeMap::new())
+            .await?;
         let status = Command::new(exe)
             .args([
                 "agent",
@@ -251,6 +254,7 @@ async fn wait_connected(
     let deadline = Instant::now() + CONNECT_DEADLINE;
     loop {
         let up = manager
+            .nodes()
             .list_nodes(tenant)?
             .iter()
             .filter(|n| n.record.node_id.starts_with("dev-") && n.live.conn_id.is_some())
@@ -390,14 +394,14 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             "it needs 4 agents (3 members and a spare); run with --agents 4 or more".into(),
         ));
     }
-    if manager.get_pool(tenant, DEMO_POOL).is_ok() {
+    if manager.pools().get_pool(tenant, DEMO_POOL).is_ok() {
         return Ok(Demo::Exists);
     }
     let nodes = ["dev-1", "dev-2", "dev-3"];
     let taken: Vec<String> = nodes
         .iter()
         .filter_map(|id| {
-            let n = manager.get_node(tenant, id).ok()?;
+            let n = manager.nodes().get_node(tenant, id).ok()?;
             (!n.record.pool.is_empty()).then(|| format!("{id} is in pool {:?}", n.record.pool))
         })
         .collect();
@@ -443,7 +447,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             "while :; do echo \"metrics: $(cat /proc/loadavg)\"; sleep 10; done",
         ),
     ];
-    manager.create_pool(
+    manager.pools().create_pool(
         tenant,
         PoolRequest {
             name: DEMO_POOL.into(),

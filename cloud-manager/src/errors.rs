@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-use crate::manager::ManagerError;
+use crate::control::ManagerError;
 use crate::pool::PoolError;
 use crate::registry::EnrollError;
 

@@ -44,21 +44,26 @@
 //! again and can serve as a spare.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use time::Duration as TimeDuration;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::chain::issue_member;
+use crate::control::{Control, ManagerError};
+use crate::deadlines::Watchlist;
 use crate::events::{EventKind, EventRecord};
+use crate::live::Command;
+use crate::liveness::LivenessBook;
 pub use crate::liveness::{CheckAnswer, Confirmation, PeerAlive, PeerView, confirmation};
-use crate::manager::{Command, Manager, ManagerError};
 use crate::model::{NodeState, Resources, now_ms};
 use crate::node_state::NodeEvent;
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
+use crate::pools::Pools;
 use crate::registry::Registry;
 
 pub use crate::liveness::Health;
@@ -134,14 +139,89 @@ pub enum Outcome {
 /// (used by the crash-safety test).
 const FAULT_ENV: &str = "EDGEPOOL_FAULT";
 
-impl Manager {
+/// The failover component: what members say of each other, the open peer
+/// checks, the detector's watchlist, and the detector worker (`start`),
+/// whose per-member episodes live on its own task. Moves slots through
+/// `Pools` (which pushes the new assignments) and changes nodes through
+/// `Control`.
+pub struct Failover {
+    control: Arc<Control>,
+    pools: Arc<Pools>,
+    /// Open peer checks: random id -> (the node asked, where its answer goes).
+    checks: Mutex<HashMap<u64, (String, oneshot::Sender<CheckAnswer>)>>,
+    /// What members say of each other's liveness.
+    liveness: LivenessBook,
+    /// Members the detector must look at, and when (see `deadlines`):
+    /// armed when a stream closes, a peer reports a member unreachable, or
+    /// a node's assignment is pushed (`Pools` holds the same watchlist).
+    watchlist: Arc<Watchlist>,
+}
+
+impl Failover {
+    pub fn new(control: Arc<Control>, pools: Arc<Pools>, watchlist: Arc<Watchlist>) -> Self {
+        Failover {
+            control,
+            pools,
+            checks: Mutex::new(HashMap::new()),
+            liveness: LivenessBook::default(),
+            watchlist,
+        }
+    }
+
+    /// Starts the failure detector on `tracker`, until `shutdown` fires.
+    pub fn start(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
+        tracker.spawn(detector_worker(self.clone(), shutdown));
+    }
+
+    /// `node_id`'s stream closed: what it said of its peers is no longer
+    /// current, and a member without its stream is suspect at once.
+    pub(crate) fn stream_closed(&self, node_id: &str) {
+        self.liveness.forget_reporter(node_id);
+        self.watchlist.watch(node_id, Instant::now());
+    }
+
+    /// Registers a peer check sent to `asker`, under an unguessable id.
+    fn register_check(&self, asker: &str, tx: oneshot::Sender<CheckAnswer>) -> u64 {
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut id = crate::random::u64();
+        while id == 0 || checks.contains_key(&id) {
+            id = crate::random::u64();
+        }
+        checks.insert(id, (asker.to_string(), tx));
+        id
+    }
+
+    fn forget_check(&self, id: u64) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// An agent's answer to a peer check. Only the node that was asked can
+    /// answer it; an answer from any other node is dropped (and logged).
+    pub fn answer_check(&self, from: &str, id: u64, answer: CheckAnswer) {
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        match checks.get(&id) {
+            Some((asker, _)) if asker == from => {
+                if let Some((_, tx)) = checks.remove(&id) {
+                    let _ = tx.send(answer);
+                }
+            }
+            Some(_) => {
+                tracing::warn!(node = %from, "dropped an answer to a peer check sent to another node")
+            }
+            None => tracing::debug!(node = %from, "answer to an unknown or expired peer check"),
+        }
+    }
+
     /// What `reporter` says of the other members of its pool. Entries about
     /// anything but a current member of the reporter's own pool (another
     /// pool, another tenant, a stale slot) are dropped: a node can only
     /// speak about its own pool.
     pub fn record_liveness(&self, reporter: &str, peers: Vec<PeerAlive>) {
         let accepted: Vec<PeerAlive> = {
-            let Ok(r) = self.registry() else {
+            let Ok(r) = self.control.registry() else {
                 return;
             };
             let Some(pool) = r
@@ -170,7 +250,7 @@ impl Manager {
         for p in &accepted {
             self.liveness.record(reporter, p, now);
             if !p.reachable {
-                self.watch_node(&p.node_id, now);
+                self.watchlist.watch(&p.node_id, now);
             }
         }
     }
@@ -185,7 +265,7 @@ impl Manager {
         address: &str,
         timeout: Duration,
     ) -> Option<CheckAnswer> {
-        let live = self.live_node(asker).ok()?;
+        let live = self.control.live_node(asker).ok()?;
         let (tx, rx) = oneshot::channel();
         let id = self.register_check(asker, tx);
         let command = Command::PeerCheck {
@@ -213,8 +293,9 @@ impl Manager {
         node_id: &str,
         lost_at_ms: u64,
     ) -> Result<Outcome, ManagerError> {
-        let validity = TimeDuration::seconds(i64::from(self.config.member_cert_validity_seconds));
-        let outcome = self.mutate(|r| {
+        let validity =
+            TimeDuration::seconds(i64::from(self.control.config.member_cert_validity_seconds));
+        let outcome = self.control.mutate(|r| {
             let key = PoolRecord::key(tenant, pool);
             let Some(p) = r.pools.get(&key) else {
                 return Ok(Outcome::Stale);
@@ -238,7 +319,7 @@ impl Manager {
                 .map(|n| Candidate {
                     node_id: n.node_id.clone(),
                     free: true,
-                    connected: self.health(&n.node_id).is_ok_and(|h| h.connected),
+                    connected: self.control.health(&n.node_id).is_ok_and(|h| h.connected),
                     capacity: n.capacity,
                     labels: n.labels.clone(),
                 })
@@ -259,12 +340,12 @@ impl Manager {
             let p = r.pools.get_mut(&key).ok_or(ManagerError::Poisoned)?;
             let old = p.members[slot as usize - 1].clone();
             let identity = edgepool_common::identity::Identity::Member {
-                domain: self.config.trust_domain.clone(),
+                domain: self.control.config.trust_domain.clone(),
                 tenant: tenant.to_string(),
                 pool: pool.to_string(),
                 slot,
             };
-            let cert = issue_member(&self.ca, &p.ca, &identity, &target_cert, validity)?;
+            let cert = issue_member(&self.control.ca, &p.ca, &identity, &target_cert, validity)?;
             p.members[slot as usize - 1] = MemberRecord {
                 slot,
                 node_id: target.clone(),
@@ -307,7 +388,8 @@ impl Manager {
                 eprintln!("fault injection: aborting after the failover commit");
                 std::process::abort();
             }
-            self.push_assignments(push.iter().map(String::as_str))?;
+            self.pools
+                .push_assignments(push.iter().map(String::as_str))?;
         }
         Ok(outcome)
     }
@@ -316,6 +398,7 @@ impl Manager {
     /// empty, so it stops its old group).
     pub(crate) async fn fence_if_failed(&self, node_id: &str) -> Result<(), ManagerError> {
         let failed = self
+            .control
             .registry()?
             .nodes
             .get(node_id)
@@ -323,7 +406,7 @@ impl Manager {
         if !failed {
             return Ok(());
         }
-        self.mutate_async(|r| {
+        self.control.mutate_async(|r| {
             if let Some(n) = r.nodes.get_mut(node_id).filter(|n| n.state == NodeState::Failed) {
                 n.change(NodeEvent::Return, "", 0)?;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFenced)
@@ -336,6 +419,19 @@ impl Manager {
         .await
     }
 
+    /// An app report from `node_id`, which runs `running_apps` apps.
+    pub(crate) async fn on_report(&self, node_id: &str, running_apps: usize) {
+        // A failed-over node heard from again on a stream that never
+        // dropped (it was frozen, or cut and healed quickly) is fenced just
+        // as if it had reconnected.
+        if let Err(e) = self.fence_if_failed(node_id).await {
+            tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
+        }
+        if let Err(e) = self.release_fenced(node_id, running_apps).await {
+            tracing::warn!(node = %node_id, error = %e, "could not release a fenced node");
+        }
+    }
+
     /// A fenced node reported that it runs nothing: it is FREE again.
     pub(crate) async fn release_fenced(
         &self,
@@ -343,6 +439,7 @@ impl Manager {
         running_apps: usize,
     ) -> Result<(), ManagerError> {
         let fenced = self
+            .control
             .registry()?
             .nodes
             .get(node_id)
@@ -350,21 +447,22 @@ impl Manager {
         if !fenced || running_apps > 0 {
             return Ok(());
         }
-        self.mutate_async(|r| {
-            if let Some(n) = r
-                .nodes
-                .get_mut(node_id)
-                .filter(|n| n.state == NodeState::Fenced)
-            {
-                n.change(NodeEvent::Drained, "", 0)?;
-                let e = EventRecord::new(&n.tenant, "", EventKind::NodeFreed)
-                    .node(node_id, 0)
-                    .message("fenced node stopped its old group and is FREE again");
-                r.events.push(e, now_ms());
-            }
-            Ok(())
-        })
-        .await
+        self.control
+            .mutate_async(|r| {
+                if let Some(n) = r
+                    .nodes
+                    .get_mut(node_id)
+                    .filter(|n| n.state == NodeState::Fenced)
+                {
+                    n.change(NodeEvent::Drained, "", 0)?;
+                    let e = EventRecord::new(&n.tenant, "", EventKind::NodeFreed)
+                        .node(node_id, 0)
+                        .message("fenced node stopped its old group and is FREE again");
+                    r.events.push(e, now_ms());
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -405,8 +503,8 @@ fn membership<'r>(r: &'r Registry, node: &str) -> Option<(&'r str, &'r str, &'r 
 /// The detector: watches pool members and fails over dead ones. Each
 /// round looks only at the members whose deadline passed (`watchlist`)
 /// and at the current suspects.
-pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken) {
-    let cfg = manager.config().clone();
+async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
+    let cfg = failover.control.config().clone();
     let every = Duration::from_millis(u64::from(cfg.failure_check_ms));
     let heartbeat_timeout = Duration::from_millis(u64::from(cfg.heartbeat_timeout_ms));
     let grace = Duration::from_millis(u64::from(cfg.failure_grace_ms));
@@ -420,8 +518,8 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
     let mut deciding: HashSet<String> = HashSet::new();
     let mut tasks: JoinSet<(String, Verdict)> = JoinSet::new();
     // Every member once at the start; from then on only what is armed.
-    if let Ok(r) = manager.registry() {
-        let mut w = manager.watchlist.lock().unwrap_or_else(|p| p.into_inner());
+    if let Ok(r) = failover.control.registry() {
+        let mut w = failover.watchlist.queue();
         for p in r.pools.values() {
             for m in &p.members {
                 w.arm(&m.node_id, observed_from);
@@ -432,7 +530,7 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
-            _ = manager.detector_wake.notified() => {}
+            _ = failover.watchlist.woken() => {}
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Ok((key, verdict)) = done {
                     deciding.remove(&key);
@@ -459,19 +557,15 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
         last_round = now;
         // Only the members whose deadline passed and the suspects: a
         // round costs what is due, not the fleet.
-        let due = manager
-            .watchlist
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_due(now);
-        let Ok(r) = manager.registry() else {
+        let due = failover.watchlist.queue().pop_due(now);
+        let Ok(r) = failover.control.registry() else {
             continue;
         };
         let look: BTreeSet<String> = due.into_iter().chain(suspects.iter().cloned()).collect();
         for node in look {
             let Some((tenant, pool, members)) = membership(&r, &node) else {
                 // No member (any more): nothing to watch until it is one
-                // again (`push_assignments` arms it then).
+                // again (`Pools::push_assignments` arms it then).
                 suspects.remove(&node);
                 continue;
             };
@@ -479,20 +573,19 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
                 continue;
             };
             let key = node.clone();
-            let Ok(h) = manager.health(&node) else {
+            let Ok(h) = failover.control.health(&node) else {
                 continue;
             };
             let names: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
-            let peers = manager.liveness.view(&node, &names, now);
+            let peers = failover.liveness.view(&node, &names, now);
             let own = suspect_since(h, observed_from, heartbeat_timeout, now);
             if own.is_none() && peers == PeerView::Fine {
                 suspects.remove(&node);
                 // Look again when its heartbeats could first be overdue.
                 let seen = h.last_seen.unwrap_or(observed_from).max(observed_from);
-                manager
+                failover
                     .watchlist
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .queue()
                     .arm(&node, seen + heartbeat_timeout + Duration::from_millis(1));
                 continue;
             }
@@ -529,7 +622,7 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
             ep.announced = true;
             deciding.insert(key.clone());
             let job = Decision {
-                manager: manager.clone(),
+                failover: failover.clone(),
                 tenant: tenant.to_string(),
                 pool: pool.to_string(),
                 member: m.clone(),
@@ -546,7 +639,7 @@ pub async fn detector_worker(manager: Arc<Manager>, shutdown: CancellationToken)
 
 /// One suspect member, decided on its own task.
 struct Decision {
-    manager: Arc<Manager>,
+    failover: Arc<Failover>,
     tenant: String,
     pool: String,
     member: MemberRecord,
@@ -562,12 +655,12 @@ struct Decision {
 
 impl Decision {
     async fn run(self) -> Verdict {
-        let cfg = self.manager.config().clone();
+        let cfg = self.failover.control.config().clone();
         let node = self.member.node_id.clone();
         if let Some(deadline) = self.peers_deadline {
             // Its peers cannot reach it. If it still answers the manager,
             // it runs: a broken peer link is not a failure.
-            if let Ok(live) = self.manager.live_node(&node) {
+            if let Ok(live) = self.failover.control.live_node(&node) {
                 let timeout = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
                 if live.ping(timeout).await {
                     if self.announce {
@@ -584,11 +677,11 @@ impl Decision {
             // slow machine answers late, it does not stop talking)?
             let now = Instant::now();
             let names: Vec<&str> = self.members.iter().map(|m| m.node_id.as_str()).collect();
-            if self.manager.liveness.view(&node, &names, now) == PeerView::Fine {
+            if self.failover.liveness.view(&node, &names, now) == PeerView::Fine {
                 return Verdict::Answered;
             }
             let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
-            if self.manager.health(&node).is_ok_and(|h| {
+            if self.failover.control.health(&node).is_ok_and(|h| {
                 h.connected
                     && h.last_seen
                         .is_some_and(|t| now.saturating_duration_since(t) < recent)
@@ -596,7 +689,7 @@ impl Decision {
                 return Verdict::Answered;
             }
         } else if cfg.peer_confirmation {
-            match confirm(&self.manager, &self.members, &self.member, &cfg).await {
+            match confirm(&self.failover, &self.members, &self.member, &cfg).await {
                 Confirmation::Unreachable => {}
                 Confirmation::ReachedBy(by) => {
                     if self.announce {
@@ -617,14 +710,16 @@ impl Decision {
                 }
             }
         }
-        let (mgr, t, p, slot, since) = (
-            self.manager.clone(),
+        let (failover, t, p, slot, since) = (
+            self.failover.clone(),
             self.tenant.clone(),
             self.pool.clone(),
             self.member.slot,
             self.lost_at_ms,
         );
-        match tokio::task::spawn_blocking(move || mgr.fail_over(&t, &p, slot, &node, since)).await {
+        match tokio::task::spawn_blocking(move || failover.fail_over(&t, &p, slot, &node, since))
+            .await
+        {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "failover failed"),
             Err(e) => tracing::error!(error = %e, "failover task failed"),
@@ -635,7 +730,8 @@ impl Decision {
     async fn record_suspect(&self, message: String) {
         tracing::warn!(node = %self.member.node_id, pool = %self.pool, "{message}");
         let result = self
-            .manager
+            .failover
+            .control
             .mutate_async(|r| {
                 let e = EventRecord::new(&self.tenant, &self.pool, EventKind::NodeSuspect)
                     .node(&self.member.node_id, self.member.slot)
@@ -652,12 +748,13 @@ impl Decision {
 
 /// Asks the other connected members whether they reach `m`.
 async fn confirm(
-    manager: &Arc<Manager>,
+    failover: &Arc<Failover>,
     members: &[MemberRecord],
     m: &MemberRecord,
     cfg: &crate::config::ManagerConfig,
 ) -> Confirmation {
-    let Some(address) = manager
+    let Some(address) = failover
+        .control
         .registry()
         .ok()
         .and_then(|r| r.nodes.get(&m.node_id).map(|n| n.peer_address.clone()))
@@ -666,11 +763,11 @@ async fn confirm(
     };
     let timeout = Duration::from_millis(u64::from(cfg.peer_check_timeout_ms));
     let asks = members.iter().filter(|o| o.node_id != m.node_id).map(|o| {
-        let manager = manager.clone();
+        let failover = failover.clone();
         let (asker, target, address) = (o.node_id.clone(), m.node_id.clone(), address.clone());
         let slot = m.slot;
         async move {
-            let answer = manager
+            let answer = failover
                 .check_peer(&asker, slot, &target, &address, timeout)
                 .await;
             (asker, answer)

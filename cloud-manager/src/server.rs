@@ -114,11 +114,7 @@ impl ManagerServer {
             shutdown.clone(),
             tracker.clone(),
         ));
-        tracker.spawn(renewal_worker(self.manager.clone(), shutdown.clone()));
-        tracker.spawn(crate::failover::detector_worker(
-            self.manager.clone(),
-            shutdown.clone(),
-        ));
+        self.manager.start(&tracker, &shutdown);
         let config = self.manager.config();
         let limits = tls::AcceptLimits::new(
             config.max_concurrent_handshakes as usize,
@@ -152,25 +148,6 @@ impl ManagerServer {
         let _ = tokio::time::timeout(drain.min(Duration::from_secs(1)), tracker.wait()).await;
         tracing::info!("manager stopped");
         Ok(())
-    }
-}
-
-/// Renews member certificates before they expire, for as long as the
-/// manager runs.
-async fn renewal_worker(manager: Arc<Manager>, shutdown: CancellationToken) {
-    let every = Duration::from_millis(u64::from(manager.config().member_cert_check_ms));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let m = manager.clone();
-        match tokio::task::spawn_blocking(move || m.renew_member_certs()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(renewed = n, "member certificates renewed"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "member certificate renewal failed"),
-            Err(e) => tracing::warn!(error = %e, "member certificate renewal task failed"),
-        }
     }
 }
 

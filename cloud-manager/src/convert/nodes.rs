@@ -9,7 +9,7 @@
 use edgepool_common::identity::{hex, validate_name};
 use edgepool_common::proto as pb;
 
-use crate::manager::ManagerError;
+use crate::control::ManagerError;
 use crate::model::NodeState;
 use crate::node_list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, NodeCounts, NodeQuery};
 

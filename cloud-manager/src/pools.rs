@@ -1,18 +1,25 @@
-//! Pool operations of the manager: create, read, delete, change apps,
-//! push desired state to members, follow agents' app reports, renew member
-//! certificates. Every change goes through `Manager::mutate` (validated on a
-//! copy, persisted, then swapped in), so a refused request changes nothing.
+//! `Pools`: the pool operations (create, read, delete, change apps and
+//! policy), the desired state pushed to members (assignments), following
+//! agents' app reports, and member certificate renewals with the worker
+//! that runs them. Every change goes through `Control::mutate` (validated
+//! on a copy, persisted, then swapped in), so a refused request changes
+//! nothing. Each push arms the failure detector's watchlist (`Watchlist`),
+//! which `Pools` shares with `failover` without depending on it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use sha2::Digest;
 
 use edgepool_common::identity::{Identity, validate_name};
 use time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::chain::{issue_member, issue_pool_ca};
+use crate::control::{Control, ManagerError};
+use crate::deadlines::Watchlist;
 use crate::events::{EventKind, EventRecord};
-use crate::manager::{LiveNode, Manager, ManagerError};
 use crate::model::{
     AppReport, AppRun, AppRunState, MemberView, NodeAssignment, NodeState, PlacementView, PoolView,
     Resources, now_ms,
@@ -34,15 +41,33 @@ pub struct PoolRequest {
     pub spare_labels: BTreeMap<String, String>,
 }
 
-impl Manager {
+/// The pool component. Its durable state (pool records, members, running
+/// apps) lives in the registry; it owns the renewal worker (`start`).
+pub struct Pools {
+    control: Arc<Control>,
+    /// The failure detector's watchlist, armed at every push.
+    watchlist: Arc<Watchlist>,
+}
+
+impl Pools {
+    pub fn new(control: Arc<Control>, watchlist: Arc<Watchlist>) -> Self {
+        Pools { control, watchlist }
+    }
+
+    /// Starts the member-certificate renewal worker on `tracker`, until
+    /// `shutdown` fires.
+    pub fn start(self: &Arc<Self>, tracker: &TaskTracker, shutdown: CancellationToken) {
+        tracker.spawn(renewal_worker(self.clone(), shutdown));
+    }
+
     fn member_validity(&self) -> Duration {
-        Duration::seconds(i64::from(self.config.member_cert_validity_seconds))
+        Duration::seconds(i64::from(self.control.config.member_cert_validity_seconds))
     }
 
     /// Creates a pool: validates, partitions the apps, issues the pool CA
     /// and the M member certificates, and pushes each member its slot.
     pub fn create_pool(&self, tenant: &str, req: PoolRequest) -> Result<PoolView, ManagerError> {
-        let record = self.mutate(|r| {
+        let record = self.control.mutate(|r| {
             let record = self.build_pool(r, tenant, &req)?;
             for m in &record.members {
                 if let Some(n) = r.nodes.get_mut(&m.node_id) {
@@ -121,7 +146,7 @@ impl Manager {
         validate_policy(&policy)?;
         policy.version = 1;
         let groups = plan_groups(&req.apps, &capacities, &BTreeMap::new(), &BTreeSet::new())?;
-        let ca = issue_pool_ca(&self.ca, tenant, &req.name)?;
+        let ca = issue_pool_ca(&self.control.ca, tenant, &req.name)?;
         let mut members = Vec::with_capacity(m);
         for (i, id) in req.node_ids.iter().enumerate() {
             let slot = i as u32 + 1;
@@ -131,7 +156,13 @@ impl Manager {
                 .map(|n| n.cert_pem.as_str())
                 .unwrap_or_default();
             let identity = self.member_identity(tenant, &req.name, slot);
-            let cert = issue_member(&self.ca, &ca, &identity, node_cert, self.member_validity())?;
+            let cert = issue_member(
+                &self.control.ca,
+                &ca,
+                &identity,
+                node_cert,
+                self.member_validity(),
+            )?;
             members.push(MemberRecord {
                 slot,
                 node_id: id.clone(),
@@ -161,7 +192,7 @@ impl Manager {
 
     fn member_identity(&self, tenant: &str, pool: &str, slot: u32) -> Identity {
         Identity::Member {
-            domain: self.config.trust_domain.clone(),
+            domain: self.control.config.trust_domain.clone(),
             tenant: tenant.to_string(),
             pool: pool.to_string(),
             slot,
@@ -169,7 +200,8 @@ impl Manager {
     }
 
     fn pool_record(&self, tenant: &str, name: &str) -> Result<PoolRecord, ManagerError> {
-        self.registry()?
+        self.control
+            .registry()?
             .pools
             .get(&PoolRecord::key(tenant, name))
             .cloned()
@@ -183,6 +215,7 @@ impl Manager {
 
     pub fn list_pools(&self, tenant: &str) -> Result<Vec<PoolView>, ManagerError> {
         let records: Vec<PoolRecord> = self
+            .control
             .registry()?
             .pools
             .values()
@@ -194,7 +227,7 @@ impl Manager {
 
     /// Deletes a pool: its members are freed and told to stop everything.
     pub fn delete_pool(&self, tenant: &str, name: &str) -> Result<(), ManagerError> {
-        let record = self.mutate(|r| {
+        let record = self.control.mutate(|r| {
             let record = r
                 .pools
                 .remove(&PoolRecord::key(tenant, name))
@@ -225,7 +258,7 @@ impl Manager {
         name: &str,
         apps: Vec<AppDef>,
     ) -> Result<PoolView, ManagerError> {
-        let record = self.mutate(|r| {
+        let record = self.control.mutate(|r| {
             let key = PoolRecord::key(tenant, name);
             let mut record = r
                 .pools
@@ -286,7 +319,7 @@ impl Manager {
         mut policy: PolicyDef,
     ) -> Result<PoolView, ManagerError> {
         validate_policy(&policy)?;
-        let record = self.mutate(|r| {
+        let record = self.control.mutate(|r| {
             let key = PoolRecord::key(tenant, name);
             let p = r
                 .pools
@@ -308,7 +341,7 @@ impl Manager {
 
     /// The desired state of `node_id` (an empty pool if it is no member).
     pub fn assignment_for(&self, node_id: &str) -> Result<NodeAssignment, ManagerError> {
-        let r = self.registry()?;
+        let r = self.control.registry()?;
         let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
             return Ok(NodeAssignment::default());
         };
@@ -337,10 +370,10 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         for id in node_ids {
             let a = self.assignment_for(id)?;
-            self.live_node(id)?.set_assignment(a);
+            self.control.live_node(id)?.set_assignment(a);
             // Its membership may have changed: the failure detector looks
             // at it again (and starts or stops watching it).
-            self.watch_node(id, std::time::Instant::now());
+            self.watchlist.watch(id, std::time::Instant::now());
         }
         Ok(())
     }
@@ -348,7 +381,7 @@ impl Manager {
     /// Pushes the desired state to every member of `node_id`'s pool.
     pub(crate) fn push_pool_of(&self, node_id: &str) -> Result<(), ManagerError> {
         let members: Vec<String> = {
-            let r = self.registry()?;
+            let r = self.control.registry()?;
             let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
                 return Ok(());
             };
@@ -361,12 +394,13 @@ impl Manager {
     }
 
     fn view_pool(&self, record: &PoolRecord) -> Result<PoolView, ManagerError> {
-        let members = members_view(&*self.registry()?, record);
+        let members = members_view(&*self.control.registry()?, record);
         // Every member's latest report: an app runs where a report shows it
         // running (its home member, or the peer it was offloaded to).
         let mut reports = Vec::with_capacity(members.len());
         for m in &members {
             let report = self
+                .control
                 .live_data(&m.node_id)?
                 .report
                 .filter(|rep| rep.pool == record.name);
@@ -431,38 +465,29 @@ impl Manager {
         })
     }
 
-    /// Takes an agent's app report: keeps it for `GetPool` and records
-    /// APP_STARTED / APP_STOPPED / APP_EXITED when something changed.
-    pub async fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
-        let previous = live.swap_report(report.clone());
-        let running_apps = report
-            .apps
-            .iter()
-            .filter(|a| !matches!(a.state, AppRunState::Stopped))
-            .count();
-        // A failed-over node heard from again on a stream that never
-        // dropped (it was frozen, or cut and healed quickly) is fenced just
-        // as if it had reconnected.
-        if let Err(e) = self.fence_if_failed(node_id).await {
-            tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
-        }
-        if let Err(e) = self.release_fenced(node_id, running_apps).await {
-            tracing::warn!(node = %node_id, error = %e, "could not release a fenced node");
-        }
+    /// Follows an agent's app report (`previous` is the one before it, as
+    /// `streams` kept it for `GetPool`): records APP_STARTED / APP_STOPPED /
+    /// APP_EXITED, offloads and FAILOVER_DONE when something changed.
+    pub async fn record_report(
+        &self,
+        node_id: &str,
+        report: AppReport,
+        previous: Option<AppReport>,
+    ) {
         // A cheap look at the committed snapshot first, without any lock
         // (most reports change nothing), then the real work inside
         // `mutate`, computed from the registry as it is there (with every
         // change prepared before it): reports of several nodes can arrive
         // at once, and each must see the others' changes (no lost or
         // doubled events).
-        let changed = match self.registry() {
+        let changed = match self.control.registry() {
             Ok(r) => report_changes(&r, node_id, &report, previous.as_ref()).is_some(),
             Err(_) => false,
         };
         if !changed {
             return;
         }
-        let result = self.mutate_async(|r| {
+        let result = self.control.mutate_async(|r| {
             let Some(c) = report_changes(r, node_id, &report, previous.as_ref()) else {
                 return Ok(());
             };
@@ -553,7 +578,7 @@ impl Manager {
         };
         let identity = self.member_identity(&tenant, &pool, m.slot);
         let cert = issue_member(
-            &self.ca,
+            &self.control.ca,
             &p.ca,
             &identity,
             node_cert_pem,
@@ -579,13 +604,18 @@ impl Manager {
     /// `RENEWALS_PER_PASS` of them, the most urgent first, and pushes the
     /// new membership to their pools. Returns how many were renewed.
     pub fn renew_member_certs(&self) -> Result<usize, ManagerError> {
-        let validity_ms = u64::from(self.config.member_cert_validity_seconds) * 1000;
+        let validity_ms = u64::from(self.control.config.member_cert_validity_seconds) * 1000;
         let now = now_ms();
-        let due = due_renewals(&*self.registry()?, validity_ms, now, RENEWALS_PER_PASS);
+        let due = due_renewals(
+            &*self.control.registry()?,
+            validity_ms,
+            now,
+            RENEWALS_PER_PASS,
+        );
         if due.is_empty() {
             return Ok(0);
         }
-        let (count, nodes) = self.mutate(|r| {
+        let (count, nodes) = self.control.mutate(|r| {
             let now = now_ms();
             let mut count = 0;
             let mut nodes = BTreeSet::new();
@@ -607,7 +637,7 @@ impl Manager {
                     .map(|n| n.cert_pem.as_str())
                     .unwrap_or_default();
                 let cert = issue_member(
-                    &self.ca,
+                    &self.control.ca,
                     &pool.ca,
                     &identity,
                     node_cert,
@@ -626,6 +656,26 @@ impl Manager {
         })?;
         self.push_assignments(nodes.iter().map(String::as_str))?;
         Ok(count)
+    }
+}
+
+/// Renews member certificates before they expire, for as long as the
+/// manager runs.
+async fn renewal_worker(pools: Arc<Pools>, shutdown: CancellationToken) {
+    let every =
+        std::time::Duration::from_millis(u64::from(pools.control.config().member_cert_check_ms));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let p = pools.clone();
+        match tokio::task::spawn_blocking(move || p.renew_member_certs()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(renewed = n, "member certificates renewed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "member certificate renewal failed"),
+            Err(e) => tracing::warn!(error = %e, "member certificate renewal task failed"),
+        }
     }
 }
 
