@@ -25,8 +25,12 @@ use crate::model::{AppReport, Hello, Sample};
 /// The agent must send its hello this soon after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream silent for this many heartbeat intervals is closed (catches
-/// half-open TCP connections the kernel has not noticed yet).
-const SILENT_INTERVALS: u32 = 5;
+/// half-open TCP connections the kernel has not noticed yet). Long on
+/// purpose: the failure detector, not this, judges a silent node (after
+/// `heartbeat_timeout_ms`), and closing a stream that is only late (a busy
+/// manager reads it late) costs a reconnect, a TLS handshake, which is more
+/// load exactly when there is too much.
+const SILENT_INTERVALS: u32 = 15;
 /// Largest CSR accepted, in bytes.
 const MAX_CSR_BYTES: usize = 16 * 1024;
 
@@ -290,7 +294,7 @@ impl Session {
                     // app reports come only when they change, so this is
                     // the sign of life to look at (a look at the snapshot;
                     // work only for a failed node).
-                    if let Err(e) = self.manager.fence_if_failed(&self.node_id).await {
+                    if let Err(e) = self.manager.failover().fence_if_failed(&self.node_id).await {
                         tracing::warn!(node = %self.node_id, error = %e, "could not fence a failed node");
                     }
                     // Acks are advisory: if the agent is not reading, drop them.

@@ -68,13 +68,29 @@ pub struct ManagerConfig {
     /// How long to wait for the members' answers; a member that does not
     /// answer in time counts as "unknown", never as "down". Default 1000.
     pub peer_check_timeout_ms: u32,
-    /// A member its peers cannot reach is pinged over its own stream; this
-    /// long without the answer (and its peers' grace passed) and it is
-    /// failed over. Default 500.
+    /// A member its peers cannot reach is pinged over its own stream; no
+    /// answer and no other message from it by the end of its peers' grace
+    /// (and at least this long) and it is failed over. Default 500.
     pub ping_timeout_ms: u32,
     /// After a member was found reachable by its peers, ask again this
     /// often while it stays cut off. Default 2000.
     pub peer_recheck_ms: u32,
+    /// After the manager starts, a member it has not heard from since gets
+    /// this long to connect before it can be failed over: a restarted
+    /// manager is reached by its whole fleet over several seconds (agents
+    /// back off up to 10 s), and a member not back yet is not dead. 0: no
+    /// such grace. Default 15000.
+    pub startup_grace_ms: u32,
+    /// When at least this percentage of all pool members (and at least
+    /// `failover_pause_min_members` of them) are not heard from at once (no
+    /// stream, or heartbeats overdue), the manager takes it for a problem
+    /// on its own side (its network, its load) rather than that many
+    /// failures, and fails nobody over until fewer are. 100: pause only
+    /// when every member is silent. Default 50.
+    pub failover_pause_percent: u32,
+    /// See `failover_pause_percent`: small fleets, where a few failures
+    /// are a large share, never pause. Default 20.
+    pub failover_pause_min_members: u32,
     /// How many events the manager keeps per tenant (the newest; each
     /// tenant has its own ring, so a busy tenant never pushes out another
     /// tenant's events). A `WatchEvents` resume from an older `after_seq`
@@ -122,6 +138,9 @@ impl Default for ManagerConfig {
             peer_check_timeout_ms: 1000,
             ping_timeout_ms: 500,
             peer_recheck_ms: 2000,
+            startup_grace_ms: 15_000,
+            failover_pause_percent: 50,
+            failover_pause_min_members: 20,
             events_per_tenant: crate::events::DEFAULT_EVENTS_PER_TENANT as u32,
             max_concurrent_handshakes: 256,
             handshake_timeout_ms: 10_000,
@@ -194,6 +213,12 @@ impl ManagerConfig {
                 "must be at least 3",
             ));
         }
+        if !(1..=100).contains(&self.failover_pause_percent) {
+            return Err(invalid("failover_pause_percent", "must be between 1 and 100"));
+        }
+        if self.failover_pause_min_members == 0 {
+            return Err(invalid("failover_pause_min_members", "must be at least 1"));
+        }
         if self.member_cert_check_ms < 100 {
             return Err(invalid("member_cert_check_ms", "must be at least 100"));
         }
@@ -204,6 +229,7 @@ impl ManagerConfig {
             ("peer_check_timeout_ms", self.peer_check_timeout_ms, 50),
             ("ping_timeout_ms", self.ping_timeout_ms, 50),
             ("peer_recheck_ms", self.peer_recheck_ms, 100),
+            ("startup_grace_ms", self.startup_grace_ms, 0),
             ("handshake_timeout_ms", self.handshake_timeout_ms, 100),
             ("stream_open_retry_ms", self.stream_open_retry_ms, 10),
         ] {

@@ -33,6 +33,10 @@ pub struct Enrollment {
     control: Arc<Control>,
     pools: Arc<Pools>,
     streams: Arc<Streams>,
+    /// When the next token's retention after expiry ends (0: not known
+    /// yet): a new token prunes the old ones only from then on, so adding
+    /// one does not walk them all.
+    prune_due_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Enrollment {
@@ -41,6 +45,7 @@ impl Enrollment {
             control,
             pools,
             streams,
+            prune_due_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -76,12 +81,22 @@ impl Enrollment {
             expires_at_ms: expires,
             used_by: None,
         };
-        self.control
+        use std::sync::atomic::Ordering;
+        let gone = expires.saturating_add(crate::registry::TOKEN_RETENTION_MS);
+        let prune = now >= self.prune_due_ms.load(Ordering::Relaxed);
+        let next = self
+            .control
             .mutate_async(|r| {
-                r.add_token(&token, record, now);
-                Ok(())
+                r.insert_token(&token, record);
+                Ok(prune.then(|| r.prune_tokens(now)))
             })
             .await?;
+        match next {
+            Some(next) => self.prune_due_ms.store(next.min(gone), Ordering::Relaxed),
+            None => {
+                self.prune_due_ms.fetch_min(gone, Ordering::Relaxed);
+            }
+        }
         Ok((token, expires))
     }
 

@@ -155,7 +155,15 @@ pub struct Failover {
     /// armed when a stream closes, a peer reports a member unreachable, or
     /// a node's assignment is pushed (`Pools` holds the same watchlist).
     watchlist: Arc<Watchlist>,
+    /// When this manager started (`startup_grace_ms` counts from here).
+    started: Instant,
+    /// The latest count of pool members not heard from: when, how many,
+    /// of how many (see `paused`).
+    unheard: Mutex<Option<(Instant, usize, usize)>>,
 }
+
+/// How long a count of unheard members is reused.
+const UNHEARD_RECOUNT: Duration = Duration::from_millis(200);
 
 impl Failover {
     pub fn new(control: Arc<Control>, pools: Arc<Pools>, watchlist: Arc<Watchlist>) -> Self {
@@ -165,7 +173,58 @@ impl Failover {
             checks: Mutex::new(HashMap::new()),
             liveness: LivenessBook::default(),
             watchlist,
+            started: Instant::now(),
+            unheard: Mutex::new(None),
         }
+    }
+
+    /// Why no member may be failed over now, if so: so many of them are
+    /// not heard from at once (`failover_pause_percent`,
+    /// `failover_pause_min_members`) that the manager's own network or
+    /// load is the likelier cause than that many failures.
+    fn paused(&self) -> Option<String> {
+        let cfg = self.control.config();
+        let (unheard, members) = self.unheard_members();
+        let (percent, min) = (
+            cfg.failover_pause_percent as usize,
+            cfg.failover_pause_min_members as usize,
+        );
+        (unheard >= min && unheard * 100 >= members * percent).then(|| {
+            format!(
+                "{unheard} of {members} pool members are not heard from at once (failover_pause_percent {percent}, failover_pause_min_members {min}): taken for a problem on the manager's side, failovers paused"
+            )
+        })
+    }
+
+    /// How many pool members have no stream or overdue heartbeats, of how
+    /// many members; counted at most every `UNHEARD_RECOUNT` (only when a
+    /// failover is about to be decided, never per detector round).
+    fn unheard_members(&self) -> (usize, usize) {
+        let now = Instant::now();
+        let mut cache = self.unheard.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, unheard, members)) = *cache
+            && now.saturating_duration_since(at) < UNHEARD_RECOUNT
+        {
+            return (unheard, members);
+        }
+        let timeout = Duration::from_millis(u64::from(self.control.config().heartbeat_timeout_ms));
+        let Ok(r) = self.control.registry() else {
+            return (0, 0);
+        };
+        let (mut unheard, mut members) = (0, 0);
+        for m in r.pools.values().flat_map(|p| p.members.iter()) {
+            members += 1;
+            let heard = self.control.health(&m.node_id).is_ok_and(|h| {
+                h.connected
+                    && h.last_seen
+                        .is_some_and(|t| now.saturating_duration_since(t) < timeout)
+            });
+            if !heard {
+                unheard += 1;
+            }
+        }
+        *cache = Some((now, unheard, members));
+        (unheard, members)
     }
 
     /// Starts the failure detector on `tracker`, until `shutdown` fires.
@@ -511,6 +570,8 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
     let recheck = Duration::from_millis(u64::from(cfg.peer_recheck_ms));
     let mut observed_from = Instant::now();
     let mut last_round = Instant::now();
+    let startup_until =
+        failover.started + Duration::from_millis(u64::from(cfg.startup_grace_ms));
     // Keyed by node id: the members under suspicion, what was decided
     // about them, and those being decided.
     let mut suspects: HashSet<String> = HashSet::new();
@@ -593,6 +654,11 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
             if deciding.contains(&key) {
                 continue;
             }
+            // Not heard from since this manager started: still within the
+            // time the fleet gets to come back (`startup_grace_ms`).
+            if h.last_seen.is_none() && now < startup_until {
+                continue;
+            }
             let ep = episodes.entry(key.clone()).or_default();
             if ep.next_check.is_some_and(|t| now < t) {
                 continue;
@@ -659,9 +725,13 @@ impl Decision {
         let node = self.member.node_id.clone();
         if let Some(deadline) = self.peers_deadline {
             // Its peers cannot reach it. If it still answers the manager,
-            // it runs: a broken peer link is not a failure.
+            // it runs: a broken peer link is not a failure. The answer
+            // counts until the grace ends (a busy node answers late; a
+            // frozen or cut one not at all).
+            let asked = Instant::now();
             if let Ok(live) = self.failover.control.live_node(&node) {
-                let timeout = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
+                let timeout = Duration::from_millis(u64::from(cfg.ping_timeout_ms))
+                    .max(deadline.saturating_duration_since(asked));
                 if live.ping(timeout).await {
                     if self.announce {
                         self.record_suspect(format!(
@@ -683,8 +753,9 @@ impl Decision {
             let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
             if self.failover.control.health(&node).is_ok_and(|h| {
                 h.connected
-                    && h.last_seen
-                        .is_some_and(|t| now.saturating_duration_since(t) < recent)
+                    && h.last_seen.is_some_and(|t| {
+                        t >= asked || now.saturating_duration_since(t) < recent
+                    })
             }) {
                 return Verdict::Answered;
             }
@@ -709,6 +780,15 @@ impl Decision {
                     return Verdict::Unknown;
                 }
             }
+        }
+        // Last look before acting: so many members silent at once is the
+        // manager's own problem, not theirs.
+        if let Some(why) = self.failover.paused() {
+            if self.announce {
+                self.record_suspect(format!("{node} looks failed, but {why}"))
+                    .await;
+            }
+            return Verdict::Unknown;
         }
         let (failover, t, p, slot, since) = (
             self.failover.clone(),

@@ -23,7 +23,7 @@ pub const TOKEN_PREFIX: &str = "ept_";
 pub const TOKEN_BYTES: usize = 24;
 /// Used or expired tokens are kept this long after expiry so that a reuse is
 /// answered "already used"/"expired" rather than "unknown".
-const TOKEN_RETENTION_MS: u64 = 24 * 3600 * 1000;
+pub(crate) const TOKEN_RETENTION_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -147,9 +147,22 @@ impl Registry {
 
     /// Records a new token (given its secret) and drops long-dead ones.
     pub fn add_token(&mut self, token: &str, record: TokenRecord, now_ms: u64) {
-        self.tokens
-            .retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS) > now_ms);
+        self.prune_tokens(now_ms);
+        self.insert_token(token, record);
+    }
+
+    /// Records a token (by its hash), pruning nothing.
+    pub fn insert_token(&mut self, token: &str, record: TokenRecord) {
         self.tokens.insert(hash_token(token), record);
+    }
+
+    /// Drops tokens whose retention after expiry is over; returns when the
+    /// next one's is (u64::MAX if none is left). A walk over every token,
+    /// so callers run it only when that time has come (`Enrollment`).
+    pub fn prune_tokens(&mut self, now_ms: u64) -> u64 {
+        let gone = |t: &TokenRecord| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS);
+        self.tokens.retain(|_, t| gone(t) > now_ms);
+        self.tokens.values().map(gone).min().unwrap_or(u64::MAX)
     }
 
     /// Decides whether `token` may enroll `node_id`. Changes nothing.

@@ -193,6 +193,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         liveness,
         gate: machine.uplink_gate,
         source: machine.uplink_source,
+        keep: None,
     };
     Ok(Agent {
         info,

@@ -74,6 +74,10 @@ pub struct Uplink {
     pub gate: Option<edgepool_common::gate::Gate>,
     /// The local address the stream leaves from (None: the kernel's pick).
     pub source: Option<std::net::IpAddr>,
+    /// The connection a busy manager turned a stream away on: the next
+    /// try opens its stream on it instead of a new TLS handshake (a
+    /// handshake is most of what a reconnect costs the manager).
+    pub keep: Option<tonic::transport::Channel>,
 }
 
 enum End {
@@ -120,14 +124,17 @@ impl Uplink {
     }
 
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
-        let channel = tls::channel_from(
-            &self.manager,
-            self.tls.clone(),
-            CONNECT_TIMEOUT,
-            self.gate.clone(),
-            self.source,
-        )?;
-        let mut client = AgentServiceClient::new(channel);
+        let channel = match self.keep.take() {
+            Some(c) => c,
+            None => tls::channel_from(
+                &self.manager,
+                self.tls.clone(),
+                CONNECT_TIMEOUT,
+                self.gate.clone(),
+                self.source,
+            )?,
+        };
+        let mut client = AgentServiceClient::new(channel.clone());
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
         let up = |m: Up| pb::AgentMessage { msg: Some(m) };
         // Fresh channel: cannot be full.
@@ -136,10 +143,15 @@ impl Uplink {
             _ = shutdown.cancelled() => return Ok(End::Shutdown),
             r = tokio::time::timeout(CONNECT_TIMEOUT, client.connect(ReceiverStream::new(rx))) => r,
         };
-        let mut inbound = response
-            .map_err(|_| UplinkError::Timeout)?
-            .map_err(UplinkError::Refused)?
-            .into_inner();
+        let mut inbound = match response.map_err(|_| UplinkError::Timeout)? {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                if s.code() == tonic::Code::ResourceExhausted {
+                    self.keep = Some(channel);
+                }
+                return Err(UplinkError::Refused(s));
+            }
+        };
         let welcome = match tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(pb::ManagerMessage {
                 msg: Some(Down::Welcome(w)),

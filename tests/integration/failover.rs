@@ -379,3 +379,105 @@ async fn an_isolated_node_stops_only_the_apps_that_ask_for_it() {
     })
     .await;
 }
+
+/// A manager config file with `body` (TOML) in `dir`; its path as an
+/// argument.
+fn config_file(dir: &std::path::Path, body: &str) -> String {
+    let path = dir.join("manager.toml");
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// So many members silent at once is taken for the manager's own problem:
+/// with 2 of 3 members crashed (>= failover_pause_percent 50 and >=
+/// failover_pause_min_members 2) nobody is failed over and NODE_SUSPECT says
+/// why; once one of them is back, the other is failed over.
+#[tokio::test]
+async fn many_members_silent_at_once_pause_failovers() {
+    let cfg_dir = TempDir::new().unwrap();
+    let cfg = config_file(
+        cfg_dir.path(),
+        "failover_pause_percent = 50\nfailover_pause_min_members = 2\n",
+    );
+    let mut f = Fleet::start(5, &["--config", &cfg]).await;
+    create_pool(&f.m, "p", &["node-1", "node-2", "node-3"], six_apps(730_000))
+        .await
+        .unwrap();
+    wait_running(&f.m, "p").await;
+    let (dir2, mut p2) = f.agents.remove("node-2").unwrap();
+    let (_dir3, mut p3) = f.agents.remove("node-3").unwrap();
+    p2.kill();
+    p3.kill();
+    eventually("NODE_SUSPECT: failovers paused", DEADLINE, || async {
+        events_of(&f.m, "p")
+            .await
+            .iter()
+            .any(|e| {
+                e.kind() == pb::EventKind::NodeSuspect && e.message.contains("failovers paused")
+            })
+            .then_some(())
+    })
+    .await;
+    // Well past the grace and a recheck: still nobody failed over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let k = kinds(&events_of(&f.m, "p").await);
+    assert!(
+        !k.contains(&pb::EventKind::FailoverStarted),
+        "failed over while paused: {k:?}"
+    );
+    let p = get_pool(&f.m, "p").await;
+    let holders: Vec<&str> = p.members.iter().map(|m| m.node_id.as_str()).collect();
+    assert_eq!(holders, ["node-1", "node-2", "node-3"]);
+    // node-2 is back: 1 of 3 silent, under the threshold: node-3's slot
+    // moves to the first spare.
+    let back = start_agent(&dir2, &f.m.addr, &[]);
+    f.agents.insert("node-2".into(), (dir2, back));
+    wait_slot_on(&f, "p", 3, "node-4").await;
+    let p = get_pool(&f.m, "p").await;
+    assert_eq!(p.members[1].node_id, "node-2", "node-2 kept its slot");
+}
+
+/// A restarted manager gives its fleet `startup_grace_ms` to come back
+/// before it fails anyone over: a member that died while the manager was
+/// down is failed over only after the grace, the others keep their slots.
+#[tokio::test]
+async fn a_restarted_manager_gives_members_time_to_come_back() {
+    let cfg_dir = TempDir::new().unwrap();
+    let cfg = config_file(cfg_dir.path(), "startup_grace_ms = 5000\n");
+    let mut f = Fleet::start(3, &["--config", &cfg]).await;
+    let addr = f.m.addr;
+    create_pool(
+        &f.m,
+        "g",
+        &["node-1", "node-2"],
+        vec![
+            app("g1", &["sleep", "740001"]),
+            app("g2", &["sleep", "740002"]),
+        ],
+    )
+    .await
+    .unwrap();
+    wait_running(&f.m, "g").await;
+    f.m.proc.kill();
+    let (_d2, mut p2) = f.agents.remove("node-2").unwrap();
+    p2.kill();
+    let mdir = f.m.dir.clone();
+    f.m = Manager::start_on(&mdir, addr, &["--config", &cfg]).await;
+    let restarted = std::time::Instant::now();
+    wait_connected(&f.m, "node-1").await;
+    // Within the grace: nobody failed over, although node-2 is gone.
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(restarted.elapsed())).await;
+    let k = kinds(&events_of(&f.m, "g").await);
+    assert!(
+        !k.contains(&pb::EventKind::FailoverStarted),
+        "failed over within the startup grace: {k:?}"
+    );
+    // After it, node-2's slot moves to node-3; node-1 keeps its own.
+    let p = wait_slot_on(&f, "g", 2, "node-3").await;
+    assert!(
+        restarted.elapsed() >= Duration::from_millis(4500),
+        "failed over {:?} after the restart",
+        restarted.elapsed()
+    );
+    assert_eq!(p.members[0].node_id, "node-1");
+}
