@@ -214,7 +214,10 @@ impl ManagerConfig {
             ));
         }
         if !(1..=100).contains(&self.failover_pause_percent) {
-            return Err(invalid("failover_pause_percent", "must be between 1 and 100"));
+            return Err(invalid(
+                "failover_pause_percent",
+                "must be between 1 and 100",
+            ));
         }
         if self.failover_pause_min_members == 0 {
             return Err(invalid("failover_pause_min_members", "must be at least 1"));

@@ -570,8 +570,7 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
     let recheck = Duration::from_millis(u64::from(cfg.peer_recheck_ms));
     let mut observed_from = Instant::now();
     let mut last_round = Instant::now();
-    let startup_until =
-        failover.started + Duration::from_millis(u64::from(cfg.startup_grace_ms));
+    let startup_until = failover.started + Duration::from_millis(u64::from(cfg.startup_grace_ms));
     // Keyed by node id: the members under suspicion, what was decided
     // about them, and those being decided.
     let mut suspects: HashSet<String> = HashSet::new();
@@ -753,9 +752,8 @@ impl Decision {
             let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
             if self.failover.control.health(&node).is_ok_and(|h| {
                 h.connected
-                    && h.last_seen.is_some_and(|t| {
-                        t >= asked || now.saturating_duration_since(t) < recent
-                    })
+                    && h.last_seen
+                        .is_some_and(|t| t >= asked || now.saturating_duration_since(t) < recent)
             }) {
                 return Verdict::Answered;
             }

@@ -158,7 +158,10 @@ async fn a_manager_cut_off_from_every_agent_fails_nobody_over() {
         }
     })
     .await;
-    assert!(same.is_ok(), "placements {last:?}, before the cut {before:?}");
+    assert!(
+        same.is_ok(),
+        "placements {last:?}, before the cut {before:?}"
+    );
     assert_eq!(site.failovers().await, 0);
     assert!(
         watch.worst().values().all(|n| *n <= 1),

@@ -400,9 +400,14 @@ async fn many_members_silent_at_once_pause_failovers() {
         "failover_pause_percent = 50\nfailover_pause_min_members = 2\n",
     );
     let mut f = Fleet::start(5, &["--config", &cfg]).await;
-    create_pool(&f.m, "p", &["node-1", "node-2", "node-3"], six_apps(730_000))
-        .await
-        .unwrap();
+    create_pool(
+        &f.m,
+        "p",
+        &["node-1", "node-2", "node-3"],
+        six_apps(730_000),
+    )
+    .await
+    .unwrap();
     wait_running(&f.m, "p").await;
     let (dir2, mut p2) = f.agents.remove("node-2").unwrap();
     let (_dir3, mut p3) = f.agents.remove("node-3").unwrap();
