@@ -121,7 +121,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut result = started.await;
     let mut demo = false;
     if result.is_ok() && !args.no_demo {
-        match create_demo_pool(&manager, &tenant, args.agents) {
+        // Signs certificates and commits: blocking work, off the runtime.
+        let (m, t, n) = (manager.clone(), tenant.clone(), args.agents);
+        let made = tokio::task::spawn_blocking(move || create_demo_pool(&m, &t, n))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        match made {
             Ok(Demo::Created) | Ok(Demo::Exists) => demo = true,
             Ok(Demo::Skipped(why)) => println!("no demo pool: {why}"),
             Err(e) => result = Err(e),

@@ -91,14 +91,13 @@ pub fn has_failed(since: Instant, grace: Duration, now: Instant) -> bool {
     now.saturating_duration_since(since) >= grace
 }
 
-/// A node that could take over a slot.
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    pub node_id: String,
+/// A node that could take over a slot, as the registry has it.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    pub node_id: &'a str,
     pub free: bool,
-    pub connected: bool,
     pub capacity: Resources,
-    pub labels: BTreeMap<String, String>,
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 fn fits(need: Resources, cap: Resources) -> bool {
@@ -108,19 +107,24 @@ fn fits(need: Resources, cap: Resources) -> bool {
         && need.network_mbps <= cap.network_mbps
 }
 
-/// The spare for a group needing `need`: a FREE, connected node carrying
-/// every label in `selector` with room for the whole group. Ties go to the
-/// lowest node id, so the choice is deterministic.
+/// The spare for a group needing `need`: a FREE node carrying every label
+/// in `selector`, with room for the whole group, that is `connected`.
+/// `candidates` come in node id order (the registry's), so the first fit
+/// is the lowest id and the choice is deterministic; the walk stops there,
+/// so it costs the nodes before the spare, not the fleet (and `connected`
+/// is asked only of nodes that fit).
 pub fn select_spare<'a>(
-    candidates: &'a [Candidate],
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
     need: Resources,
     selector: &BTreeMap<String, String>,
-) -> Option<&'a Candidate> {
+    connected: impl Fn(&str) -> bool,
+) -> Option<&'a str> {
     candidates
-        .iter()
-        .filter(|c| c.free && c.connected && fits(need, c.capacity))
+        .into_iter()
+        .filter(|c| c.free && fits(need, c.capacity))
         .filter(|c| selector.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
-        .min_by(|a, b| a.node_id.cmp(&b.node_id))
+        .find(|c| connected(c.node_id))
+        .map(|c| c.node_id)
 }
 
 /// What `fail_over` did.
@@ -369,22 +373,20 @@ impl Failover {
                 network_mbps: acc.network_mbps + a.resources.network_mbps,
                 disk_io_kbps: acc.disk_io_kbps + a.resources.disk_io_kbps,
             });
-            let candidates: Vec<Candidate> = r
+            // The tenant's nodes in id order; only free ones can be spares.
+            let candidates = r
                 .nodes
                 .values()
-                // Only free nodes can be spares: the others cost nothing
-                // more than the look at their state.
-                .filter(|n| n.tenant == tenant && n.state == NodeState::Free)
+                .filter(|n| n.tenant == tenant)
                 .map(|n| Candidate {
-                    node_id: n.node_id.clone(),
-                    free: true,
-                    connected: self.control.health(&n.node_id).is_ok_and(|h| h.connected),
+                    node_id: &n.node_id,
+                    free: n.state == NodeState::Free,
                     capacity: n.capacity,
-                    labels: n.labels.clone(),
-                })
-                .collect();
+                    labels: &n.labels,
+                });
+            let connected = |id: &str| self.control.health(id).is_ok_and(|h| h.connected);
             let now = now_ms();
-            let Some(target) = select_spare(&candidates, need, &p.spare_labels).map(|c| c.node_id.clone()) else {
+            let Some(target) = select_spare(candidates, need, &p.spare_labels, connected).map(str::to_string) else {
                 let p = r.pools.get_mut(&key).ok_or(ManagerError::Poisoned)?;
                 if !p.degraded.insert(slot) {
                     return Ok(Outcome::Degraded);
@@ -922,11 +924,22 @@ mod tests {
         assert!(!has_failed(since, GRACE, t0 + ms(50_900)));
     }
 
-    fn cand(id: &str, free: bool, connected: bool, cpu: u64, labels: &[(&str, &str)]) -> Candidate {
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn cand<'a>(
+        id: &'a str,
+        free: bool,
+        cpu: u64,
+        labels: &'a BTreeMap<String, String>,
+    ) -> Candidate<'a> {
         Candidate {
-            node_id: id.into(),
+            node_id: id,
             free,
-            connected,
             capacity: Resources {
                 cpu_millis: cpu,
                 memory_mb: 1000,
@@ -934,10 +947,7 @@ mod tests {
                 network_mbps: 100,
                 disk_io_kbps: 0,
             },
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels,
         }
     }
 
@@ -947,24 +957,28 @@ mod tests {
             cpu_millis: 500,
             ..Resources::default()
         };
-        let c = vec![
-            cand("n5", true, true, 2000, &[("zone", "a")]),
-            cand("n1", false, true, 2000, &[("zone", "a")]),
-            cand("n2", true, false, 2000, &[("zone", "a")]),
-            cand("n3", true, true, 100, &[("zone", "a")]),
-            cand("n4", true, true, 2000, &[("zone", "b")]),
+        let (a, b) = (labels(&[("zone", "a")]), labels(&[("zone", "b")]));
+        // In node id order, as the registry walks them.
+        let c = [
+            cand("n1", false, 2000, &a),
+            cand("n2", true, 2000, &a),
+            cand("n3", true, 100, &a),
+            cand("n4", true, 2000, &b),
+            cand("n5", true, 2000, &a),
+            cand("n6", true, 2000, &b),
         ];
+        let connected = |id: &str| id != "n2";
         let none = BTreeMap::new();
-        assert_eq!(
-            select_spare(&c, need, &none).map(|c| c.node_id.as_str()),
-            Some("n4")
-        );
-        let zone_a: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
-        assert_eq!(
-            select_spare(&c, need, &zone_a).map(|c| c.node_id.as_str()),
-            Some("n5")
-        );
-        let zone_c: BTreeMap<String, String> = [("zone".to_string(), "c".to_string())].into();
-        assert!(select_spare(&c, need, &zone_c).is_none());
+        assert_eq!(select_spare(c, need, &none, connected), Some("n4"));
+        assert_eq!(select_spare(c, need, &a, connected), Some("n5"));
+        assert!(select_spare(c, need, &labels(&[("zone", "c")]), connected).is_none());
+        // The walk stops at the spare: nodes after it are never looked at.
+        let asked = std::cell::RefCell::new(Vec::new());
+        let spy = |id: &str| {
+            asked.borrow_mut().push(id.to_string());
+            id != "n2"
+        };
+        assert_eq!(select_spare(c, need, &none, spy), Some("n4"));
+        assert_eq!(*asked.borrow(), ["n2", "n4"]);
     }
 }
