@@ -11,7 +11,7 @@
 //! M free nodes; measure for `--seconds` (the manager's RSS, both
 //! processes' CPU, and the latency of a tenant client calling GetPool,
 //! GetNode and ListNodes with page_size 100); then fail slot 2's node of
-//! one pool (three times, median: `failover_1_ms`) and of min(100, P)
+//! one pool (five times, median: `failover_1_ms`) and of min(100, P)
 //! pools at once (`failover_100_p99_ms`) by freezing it over the swarm's
 //! control socket (its sockets stay open, nothing passes), timed until the
 //! pool's FAILOVER_DONE arrives on WatchEvents; finally SIGKILL the
@@ -164,7 +164,7 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
     let socket = swarm_dir.join("control.sock");
     let mut events = measure::watch_failovers(&m).await?;
     let mut singles = Vec::new();
-    for i in 0..3 {
+    for i in 0..5 {
         let pool = &names[i % names.len()];
         let t = measure::failover(&m, &socket, &mut events, std::slice::from_ref(pool)).await?;
         singles.extend(t);
