@@ -16,6 +16,12 @@
 //! - *Cut*: every read and write fails at once with `ConnectionReset` (the
 //!   connection closes), new dials are refused and accepted connections
 //!   are dropped.
+//!
+//! A gate can also carry a limit on the TLS handshakes its owner's dials
+//! run at once, shared between gates (`Gate::limited`): ten thousand virtual
+//! agents reconnecting together would otherwise run ten thousand client
+//! handshakes on two threads, and the agents already connected would wait
+//! seconds for their turn, which a real agent on its own machine never does.
 
 use std::collections::HashMap;
 use std::io;
@@ -45,6 +51,8 @@ pub struct Gate {
 struct Inner {
     next_id: AtomicU64,
     shared: Mutex<Shared>,
+    /// Handshakes of outgoing connections at once (shared; None: no limit).
+    dials: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +66,22 @@ struct Shared {
 impl Gate {
     pub fn new() -> Self {
         Gate::default()
+    }
+
+    /// A gate whose dials (TCP connect and TLS handshake) take a permit of
+    /// `dials` first and hold it until the handshake ends.
+    pub fn limited(dials: Arc<tokio::sync::Semaphore>) -> Self {
+        Gate {
+            inner: Arc::new(Inner {
+                dials: Some(dials),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Waits for a dial permit (None at once when the gate has no limit).
+    pub async fn dial_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.dials.clone()?.acquire_owned().await.ok()
     }
 
     pub fn state(&self) -> GateState {

@@ -463,6 +463,11 @@ pub fn channel_from(
                         "connection cut (gate)",
                     ));
                 }
+                // Held until the handshake ends (a limited gate only).
+                let _dial = match &gate {
+                    Some(g) => g.dial_permit().await,
+                    None => None,
+                };
                 let tcp = match source {
                     None => TcpStream::connect(authority).await?,
                     Some(ip) => connect_from(ip, &authority).await?,

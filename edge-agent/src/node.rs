@@ -82,6 +82,10 @@ pub struct Shared {
     peer_tls: RwLock<Arc<rustls::ServerConfig>>,
     peers: Mutex<Vec<PeerStatus>>,
     applied: Mutex<Option<pb::Assignment>>,
+    /// The bytes of `assignment.pb` as last written or read: the manager
+    /// sends the whole assignment again on every stream, and an unchanged
+    /// one is not written (and fsynced) again.
+    saved: Mutex<Option<Vec<u8>>>,
     gates: Mutex<Gates>,
     offload: Mutex<OffloadState>,
     offload_settings: Settings,
@@ -154,6 +158,7 @@ impl Shared {
             peer_tls: RwLock::new(Arc::new(peer_tls)),
             peers: Mutex::new(Vec::new()),
             applied: Mutex::new(None),
+            saved: Mutex::new(None),
             gates: Mutex::new(Gates::default()),
             offload: Mutex::new(offload),
             offload_settings: Settings::default(),
@@ -319,7 +324,13 @@ impl Shared {
     /// Changes the offload state and saves it.
     pub fn update_offload(&self, f: impl FnOnce(&mut OffloadState)) {
         let mut s = lock(&self.offload);
+        let before = s.clone();
         f(&mut s);
+        // Most updates change nothing (every assignment prunes the state
+        // to its members): only a change is written, and fsynced.
+        if *s == before {
+            return;
+        }
         if let Err(e) = s.save(&self.data.dir) {
             tracing::warn!(error = %e, "could not save the offload state");
         }
@@ -385,7 +396,10 @@ impl Shared {
     pub fn load_saved(&self) -> Option<pb::Assignment> {
         let bytes = std::fs::read(self.assignment_path()).ok()?;
         match pb::Assignment::decode(bytes.as_slice()) {
-            Ok(a) => Some(a),
+            Ok(a) => {
+                *lock(&self.saved) = Some(bytes);
+                Some(a)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "ignoring an unreadable saved assignment");
                 None
@@ -408,8 +422,13 @@ impl Shared {
             .ok_or_else(|| ApplyError::Membership(MembershipError::WrongKey))?;
         let membership = Membership::from_assignment(&a, &self.info, node_cert)?;
         if source == Source::Manager {
-            edgepool_common::fsutil::write_private(&self.assignment_path(), &a.encode_to_vec())
-                .map_err(ApplyError::Save)?;
+            let bytes = a.encode_to_vec();
+            let mut saved = lock(&self.saved);
+            if saved.as_deref() != Some(bytes.as_slice()) {
+                edgepool_common::fsutil::write_private(&self.assignment_path(), &bytes)
+                    .map_err(ApplyError::Save)?;
+                *saved = Some(bytes);
+            }
         }
         lock(&self.gates).held = source == Source::Saved && membership.is_some();
         let chain = match &membership {

@@ -43,6 +43,9 @@ pub struct Settings {
     pub force_enroll: bool,
     pub capacity: Capacity,
     pub app_usage: AppUsage,
+    /// TLS handshakes the virtual agents' dials run at once, all agents
+    /// together (0: no limit); see `edgepool_common::gate`.
+    pub max_dials: usize,
     /// The agent config every virtual agent starts from (intervals,
     /// timeouts); data dir, manager and peer address are set per agent.
     pub agent: AgentConfig,
@@ -145,10 +148,22 @@ pub struct Fleet {
     tokens: Arc<Tokens>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Shared by every gate (`Settings::max_dials`).
+    dials: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// A gate under the fleet's dial limit, if it has one.
+fn gate(dials: &Option<Arc<tokio::sync::Semaphore>>) -> Gate {
+    match dials {
+        Some(d) => Gate::limited(d.clone()),
+        None => Gate::new(),
+    }
 }
 
 impl Fleet {
     pub fn new(n: usize, settings: Settings, tokens: Tokens, shutdown: CancellationToken) -> Fleet {
+        let dials = (settings.max_dials > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(settings.max_dials)));
         let agents: Vec<Arc<Virtual>> = (0..n)
             .map(|i| {
                 Arc::new(Virtual {
@@ -157,8 +172,8 @@ impl Fleet {
                     dir: settings.data_dir.join("agents").join(format!("{i:05}")),
                     state: Mutex::new(State {
                         phase: Phase::Waiting,
-                        uplink_gate: Gate::new(),
-                        peer_gate: Gate::new(),
+                        uplink_gate: gate(&dials),
+                        peer_gate: gate(&dials),
                         frozen: false,
                         disconnected: false,
                         stop: shutdown.child_token(),
@@ -176,6 +191,7 @@ impl Fleet {
             tokens: Arc::new(tokens),
             tracker: TaskTracker::new(),
             shutdown,
+            dials,
         }
     }
 
@@ -203,8 +219,8 @@ impl Fleet {
             s.error = None;
             s.link = None;
             s.stop = self.shutdown.child_token();
-            s.uplink_gate = Gate::new();
-            s.peer_gate = Gate::new();
+            s.uplink_gate = gate(&self.dials);
+            s.peer_gate = gate(&self.dials);
             Virtual::apply_gates(&s);
             s.stop.clone()
         };

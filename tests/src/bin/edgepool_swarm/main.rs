@@ -126,6 +126,12 @@ struct Args {
     /// How often the status line goes to stderr (0 = never).
     #[arg(long, default_value_t = 5000)]
     status_interval_ms: u64,
+    /// TLS handshakes the virtual agents' outgoing connections run at once,
+    /// all agents together (0: no limit). Others wait their turn (inside
+    /// their connect timeout), so agents already connected keep their
+    /// cadence while the rest of the fleet reconnects.
+    #[arg(long, default_value_t = 64)]
+    max_dials: usize,
     /// Worker threads of the one tokio runtime (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -217,11 +223,19 @@ async fn report(fleet: Arc<Fleet>, every: Duration, stop: CancellationToken) {
     let started = Instant::now();
     let mut all_seen = false;
     let mut last = Instant::now();
+    // How late this task wakes up: the runtime's scheduling lag. A swarm
+    // that lags seconds answers its manager and its peers late, whatever
+    // the manager does, and its figures say more about this machine than
+    // about the manager.
+    let tick = Duration::from_millis(200);
+    let mut max_lag = Duration::ZERO;
     loop {
+        let slept = Instant::now();
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(tick) => {}
         }
+        max_lag = max_lag.max(slept.elapsed().saturating_sub(tick));
         if !all_seen && fleet.connected() == fleet.agents.len() {
             all_seen = true;
             eprintln!(
@@ -232,7 +246,12 @@ async fn report(fleet: Arc<Fleet>, every: Duration, stop: CancellationToken) {
         }
         if !every.is_zero() && last.elapsed() >= every {
             last = Instant::now();
-            eprintln!("swarm: {}", fleet.status_line());
+            eprintln!(
+                "swarm: {} lag_max_ms={}",
+                fleet.status_line(),
+                max_lag.as_millis()
+            );
+            max_lag = Duration::ZERO;
         }
     }
 }
@@ -280,6 +299,7 @@ fn settings(args: &Args) -> anyhow::Result<Settings> {
             memory_mb: args.app_memory_mb,
             ..AppUsage::default()
         },
+        max_dials: args.max_dials,
         agent,
     })
 }
