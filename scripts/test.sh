@@ -31,13 +31,16 @@ as_root() {
     echo "need root to run: $*" >&2; return 1; fi
 }
 
-# Debian packages the tests use: pkill (procps), openssl.
+# Debian packages the tests use: pkill (procps), openssl, etcd.
 missing=()
 command -v pkill >/dev/null || missing+=(procps)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 # libfaketime: the wall-clock jump test moves the manager's clock with it.
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
+# etcd: the manager's etcd store is tested against a real server (each test
+# starts its own on free loopback ports).
+command -v etcd >/dev/null || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use edgepool_common::logging::LogFormat;
 
-use crate::config::ManagerConfig;
+use crate::config::{ManagerConfig, StoreKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the manager daemon (creates the CA in the data dir on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the root CA, the server certificate and the first tenant
     /// client bundle (tenant.pem, tenant.key) in a directory.
     Init(InitArgs),
@@ -127,6 +127,31 @@ pub struct ServeArgs {
     /// Retry hint sent with that RESOURCE_EXHAUSTED (ms).
     #[arg(long, env = "EDGEPOOL_STREAM_OPEN_RETRY_MS")]
     pub stream_open_retry_ms: Option<u32>,
+    /// Where the registry is kept: redb (state.redb in the data dir) or
+    /// etcd (--etcd-endpoints).
+    #[arg(long, env = "EDGEPOOL_STORE")]
+    pub store: Option<StoreKind>,
+    /// etcd endpoints, comma-separated (http://HOST:2379 or https://...).
+    #[arg(long, env = "EDGEPOOL_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this manager's records in etcd (default /edgepool).
+    #[arg(long, env = "EDGEPOOL_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long, env = "EDGEPOOL_ETCD_CA_CERT")]
+    pub etcd_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --etcd-key.
+    #[arg(long, env = "EDGEPOOL_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "EDGEPOOL_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// TTL of the etcd lease by which this manager holds its prefix (s).
+    #[arg(long, env = "EDGEPOOL_ETCD_LEASE_TTL_SECONDS")]
+    pub etcd_lease_ttl_seconds: Option<u32>,
+    /// Operations per etcd transaction at most (etcd's --max-txn-ops).
+    #[arg(long, env = "EDGEPOOL_ETCD_MAX_TXN_OPS")]
+    pub etcd_max_txn_ops: Option<u32>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -188,6 +213,8 @@ impl ServeArgs {
                 &mut c.max_concurrent_stream_opens,
             ),
             (self.stream_open_retry_ms, &mut c.stream_open_retry_ms),
+            (self.etcd_lease_ttl_seconds, &mut c.etcd_lease_ttl_seconds),
+            (self.etcd_max_txn_ops, &mut c.etcd_max_txn_ops),
         ] {
             if let Some(v) = flag {
                 *field = v;
@@ -195,6 +222,24 @@ impl ServeArgs {
         }
         if let Some(v) = self.peer_confirmation {
             c.peer_confirmation = v;
+        }
+        if let Some(v) = self.store {
+            c.store = v;
+        }
+        if !self.etcd_endpoints.is_empty() {
+            c.etcd_endpoints = self.etcd_endpoints.clone();
+        }
+        if let Some(v) = &self.etcd_prefix {
+            c.etcd_prefix = v.clone();
+        }
+        for (flag, field) in [
+            (&self.etcd_ca_cert, &mut c.etcd_ca_cert),
+            (&self.etcd_cert, &mut c.etcd_cert),
+            (&self.etcd_key, &mut c.etcd_key),
+        ] {
+            if flag.is_some() {
+                *field = flag.clone();
+            }
         }
         if let Some(v) = self.log_format {
             c.log_format = v;

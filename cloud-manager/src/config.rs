@@ -112,8 +112,45 @@ pub struct ManagerConfig {
     /// The retry hint of that RESOURCE_EXHAUSTED (agents wait this long
     /// plus a random part of up to as long again). Default 1000.
     pub stream_open_retry_ms: u32,
+    /// Where the registry is kept: `redb` (the embedded `state.redb` in
+    /// the data dir; one manager) or `etcd` (every record in etcd under
+    /// `etcd_prefix`). Default `redb`.
+    pub store: StoreKind,
+    /// etcd endpoints (`http://host:port` or `https://host:port`) when
+    /// `store = "etcd"`. Default none.
+    pub etcd_endpoints: Vec<String>,
+    /// Every key this manager keeps in etcd starts with this. Default
+    /// `/edgepool`.
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of etcd's server certificate (https
+    /// endpoints). Default none: the system's roots are not used; give it.
+    pub etcd_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`, with
+    /// `etcd_key`. Default none.
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of `etcd_cert`. Default none.
+    pub etcd_key: Option<PathBuf>,
+    /// TTL of the lease by which this manager holds `etcd_prefix`: a
+    /// manager cut off from etcd for this long can no longer write, and
+    /// another can take over after it. Default 10.
+    pub etcd_lease_ttl_seconds: u32,
+    /// Operations one etcd transaction may carry: etcd's own
+    /// `--max-txn-ops` (128 unless the etcd server was started with
+    /// another value). Default 128.
+    pub etcd_max_txn_ops: u32,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
+}
+
+/// The registry's storage backend (`store`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `state.redb` in the data dir.
+    #[default]
+    Redb,
+    /// An etcd cluster (`etcd_endpoints`).
+    Etcd,
 }
 
 impl Default for ManagerConfig {
@@ -146,6 +183,14 @@ impl Default for ManagerConfig {
             handshake_timeout_ms: 10_000,
             max_concurrent_stream_opens: 64,
             stream_open_retry_ms: 1000,
+            store: StoreKind::Redb,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/edgepool".into(),
+            etcd_ca_cert: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_lease_ttl_seconds: 10,
+            etcd_max_txn_ops: 128,
             log_format: LogFormat::Plain,
         }
     }
@@ -261,6 +306,40 @@ impl ManagerConfig {
                     &format!("must be between 1 and {MAX_CONCURRENT_OPENS}"),
                 ));
             }
+        }
+        if self.store == StoreKind::Etcd {
+            if self.etcd_endpoints.is_empty() {
+                return Err(invalid(
+                    "etcd_endpoints",
+                    "store = \"etcd\" needs at least one endpoint (--etcd-endpoints http://HOST:2379)",
+                ));
+            }
+            for e in &self.etcd_endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(invalid(
+                        "etcd_endpoints",
+                        &format!("{e:?} must start with http:// or https://"),
+                    ));
+                }
+            }
+            if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+                return Err(invalid("etcd_cert", "etcd_cert and etcd_key go together"));
+            }
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.len() < 2 {
+            return Err(invalid(
+                "etcd_prefix",
+                "must start with / and name something (e.g. /edgepool)",
+            ));
+        }
+        if !(2..=3600).contains(&self.etcd_lease_ttl_seconds) {
+            return Err(invalid(
+                "etcd_lease_ttl_seconds",
+                "must be between 2 and 3600",
+            ));
+        }
+        if !(8..=100_000).contains(&self.etcd_max_txn_ops) {
+            return Err(invalid("etcd_max_txn_ops", "must be between 8 and 100000"));
         }
         if !(1..=MAX_EVENTS_PER_TENANT).contains(&self.events_per_tenant) {
             return Err(invalid(

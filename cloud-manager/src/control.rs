@@ -10,7 +10,7 @@
 //! only the sending node's own `LiveNode`, found once when its stream opens.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use tokio::sync::broadcast;
 
@@ -58,7 +58,8 @@ pub struct Control {
     durable: Arc<Durable>,
     live: RwLock<LiveMap>,
     /// Declared last: dropping the core stops the writer after the rest.
-    _writer: Writer,
+    /// `stop_writer` stops it earlier (a graceful shutdown).
+    writer: Mutex<Option<Writer>>,
 }
 
 impl Control {
@@ -75,7 +76,7 @@ impl Control {
             config,
             ca,
             durable,
-            _writer: writer,
+            writer: Mutex::new(Some(writer)),
             live: RwLock::new(HashMap::new()),
         })
     }
@@ -172,6 +173,14 @@ impl Control {
             .get(node_id)
             .map(|l| l.health())
             .unwrap_or_default())
+    }
+
+    /// Finishes the changes already handed to the store writer and stops
+    /// it, closing the store (an etcd store gives its prefix back at once).
+    /// Changes made afterwards fail. For the end of a graceful shutdown.
+    pub(crate) fn stop_writer(&self) {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(writer);
     }
 
     /// The node's live handle, made on first use.

@@ -16,9 +16,10 @@ use tokio_util::task::TaskTracker;
 use crate::agent_api::AgentApi;
 use crate::api::TenantApi;
 use crate::ca::{self, Ca, CaFiles};
-use crate::config::ManagerConfig;
+use crate::config::{ManagerConfig, StoreKind};
+use crate::etcd_store::{EtcdOptions, EtcdStore};
 use crate::manager::Manager;
-use crate::store::RedbStore;
+use crate::store::{RedbStore, Store};
 
 /// How long a graceful shutdown waits for connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -46,7 +47,7 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let local_addr = listener.local_addr()?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let store = RedbStore::open(&dir)?;
+    let store = open_store(&config).await?;
     let files = CaFiles::new(&dir);
     if !files.ca_cert().exists() {
         let report = ca::init(
@@ -67,12 +68,39 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let key = tls::read_key(&files.server_key())?;
     let roots = tls::roots(&tls::certs_from_pem(ca.cert_pem(), "ca.pem")?)?;
     let tls_config = tls::server_config(chain, key, tls::ClientAuth::Optional(roots))?;
-    let manager = Arc::new(Manager::new(config, ca, Box::new(store))?);
+    let manager = Arc::new(Manager::new(config, ca, store)?);
     Ok(ManagerServer {
         manager,
         listener,
         local_addr,
         tls: Arc::new(tls_config),
+    })
+}
+
+/// The store the config names: `state.redb` in the data dir, or etcd.
+async fn open_store(config: &ManagerConfig) -> anyhow::Result<Box<dyn Store>> {
+    Ok(match config.store {
+        StoreKind::Redb => Box::new(RedbStore::open(&config.data_dir)?),
+        StoreKind::Etcd => {
+            let options = EtcdOptions {
+                endpoints: config.etcd_endpoints.clone(),
+                prefix: config.etcd_prefix.clone(),
+                ca_cert: config.etcd_ca_cert.clone(),
+                cert: config.etcd_cert.clone(),
+                key: config.etcd_key.clone(),
+                lease_ttl_seconds: config.etcd_lease_ttl_seconds,
+                max_txn_ops: config.etcd_max_txn_ops,
+                data_dir: config.data_dir.clone(),
+            };
+            // Connecting blocks (the client has its own runtime).
+            let store = tokio::task::spawn_blocking(move || EtcdStore::open(&options)).await??;
+            tracing::info!(
+                endpoints = %config.etcd_endpoints.join(","),
+                prefix = %config.etcd_prefix,
+                "state kept in etcd"
+            );
+            Box::new(store)
+        }
     })
 }
 
@@ -146,6 +174,10 @@ impl ManagerServer {
         }
         tracker.close();
         let _ = tokio::time::timeout(drain.min(Duration::from_secs(1)), tracker.wait()).await;
+        // The store closes now, not whenever the last reference goes (an
+        // etcd store gives its prefix back to the next manager at once).
+        let control = self.manager.clone();
+        let _ = tokio::task::spawn_blocking(move || control.control().stop_writer()).await;
         tracing::info!("manager stopped");
         Ok(())
     }

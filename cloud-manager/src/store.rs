@@ -42,10 +42,16 @@ pub trait Store: Send + Sync + 'static {
     /// Durably applies `changes`, in order, in one transaction: all of
     /// them or none.
     fn commit(&self, changes: &[&WriteSet]) -> Result<(), StoreError>;
+    /// Rows one `commit` may carry (the writer batches changes up to it;
+    /// a single larger change is still handed over, for the store to
+    /// refuse with its reason).
+    fn max_batch_rows(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Key and encoded row (`None`: removed) of one table.
-type Rows = Vec<(String, Option<Vec<u8>>)>;
+pub(crate) type Rows = Vec<(String, Option<Vec<u8>>)>;
 
 /// The rows one registry change writes, encoded: built from the keys the
 /// change touched, so its size is the change's, never the fleet's.
@@ -109,6 +115,35 @@ impl WriteSet {
         }
         w.events.sort_by_key(|(seq, _)| *seq);
         Ok(w)
+    }
+
+    /// Key and new row (`None`: removed) per table: tokens, nodes, pools.
+    pub(crate) fn tables(&self) -> [(&'static str, &Rows); 3] {
+        [
+            ("tokens", &self.tokens),
+            ("nodes", &self.nodes),
+            ("pools", &self.pools),
+        ]
+    }
+
+    /// Events recorded by the change (seq, encoded).
+    pub(crate) fn events(&self) -> &[(u64, Vec<u8>)] {
+        &self.events
+    }
+
+    /// Seqs of events the change pushed out of their tenant's ring.
+    pub(crate) fn events_removed(&self) -> &[u64] {
+        &self.events_removed
+    }
+
+    /// Tenants whose newest dropped seq moved, and to what.
+    pub(crate) fn dropped(&self) -> &[(String, u64)] {
+        &self.dropped
+    }
+
+    /// The event counter after the change.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// How many rows it writes or removes (besides the seq counter).

@@ -244,11 +244,30 @@ impl Durable {
 }
 
 fn write_loop(durable: &Durable, store: &dyn Store, jobs: &std_mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
+    let max_rows = store.max_batch_rows();
+    // A change that did not fit the last batch: it leads the next one.
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        // Up to MAX_BATCH changes and the store's row limit.
+        let mut rows = first.writes.rows();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(j) => batch.push(j),
+                Ok(j) if rows.saturating_add(j.writes.rows()) > max_rows => {
+                    carried = Some(j);
+                    break;
+                }
+                Ok(j) => {
+                    rows += j.writes.rows();
+                    batch.push(j);
+                }
                 Err(_) => break,
             }
         }
@@ -401,6 +420,50 @@ mod tests {
         drop(w);
         let commits = commits.lock().unwrap();
         assert_eq!(commits.iter().sum::<usize>(), 400);
+    }
+
+    /// A store that takes at most 5 rows per commit and says what it got.
+    #[derive(Default)]
+    struct Small {
+        rows: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Store for Small {
+        fn load(&self) -> Result<Registry, StoreError> {
+            Ok(Registry::default())
+        }
+        fn commit(&self, changes: &[&WriteSet]) -> Result<(), StoreError> {
+            let rows = changes.iter().map(|w| w.rows()).sum();
+            self.rows.lock().unwrap().push(rows);
+            Ok(())
+        }
+        fn max_batch_rows(&self) -> usize {
+            5
+        }
+    }
+
+    #[test]
+    fn batches_stay_within_the_store_row_limit_and_lose_nothing() {
+        let store = Small::default();
+        let rows = store.rows.clone();
+        let (tx, _) = broadcast::channel(1024);
+        let (d, w) = Durable::start(Registry::default(), Box::new(store), tx).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let d = &d;
+                s.spawn(move || {
+                    for i in 0..40 {
+                        // Two rows each: the token and the event.
+                        add(d, &format!("ept_{t}_{i}")).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(d.current().tokens.len(), 160);
+        drop(w);
+        let rows = rows.lock().unwrap();
+        assert_eq!(rows.iter().sum::<usize>(), 320);
+        assert!(rows.iter().all(|&r| r <= 5), "{rows:?}");
     }
 
     fn node(i: usize) -> crate::registry::NodeRecord {

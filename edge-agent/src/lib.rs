@@ -59,6 +59,8 @@ pub struct Agent {
     network_accounting: config::NetworkAccounting,
     reserve: [u64; 5],
     measurer: telemetry::Measurer,
+    /// Asks the measurer for a measurement (and app report) now.
+    measure_now: Arc<tokio::sync::Notify>,
 }
 
 /// The machine under an agent. `Machine::default()` is the real one, what
@@ -173,6 +175,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         .with_peer_gate(machine.peer_gate),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
+    let measure_now = measurements.asker();
     let (state, link) = watch::channel(LinkState::Disconnected);
     let (liveness_tx, liveness) = watch::channel(liveness::Liveness::default());
     let (assign_tx, assignments) = watch::channel(None);
@@ -216,6 +219,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         scheduler_every: Duration::from_millis(config.scheduler_interval_ms),
         network_accounting: config.network_accounting,
         measurer,
+        measure_now,
         reserve: [
             config.reserve.cpu_millis,
             config.reserve.memory_mb,
@@ -276,7 +280,11 @@ impl Agent {
             self.liveness_tx,
             shutdown.clone(),
         ));
-        let applier = tokio::spawn(apply_loop(shared.clone(), self.assignments));
+        let applier = tokio::spawn(apply_loop(
+            shared.clone(),
+            self.assignments,
+            self.measure_now,
+        ));
         let measurer = tokio::spawn(self.measurer.run(shutdown.clone()));
         let scheduler = tokio::spawn(offload::scheduler_loop(
             shared.clone(),
@@ -344,13 +352,29 @@ async fn serve_peers(
 /// Applies the latest assignment from the manager, until the uplink ends.
 /// One that a newer one replaced before it was applied is skipped (each is
 /// the whole desired state); the stream never waits for this.
-async fn apply_loop(shared: Arc<node::Shared>, mut rx: watch::Receiver<Option<pb::Assignment>>) {
+/// Applies each new assignment from the manager. One that differs from the
+/// last one applied is measured and reported at once, not at the next
+/// telemetry tick: a spare that just started a failed member's group says
+/// so right away (the failover is done when the manager hears it).
+async fn apply_loop(
+    shared: Arc<node::Shared>,
+    mut rx: watch::Receiver<Option<pb::Assignment>>,
+    measure_now: Arc<tokio::sync::Notify>,
+) {
+    let mut last: Option<pb::Assignment> = None;
     while rx.changed().await.is_ok() {
         let latest = rx.borrow_and_update().clone();
-        if let Some(a) = latest
-            && let Err(e) = shared.apply(a, node::Source::Manager).await
-        {
-            tracing::warn!(error = %e, "could not apply the assignment");
+        let Some(a) = latest else {
+            continue;
+        };
+        let changed = last.as_ref() != Some(&a);
+        match shared.apply(a.clone(), node::Source::Manager).await {
+            Ok(()) if changed => {
+                last = Some(a);
+                measure_now.notify_one();
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "could not apply the assignment"),
         }
     }
 }

@@ -263,6 +263,12 @@ impl Measurements {
         self.ask.notify_one();
     }
 
+    /// A handle that asks for a measurement from elsewhere (the apply
+    /// worker, once a new assignment has started or stopped apps).
+    pub fn asker(&self) -> Arc<Notify> {
+        self.ask.clone()
+    }
+
     /// The next new measurement (None once the measuring task is gone).
     pub async fn next(&mut self) -> Option<Arc<Measured>> {
         self.latest.changed().await.ok()?;

@@ -8,6 +8,7 @@ mod dev;
 mod docs;
 mod edgectl;
 mod enrollment;
+mod etcd_store;
 mod events;
 mod failover;
 mod grpcurl;

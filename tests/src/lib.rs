@@ -710,3 +710,124 @@ pub async fn wait_event(
     })
     .await
 }
+
+/// A real etcd server (the Debian package `etcd-server`, which
+/// `scripts/test.sh` installs) on 127.0.0.1 with free ports and its own data
+/// dir; killed on drop.
+pub struct Etcd {
+    pub url: String,
+    pub proc: Proc,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Etcd {
+    pub async fn start(dir: &Path) -> Etcd {
+        let (client_port, peer_port) = (free_port(), free_port());
+        let mut etcd = Etcd {
+            url: format!("http://127.0.0.1:{client_port}"),
+            proc: Self::spawn(dir, client_port, peer_port, 0),
+            dir: dir.to_path_buf(),
+            client_port,
+            peer_port,
+        };
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn spawn(dir: &Path, client_port: u16, peer_port: u16, n: usize) -> Proc {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("etcd"));
+        std::fs::create_dir_all(dir).expect("etcd dir");
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut cmd = Command::new(&etcd);
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "warn"]);
+        Proc::spawn("etcd", &mut cmd, &dir.join(format!("etcd-{n}.log")))
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.proc.kill();
+        self.proc = Self::spawn(&self.dir, self.client_port, self.peer_port, 1);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&mut self) {
+        let url = self.url.clone();
+        eventually("etcd to serve", DEADLINE, || {
+            let url = url.clone();
+            async move {
+                let c = etcd_client(&url);
+                c.range(b"/", &[], 1, true).await.ok().map(|_| ())
+            }
+        })
+        .await;
+        if let Ok(Some(status)) = self.proc.child.try_wait() {
+            panic!(
+                "etcd exited ({status}); is the etcd-server package installed? {}",
+                self.proc.log_text()
+            );
+        }
+    }
+
+    pub fn client(&self) -> cloud_manager::etcd::Etcd {
+        etcd_client(&self.url)
+    }
+
+    /// The value of `key`, if it exists.
+    pub async fn value(&self, key: &str) -> Option<Vec<u8>> {
+        let (kvs, _) = self
+            .client()
+            .range(key.as_bytes(), &[], 1, false)
+            .await
+            .expect("etcd range");
+        kvs.into_iter().next().map(|kv| kv.value)
+    }
+
+    /// The keys under `prefix`.
+    pub async fn keys(&self, prefix: &str) -> Vec<String> {
+        self.client()
+            .prefix(prefix, 1000)
+            .await
+            .expect("etcd range")
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect()
+    }
+}
+
+fn etcd_client(url: &str) -> cloud_manager::etcd::Etcd {
+    cloud_manager::etcd::Etcd::connect(&cloud_manager::etcd::Connect {
+        endpoints: vec![url.to_string()],
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .expect("etcd client")
+}

@@ -1,0 +1,505 @@
+//! The etcd backend of `Store` (`store = "etcd"`).
+//!
+//! Every durable record lives in etcd under one key prefix (default
+//! `/edgepool`), as the same JSON rows `RedbStore` keeps:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `PREFIX/tokens/ID` | a join token |
+//! | `PREFIX/nodes/ID` | a node |
+//! | `PREFIX/pools/TENANT/POOL` | a pool (with its CA key and certificates) |
+//! | `PREFIX/events/SEQ` | an event (`SEQ` zero-padded to 20 digits: key order is seq order) |
+//! | `PREFIX/events_dropped/TENANT` | the newest dropped seq of a tenant |
+//! | `PREFIX/meta/next_event_seq`, `PREFIX/meta/events_floor` | counters (decimal) |
+//! | `PREFIX/owner` | which manager writes (bound to its lease) |
+//!
+//! **One writer, fenced.** On open the manager takes `PREFIX/owner` with an
+//! etcd lease (`etcd_lease_ttl_seconds`) that it keeps alive; a second
+//! manager on the same prefix is refused, as a second manager on a redb
+//! file is. The owner key names the host and data dir of its holder, and
+//! the holder keeps an exclusive lock on `DATA_DIR/manager.lock`: a manager
+//! restarted on the same host and data dir (after a crash that left the
+//! key to its lease) knows the old holder is gone, and takes the prefix
+//! over at once instead of waiting out the lease. Every commit is one etcd transaction conditioned on the owner
+//! key still being the one this manager created (its create revision): a
+//! manager whose lease expired (cut off from etcd, or stalled longer than
+//! the TTL) can write nothing, even after another took over. A commit that
+//! fails that condition is reported and leaves the registry as committed.
+//!
+//! **Secrets.** Pool rows hold the pool CA's private key: they are sealed
+//! (`sealing`: ChaCha20-Poly1305, the key in `DATA_DIR/store.key`, never in
+//! etcd) before they are written. `PREFIX/meta/key_check` is a sealed known
+//! value, so a manager with another `store.key` is refused at start instead
+//! of failing on the first pool it reads.
+//!
+//! **Limits.** etcd refuses a transaction with more operations than its
+//! `--max-txn-ops` (128 by default): the writer batches changes up to
+//! `etcd_max_txn_ops` rows (`Store::max_batch_rows`), and a single change
+//! larger than that is refused with an error that says so. Values are
+//! small (a pool with its CA key and member certificates is a few KB).
+//!
+//! The etcd client runs on its own runtime (one thread, `etcd-client`):
+//! `Store` is called from the writer thread and at start-up, and blocks
+//! only the caller.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::etcd::{self, Etcd, TxnRequest};
+
+use crate::registry::Registry;
+use crate::sealing::Sealer;
+use crate::store::{Store, StoreError, WriteSet};
+
+/// How long one etcd request may take before the store gives up on it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rows read per range request while loading.
+const PAGE: i64 = 500;
+/// Tables whose rows are sealed (they hold private keys).
+const SEALED: &[&str] = &["pools"];
+/// The known value sealed in `PREFIX/meta/key_check`.
+const KEY_CHECK: &[u8] = b"edgepool store key";
+
+/// Where etcd is and how to reach it (from the manager's config).
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port`, one or more.
+    pub endpoints: Vec<String>,
+    /// Every key starts with this (no trailing slash).
+    pub prefix: String,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's client-cert auth.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// TTL of the owner lease (seconds).
+    pub lease_ttl_seconds: u32,
+    /// Operations one transaction may carry (etcd's `--max-txn-ops`).
+    pub max_txn_ops: u32,
+    /// The manager's data dir (`manager.lock` is taken there).
+    pub data_dir: PathBuf,
+}
+
+pub struct EtcdStore {
+    rt: tokio::runtime::Runtime,
+    client: Etcd,
+    prefix: String,
+    where_: PathBuf,
+    owner_key: String,
+    /// Create revision of our owner key: the fence of every commit.
+    owner_revision: i64,
+    lease: i64,
+    /// The lease could not be kept alive (for the logs and errors).
+    lost: Arc<AtomicBool>,
+    max_txn_ops: usize,
+    /// Held while the store is open (see the module comment).
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    sealer: Arc<Sealer>,
+}
+
+impl EtcdStore {
+    /// Connects, takes ownership of the prefix and starts keeping the
+    /// lease alive. Blocks the calling thread (never call it on a runtime
+    /// thread: use `spawn_blocking`).
+    pub fn open(options: &EtcdOptions) -> Result<Self, StoreError> {
+        let where_ = PathBuf::from(format!(
+            "etcd {} {}",
+            options.endpoints.join(","),
+            options.prefix
+        ));
+        let backend = |why: String| StoreError::Backend {
+            path: where_.clone(),
+            why,
+        };
+        if options.endpoints.is_empty() {
+            return Err(backend("no etcd endpoint given (--etcd-endpoints)".into()));
+        }
+        let lock_path = options.data_dir.join("manager.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| backend(format!("cannot open {}: {e}", lock_path.display())))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StoreError::Locked {
+                dir: options.data_dir.clone(),
+                path: lock_path.clone(),
+            })?;
+        let sealer = Arc::new(
+            Sealer::load_or_create(&options.data_dir).map_err(|e| backend(e.to_string()))?,
+        );
+        let data_dir =
+            std::fs::canonicalize(&options.data_dir).unwrap_or_else(|_| options.data_dir.clone());
+        // What the owner key says: who holds the prefix, and (the part
+        // before the pid) whether that is an earlier run of this manager.
+        let ours = format!("host {} data dir {}", hostname(), data_dir.display());
+        let me = format!("{ours} pid {}", std::process::id());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| backend(format!("starting the etcd client runtime: {e}")))?;
+        let client = Etcd::connect(&etcd::Connect {
+            endpoints: options.endpoints.clone(),
+            ca_cert: options.ca_cert.clone(),
+            cert: options.cert.clone(),
+            key: options.key.clone(),
+            timeout: REQUEST_TIMEOUT,
+        })
+        .map_err(backend)?;
+        let prefix = options.prefix.trim_end_matches('/').to_string();
+        let owner_key = format!("{prefix}/owner");
+        let ttl = i64::from(options.lease_ttl_seconds.max(2));
+        let key = owner_key.clone();
+        let c = client.clone();
+        let opened = block(&rt, async move {
+            let lease = c
+                .lease_grant(ttl)
+                .await
+                .map_err(|e| format!("cannot reach etcd to take a lease: {e}"))?;
+            // Twice at most: the second try follows the removal of an
+            // earlier run's key.
+            for _ in 0..2 {
+                let resp = c
+                    .txn(TxnRequest {
+                        compare: vec![etcd::created_at(&key, 0)],
+                        success: vec![etcd::put(&key, me.clone().into_bytes(), lease)],
+                        failure: vec![etcd::get(&key)],
+                    })
+                    .await
+                    .map_err(|e| format!("cannot take the prefix: {e}"))?;
+                if resp.succeeded {
+                    return Ok((lease, etcd::revision(&resp)));
+                }
+                let holder = etcd::ranged(&resp)
+                    .next()
+                    .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                    .unwrap_or_default();
+                let earlier_run = holder
+                    .strip_prefix(ours.as_str())
+                    .is_some_and(|rest| rest.starts_with(" pid "));
+                if !earlier_run {
+                    let _ = c.lease_revoke(lease).await;
+                    return Err(format!(
+                        "another manager holds this prefix ({holder}); stop it first or give this one another --etcd-prefix (its hold ends {ttl} s after it stops)"
+                    ));
+                }
+                // An earlier run of this manager (we hold its data dir's
+                // lock, so it is gone): its key goes, if it is still that.
+                tracing::info!(%holder, "taking the etcd prefix over from an earlier run");
+                c.txn(TxnRequest {
+                    compare: vec![etcd::value_is(&key, holder.as_bytes())],
+                    success: vec![etcd::delete(&key)],
+                    failure: vec![],
+                })
+                .await
+                .map_err(|e| format!("cannot take the prefix over: {e}"))?;
+            }
+            let _ = c.lease_revoke(lease).await;
+            Err("the prefix changed hands while it was being taken; try again".into())
+        })
+        .map_err(backend)?;
+        let (lease, owner_revision) = opened;
+        check_key(&rt, &client, &prefix, &owner_key, owner_revision, &sealer).map_err(backend)?;
+        let lost = Arc::new(AtomicBool::new(false));
+        rt.spawn(keep_alive(
+            client.clone(),
+            lease,
+            Duration::from_secs(ttl as u64),
+            lost.clone(),
+        ));
+        Ok(EtcdStore {
+            rt,
+            client,
+            prefix,
+            where_,
+            owner_key,
+            owner_revision,
+            lease,
+            lost,
+            max_txn_ops: options.max_txn_ops.max(2) as usize,
+            _lock: lock,
+            sealer,
+        })
+    }
+
+    fn backend(&self, why: impl std::fmt::Display) -> StoreError {
+        StoreError::Backend {
+            path: self.where_.clone(),
+            why: why.to_string(),
+        }
+    }
+
+    fn corrupt(&self, why: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            path: self.where_.clone(),
+            why: why.to_string(),
+        }
+    }
+
+    /// Every row under `PREFIX/table/`, in key order (paged).
+    fn rows(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let start = format!("{}/{table}/", self.prefix);
+        let client = self.client.clone();
+        let from = start.clone();
+        let kvs = block(&self.rt, async move { client.prefix(&from, PAGE).await })
+            .map_err(|e| self.backend(e))?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key);
+                let id = key.strip_prefix(start.as_str()).unwrap_or(&key).to_string();
+                (id, kv.value)
+            })
+            .collect())
+    }
+
+    fn map<V: DeserializeOwned>(&self, table: &str) -> Result<BTreeMap<String, V>, StoreError> {
+        self.rows(table)?
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if SEALED.contains(&table) {
+                    self.sealer
+                        .open(&self.key(table, &k), &v)
+                        .map_err(|e| self.corrupt(e))?
+                } else {
+                    v
+                };
+                let value = serde_json::from_slice(&v)
+                    .map_err(|e| self.corrupt(format!("{table}/{k}: {e}")))?;
+                Ok((k, value))
+            })
+            .collect()
+    }
+
+    fn number(&self, name: &str) -> Result<u64, StoreError> {
+        let rows = self.rows("meta")?;
+        match rows.iter().find(|(k, _)| k == name) {
+            None => Ok(0),
+            Some((_, v)) => String::from_utf8_lossy(v)
+                .trim()
+                .parse()
+                .map_err(|e| self.corrupt(format!("meta/{name}: {e}"))),
+        }
+    }
+
+    fn key(&self, table: &str, id: &str) -> String {
+        format!("{}/{table}/{id}", self.prefix)
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Give the prefix back at once instead of after the TTL.
+        let (client, lease) = (self.client.clone(), self.lease);
+        let _ = block(&self.rt, async move { client.lease_revoke(lease).await });
+    }
+}
+
+impl Store for EtcdStore {
+    fn load(&self) -> Result<Registry, StoreError> {
+        let mut r = Registry {
+            tokens: self.map("tokens")?.into_iter().collect(),
+            nodes: self.map("nodes")?.into_iter().collect(),
+            pools: self.map("pools")?.into_iter().collect(),
+            ..Registry::default()
+        };
+        // Keys are zero-padded seqs: key order is seq order.
+        for (k, v) in self.rows("events")? {
+            let event =
+                serde_json::from_slice(&v).map_err(|e| self.corrupt(format!("events/{k}: {e}")))?;
+            r.events.restore(event);
+        }
+        for (tenant, v) in self.rows("events_dropped")? {
+            let seq = String::from_utf8_lossy(&v)
+                .trim()
+                .parse()
+                .map_err(|e| self.corrupt(format!("events_dropped/{tenant}: {e}")))?;
+            r.events.restore_dropped(&tenant, seq);
+        }
+        r.events.next_seq = self.number("next_event_seq")?;
+        r.events.floor = self.number("events_floor")?;
+        Ok(r)
+    }
+
+    fn commit(&self, changes: &[&WriteSet]) -> Result<(), StoreError> {
+        // One operation per key: etcd refuses a transaction that names a
+        // key twice, and a later change in the batch wins anyway.
+        let mut ops: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        let mut next_seq = None;
+        for w in changes {
+            for (table, rows) in w.tables() {
+                for (k, v) in rows {
+                    let key = self.key(table, k);
+                    let v = match v {
+                        Some(v) if SEALED.contains(&table) => Some(self.sealer.seal(&key, v)),
+                        v => v.clone(),
+                    };
+                    ops.insert(key, v);
+                }
+            }
+            for (seq, e) in w.events() {
+                ops.insert(self.key("events", &seq_key(*seq)), Some(e.clone()));
+            }
+            for seq in w.events_removed() {
+                ops.insert(self.key("events", &seq_key(*seq)), None);
+            }
+            for (tenant, seq) in w.dropped() {
+                ops.insert(
+                    self.key("events_dropped", tenant),
+                    Some(seq.to_string().into_bytes()),
+                );
+            }
+            next_seq = Some(w.next_seq());
+        }
+        if let Some(seq) = next_seq {
+            ops.insert(
+                self.key("meta", "next_event_seq"),
+                Some(seq.to_string().into_bytes()),
+            );
+        }
+        if ops.len() > self.max_txn_ops {
+            return Err(self.backend(format!(
+                "one change writes {} keys, more than etcd_max_txn_ops ({}); raise etcd's --max-txn-ops and etcd_max_txn_ops together",
+                ops.len(),
+                self.max_txn_ops
+            )));
+        }
+        let txn = TxnRequest {
+            compare: vec![etcd::created_at(&self.owner_key, self.owner_revision)],
+            success: ops
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Some(v) => etcd::put(&k, v, 0),
+                    None => etcd::delete(&k),
+                })
+                .collect(),
+            failure: vec![],
+        };
+        let client = self.client.clone();
+        let resp =
+            block(&self.rt, async move { client.txn(txn).await }).map_err(|e| self.backend(e))?;
+        if !resp.succeeded {
+            self.lost.store(true, Ordering::Relaxed);
+            return Err(self.backend(
+                "this manager no longer holds the prefix (its etcd lease expired: cut off from etcd or stalled longer than etcd_lease_ttl_seconds); nothing was written",
+            ));
+        }
+        Ok(())
+    }
+
+    fn max_batch_rows(&self) -> usize {
+        // One operation is the event counter.
+        self.max_txn_ops.saturating_sub(1).max(1)
+    }
+}
+
+/// Checks this manager's store key against `PREFIX/meta/key_check`, or
+/// writes the check (fenced like every write) when the prefix has none.
+fn check_key(
+    rt: &tokio::runtime::Runtime,
+    client: &Etcd,
+    prefix: &str,
+    owner_key: &str,
+    owner_revision: i64,
+    sealer: &Arc<Sealer>,
+) -> Result<(), String> {
+    let key = format!("{prefix}/meta/key_check");
+    let (client, owner, sealer) = (client.clone(), owner_key.to_string(), sealer.clone());
+    block(rt, async move {
+        let (got, _) = client.range(key.as_bytes(), &[], 1, false).await?;
+        if let Some(kv) = got.first() {
+            return match sealer.open(&key, &kv.value) {
+                Ok(v) if v == KEY_CHECK => Ok(()),
+                _ => Err(format!(
+                    "this data dir's store.key is not the key of the managers that wrote this prefix ({key} does not open with it): copy their store.key here"
+                )),
+            };
+        }
+        client
+            .txn(TxnRequest {
+                compare: vec![etcd::created_at(&owner, owner_revision)],
+                success: vec![etcd::put(&key, sealer.seal(&key, KEY_CHECK), 0)],
+                failure: vec![],
+            })
+            .await?;
+        Ok(())
+    })
+}
+
+/// Runs `fut` on the store's runtime and blocks this thread for its result.
+fn block<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T, String>> + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let out = match tokio::time::timeout(REQUEST_TIMEOUT * 2, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer from etcd in {:?}", REQUEST_TIMEOUT * 2)),
+        };
+        let _ = tx.send(out);
+    });
+    rx.recv()
+        .unwrap_or_else(|_| Err("the etcd client runtime stopped".into()))
+}
+
+/// Keeps the owner lease alive (a third of the TTL apart) until the
+/// runtime stops; flags `lost` once the lease is gone or a TTL passes
+/// without a renewal.
+async fn keep_alive(client: Etcd, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
+    let every = ttl / 3;
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        match client.keep_alive_once(lease).await {
+            Ok(left) if left > 0 => {
+                last_ok = tokio::time::Instant::now();
+                tokio::time::sleep(every).await;
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) if last_ok.elapsed() < ttl => {
+                tracing::warn!(error = %e, "etcd lease keep-alive failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(_) => {}
+        }
+        if !lost.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                lease,
+                "lost the etcd lease: this manager can no longer write its state"
+            );
+        }
+        return;
+    }
+}
+
+fn seq_key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_keys_sort_as_numbers() {
+        assert_eq!(seq_key(42), "00000000000000000042");
+        assert!(seq_key(9) < seq_key(10));
+    }
+}

@@ -1,0 +1,255 @@
+//! The manager on a real etcd (`--store etcd`): every record in etcd,
+//! nothing in the data dir's state file, a pool survives a SIGKILL, a
+//! second manager on the same prefix is refused, a manager that lost its
+//! hold on the prefix writes nothing, and an etcd restart is survived.
+
+use std::time::Duration;
+
+use edgepool_common::proto as pb;
+use edgepool_tests::*;
+
+use crate::pools::{Fleet, app, create_pool, get_pool, wait_running};
+
+fn etcd_args(url: &str, prefix: &str) -> Vec<String> {
+    [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        url,
+        "--etcd-prefix",
+        prefix,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn a_pool_on_etcd_survives_a_manager_kill() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let args = etcd_args(&etcd.url, "/ep-test");
+    let mut f = Fleet::start(3, &strs(&args)).await;
+    let apps = vec![
+        app("a", &["sleep", "200001"]),
+        app("b", &["sleep", "200002"]),
+    ];
+    create_pool(&f.m, "p", &["node-1", "node-2"], apps)
+        .await
+        .unwrap();
+    let before = wait_running(&f.m, "p").await;
+
+    // The records are in etcd, and no state file was made.
+    let keys = etcd.keys("/ep-test/").await;
+    for want in [
+        "/ep-test/pools/default/p",
+        "/ep-test/nodes/node-1",
+        "/ep-test/nodes/node-3",
+        "/ep-test/owner",
+        "/ep-test/meta/next_event_seq",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} not in {keys:?}");
+    }
+    assert!(keys.iter().any(|k| k.starts_with("/ep-test/events/")));
+    assert!(!f.m.dir.join("state.redb").exists());
+    // The pool row holds the pool CA's private key: etcd sees it sealed.
+    let value = etcd.value("/ep-test/pools/default/p").await.unwrap();
+    assert!(value.starts_with(b"EPS1"));
+    let text = String::from_utf8_lossy(&value);
+    assert!(
+        !text.contains("PRIVATE KEY") && !text.contains("node-1"),
+        "{text}"
+    );
+
+    // SIGKILL: the owner key stays until its lease expires, but the
+    // restarted manager (same host, same data dir) takes the prefix over at
+    // once and finds everything as committed.
+    let addr = f.m.addr;
+    f.m.proc.kill();
+    f.m = Manager::start_on(&f.m.dir, addr, &strs(&args)).await;
+    let after = get_pool(&f.m, "p").await;
+    assert_eq!(after.generation, before.generation);
+    let members = |p: &pb::Pool| -> Vec<(u32, String)> {
+        p.members
+            .iter()
+            .map(|m| (m.slot, m.node_id.clone()))
+            .collect()
+    };
+    assert_eq!(members(&after), members(&before));
+    assert_eq!(after.apps.len(), 2);
+    // The agents come back and the apps were never restarted.
+    let again = wait_running(&f.m, "p").await;
+    let pids = |p: &pb::Pool| -> Vec<(String, u32)> {
+        let mut v: Vec<_> = p
+            .placements
+            .iter()
+            .map(|x| (x.app.clone(), x.pid))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pids(&again), pids(&before));
+    for id in ["node-1", "node-2", "node-3"] {
+        wait_connected(&f.m, id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_manager_on_the_same_prefix_is_refused() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let args = etcd_args(&etcd.url, "/ep-two");
+    let first = Manager::start_on(
+        &tmp.path().join("m1"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&args),
+    )
+    .await;
+    let out = run(std::process::Command::new(bin("cloud-manager"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("m2"))
+        .args(&args));
+    assert!(!out.ok, "a second manager started on the same prefix");
+    assert!(
+        out.stderr.contains("another manager holds this prefix")
+            && out.stderr.contains("--etcd-prefix"),
+        "{}",
+        out.stderr
+    );
+    // Another prefix is another store.
+    let other = etcd_args(&etcd.url, "/ep-other");
+    let second = Manager::start_on(
+        &tmp.path().join("m3"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&other),
+    )
+    .await;
+    create_token(&mut second.tenant(), 60).await;
+    assert!(!etcd.keys("/ep-other/tokens/").await.is_empty());
+    assert!(etcd.keys("/ep-two/tokens/").await.is_empty());
+    drop(first);
+}
+
+#[tokio::test]
+async fn a_manager_that_lost_the_prefix_writes_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let args = etcd_args(&etcd.url, "/ep-fence");
+    let m = Manager::start_on(
+        &tmp.path().join("m"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&args),
+    )
+    .await;
+    create_token(&mut m.tenant(), 60).await;
+    assert_eq!(etcd.keys("/ep-fence/tokens/").await.len(), 1);
+
+    // Its hold ends behind its back (as when its lease expires while it is
+    // cut off from etcd) and another writer takes the prefix.
+    let c = etcd.client();
+    c.delete("/ep-fence/owner").await.unwrap();
+    c.put("/ep-fence/owner", b"someone else").await.unwrap();
+
+    let refused = m
+        .tenant()
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl_seconds: 60,
+            ..Default::default()
+        })
+        .await;
+    let status = refused.expect_err("a fenced manager wrote a token");
+    // The details go to the log, not to the caller.
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert_eq!(etcd.keys("/ep-fence/tokens/").await.len(), 1);
+    assert!(m.proc.log_text().contains("no longer holds the prefix"));
+}
+
+#[tokio::test]
+async fn the_manager_rides_out_an_etcd_restart() {
+    let tmp = TempDir::new().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let args = etcd_args(&etcd.url, "/ep-restart");
+    let m = Manager::start_on(
+        &tmp.path().join("m"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&args),
+    )
+    .await;
+    create_token(&mut m.tenant(), 60).await;
+    etcd.restart().await;
+    // Within the lease's TTL the hold survives the restart (etcd keeps
+    // leases across restarts), and writes go through again.
+    eventually("a write after the etcd restart", DEADLINE, || {
+        let mut t = m.tenant();
+        async move {
+            t.create_join_token(pb::CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(etcd.keys("/ep-restart/tokens/").await.len() >= 2);
+}
+
+#[tokio::test]
+async fn a_manager_with_another_store_key_is_refused_until_it_has_the_key() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let args = etcd_args(&etcd.url, "/ep-key");
+    let mut first = Manager::start_on(
+        &tmp.path().join("m1"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&args),
+    )
+    .await;
+    create_token(&mut first.tenant(), 60).await;
+    // Stopped, it gives the prefix back (at once, or when its lease ends).
+    first.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(first.proc.wait_exit(Duration::from_secs(10)).is_some());
+    eventually("the prefix to be free", DEADLINE, || {
+        let etcd = &etcd;
+        async move { etcd.keys("/ep-key/owner").await.is_empty().then_some(()) }
+    })
+    .await;
+
+    // Another data dir has another store key: refused, and told why.
+    let second_dir = tmp.path().join("m2");
+    let serve = |dir: &std::path::Path| {
+        run(std::process::Command::new(bin("cloud-manager"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(&args))
+    };
+    let out = serve(&second_dir);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("store.key"), "{}", out.stderr);
+    // With the first manager's key (copied like ca.key) it starts and reads
+    // what the first one wrote.
+    std::fs::copy(
+        tmp.path().join("m1/store.key"),
+        second_dir.join("store.key"),
+    )
+    .unwrap();
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "tenant.pem",
+        "tenant.key",
+    ] {
+        std::fs::copy(tmp.path().join("m1").join(f), second_dir.join(f)).unwrap();
+    }
+    let second = Manager::start_on(&second_dir, "127.0.0.1:0".parse().unwrap(), &strs(&args)).await;
+    // It writes where the first one did.
+    create_token(&mut second.tenant(), 60).await;
+    assert_eq!(etcd.keys("/ep-key/tokens/").await.len(), 2);
+}
