@@ -132,9 +132,6 @@ impl EtcdStore {
                 dir: options.data_dir.clone(),
                 path: lock_path.clone(),
             })?;
-        let sealer = Arc::new(
-            Sealer::load_or_create(&options.data_dir).map_err(|e| backend(e.to_string()))?,
-        );
         let data_dir =
             std::fs::canonicalize(&options.data_dir).unwrap_or_else(|_| options.data_dir.clone());
         // What the owner key says: who holds the prefix, and (the part
@@ -208,7 +205,23 @@ impl EtcdStore {
         })
         .map_err(backend)?;
         let (lease, owner_revision) = opened;
-        check_key(&rt, &client, &prefix, &owner_key, owner_revision, &sealer).map_err(backend)?;
+        // Only now (etcd answered, the prefix is ours) is anything made in
+        // the data dir; a failure from here gives the prefix back.
+        let sealed = Sealer::load_or_create(&options.data_dir)
+            .map_err(|e| e.to_string())
+            .map(Arc::new)
+            .and_then(|sealer| {
+                check_key(&rt, &client, &prefix, &owner_key, owner_revision, &sealer)
+                    .map(|()| sealer)
+            });
+        let sealer = match sealed {
+            Ok(s) => s,
+            Err(why) => {
+                let c = client.clone();
+                let _ = block(&rt, async move { c.lease_revoke(lease).await });
+                return Err(backend(why));
+            }
+        };
         let lost = Arc::new(AtomicBool::new(false));
         rt.spawn(keep_alive(
             client.clone(),

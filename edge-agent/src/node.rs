@@ -423,11 +423,17 @@ impl Shared {
         let membership = Membership::from_assignment(&a, &self.info, node_cert)?;
         if source == Source::Manager {
             let bytes = a.encode_to_vec();
-            let mut saved = lock(&self.saved);
-            if saved.as_deref() != Some(bytes.as_slice()) {
-                edgepool_common::fsutil::write_private(&self.assignment_path(), &bytes)
-                    .map_err(ApplyError::Save)?;
-                *saved = Some(bytes);
+            if lock(&self.saved).as_deref() != Some(bytes.as_slice()) {
+                // fsync on a blocking thread: a slow disk (an SD card) must
+                // not hold the stream, the prober and the apps' watchers.
+                let (path, b) = (self.assignment_path(), bytes.clone());
+                tokio::task::spawn_blocking(move || {
+                    edgepool_common::fsutil::write_private(&path, &b)
+                })
+                .await
+                .map_err(|e| ApplyError::Save(std::io::Error::other(e)))?
+                .map_err(ApplyError::Save)?;
+                *lock(&self.saved) = Some(bytes);
             }
         }
         lock(&self.gates).held = source == Source::Saved && membership.is_some();

@@ -253,3 +253,68 @@ async fn a_manager_with_another_store_key_is_refused_until_it_has_the_key() {
     create_token(&mut second.tenant(), 60).await;
     assert_eq!(etcd.keys("/ep-key/tokens/").await.len(), 2);
 }
+
+#[tokio::test]
+async fn bench_store_prints_its_figures() {
+    let out = run(std::process::Command::new(bin("bench-store")).args([
+        "--writes",
+        "20",
+        "--concurrency",
+        "2",
+    ]));
+    assert!(out.ok, "{}", out.stderr);
+    let last = out.stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    for key in [
+        "redb_p50_ms",
+        "redb_p99_ms",
+        "etcd_p50_ms",
+        "etcd_p99_ms",
+        "redb_concurrent_p99_ms",
+        "etcd_concurrent_p99_ms",
+    ] {
+        let ms = v[key].as_f64().unwrap_or(-1.0);
+        assert!(ms > 0.0 && ms < 5000.0, "{key} = {ms}");
+    }
+}
+
+#[tokio::test]
+async fn etcd_over_tls_with_client_certificates() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start_tls(&tmp.path().join("etcd")).await;
+    let tls = etcd.tls.clone().unwrap();
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let mut args = etcd_args(&etcd.url, "/ep-tls");
+    args.extend(["--etcd-ca-cert".to_string(), path(&tls.ca)]);
+    let serve = |extra: &[String], dir: &str| {
+        run(std::process::Command::new(bin("cloud-manager"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join(dir))
+            .args(extra))
+    };
+    // Without a client certificate etcd refuses the manager: it says so
+    // and does not start.
+    let out = serve(&args, "m-nocert");
+    assert!(!out.ok);
+    assert!(out.stderr.contains("etcd"), "{}", out.stderr);
+    // Over http:// to a TLS port: refused too.
+    let plain = etcd_args(&etcd.url.replace("https://", "http://"), "/ep-tls");
+    let out = serve(&plain, "m-plain");
+    assert!(!out.ok);
+    assert!(etcd.keys("/ep-tls/").await.is_empty());
+
+    args.extend([
+        "--etcd-cert".to_string(),
+        path(&tls.client_cert),
+        "--etcd-key".to_string(),
+        path(&tls.client_key),
+    ]);
+    let m = Manager::start_on(
+        &tmp.path().join("m"),
+        "127.0.0.1:0".parse().unwrap(),
+        &strs(&args),
+    )
+    .await;
+    create_token(&mut m.tenant(), 60).await;
+    assert_eq!(etcd.keys("/ep-tls/tokens/").await.len(), 1);
+}

@@ -720,6 +720,68 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Set for an etcd that serves TLS and asks clients for certificates.
+    pub tls: Option<EtcdTls>,
+}
+
+/// The files of a TLS etcd: its CA, and a client certificate it accepts.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
+    /// written to `dir`.
+    fn make(dir: &Path) -> EtcdTls {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+        std::fs::create_dir_all(dir).expect("tls dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "etcd test CA");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |name: &str, server: bool| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            p.subject_alt_names
+                .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+            p.extended_key_usages = if server {
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            } else {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            };
+            let cert = p.signed_by(&key, &issuer).expect("leaf");
+            let (c, k) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).expect("write cert");
+            std::fs::write(&k, key.serialize_pem()).expect("write key");
+            (c, k)
+        };
+        let ca_path = dir.join("etcd-ca.pem");
+        std::fs::write(&ca_path, ca_cert.pem()).expect("write ca");
+        let (server_cert, server_key) = leaf("etcd-server", true);
+        let (client_cert, client_key) = leaf("etcd-client", false);
+        EtcdTls {
+            ca: ca_path,
+            client_cert,
+            client_key,
+            server_cert,
+            server_key,
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -731,28 +793,57 @@ fn free_port() -> u16 {
 
 impl Etcd {
     pub async fn start(dir: &Path) -> Etcd {
+        Self::start_with(dir, None).await
+    }
+
+    /// An etcd that serves TLS (`https://`) and accepts only clients with a
+    /// certificate from its own CA (`--client-cert-auth`).
+    pub async fn start_tls(dir: &Path) -> Etcd {
+        let tls = EtcdTls::make(&dir.join("tls"));
+        Self::start_with(dir, Some(tls)).await
+    }
+
+    async fn start_with(dir: &Path, tls: Option<EtcdTls>) -> Etcd {
         let (client_port, peer_port) = (free_port(), free_port());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut etcd = Etcd {
-            url: format!("http://127.0.0.1:{client_port}"),
-            proc: Self::spawn(dir, client_port, peer_port, 0),
+            url: format!("{scheme}://127.0.0.1:{client_port}"),
+            proc: Self::spawn(dir, client_port, peer_port, 0, tls.as_ref()),
             dir: dir.to_path_buf(),
             client_port,
             peer_port,
+            tls,
         };
         etcd.wait_ready().await;
         etcd
     }
 
-    fn spawn(dir: &Path, client_port: u16, peer_port: u16, n: usize) -> Proc {
+    fn spawn(
+        dir: &Path,
+        client_port: u16,
+        peer_port: u16,
+        n: usize,
+        tls: Option<&EtcdTls>,
+    ) -> Proc {
         let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("etcd"));
         std::fs::create_dir_all(dir).expect("etcd dir");
-        let client = format!("http://127.0.0.1:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(&etcd);
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
         cmd.args(["--name", "test", "--data-dir"])
             .arg(dir.join("data"))
             .args([
@@ -775,16 +866,22 @@ impl Etcd {
     /// Kills etcd (SIGKILL) and starts it again on the same ports and data.
     pub async fn restart(&mut self) {
         self.proc.kill();
-        self.proc = Self::spawn(&self.dir, self.client_port, self.peer_port, 1);
+        self.proc = Self::spawn(
+            &self.dir,
+            self.client_port,
+            self.peer_port,
+            1,
+            self.tls.as_ref(),
+        );
         self.wait_ready().await;
     }
 
     async fn wait_ready(&mut self) {
-        let url = self.url.clone();
+        let (url, tls) = (self.url.clone(), self.tls.clone());
         eventually("etcd to serve", DEADLINE, || {
-            let url = url.clone();
+            let (url, tls) = (url.clone(), tls.clone());
             async move {
-                let c = etcd_client(&url);
+                let c = etcd_client(&url, tls.as_ref());
                 c.range(b"/", &[], 1, true).await.ok().map(|_| ())
             }
         })
@@ -798,7 +895,7 @@ impl Etcd {
     }
 
     pub fn client(&self) -> cloud_manager::etcd::Etcd {
-        etcd_client(&self.url)
+        etcd_client(&self.url, self.tls.as_ref())
     }
 
     /// The value of `key`, if it exists.
@@ -823,11 +920,13 @@ impl Etcd {
     }
 }
 
-fn etcd_client(url: &str) -> cloud_manager::etcd::Etcd {
+fn etcd_client(url: &str, tls: Option<&EtcdTls>) -> cloud_manager::etcd::Etcd {
     cloud_manager::etcd::Etcd::connect(&cloud_manager::etcd::Connect {
         endpoints: vec![url.to_string()],
         timeout: Duration::from_secs(5),
-        ..Default::default()
+        ca_cert: tls.map(|t| t.ca.clone()),
+        cert: tls.map(|t| t.client_cert.clone()),
+        key: tls.map(|t| t.client_key.clone()),
     })
     .expect("etcd client")
 }
