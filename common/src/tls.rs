@@ -411,6 +411,24 @@ pub fn server_name_of(addr: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| bad())
 }
 
+/// The addresses of a manager given as `HOST:PORT[,HOST:PORT...]` (several
+/// replicas, tried in turn), each checked; empty entries are skipped.
+pub fn manager_addresses(list: &str) -> Result<Vec<String>, TlsError> {
+    let addrs: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    if addrs.is_empty() {
+        return Err(TlsError::BadAddress(list.to_string()));
+    }
+    for a in &addrs {
+        server_name_of(a)?;
+    }
+    Ok(addrs)
+}
+
 /// Opens a gRPC channel to `addr` over TLS with the given client config.
 /// Connects lazily, so a manager that is down is not an error here: the
 /// first RPC fails with `Unavailable` instead.
@@ -647,6 +665,16 @@ mod tests {
         assert_eq!(format!("sha256:{}", crate::identity::hex(&bytes)), fp);
         assert!(parse_fingerprint("sha1:abcd").is_err());
         assert!(parse_fingerprint("sha256:zz").is_err());
+    }
+
+    #[test]
+    fn manager_address_lists() {
+        assert_eq!(
+            manager_addresses("a:1, b:2,").unwrap(),
+            vec!["a:1".to_string(), "b:2".to_string()]
+        );
+        assert!(manager_addresses("a:1,b").is_err());
+        assert!(manager_addresses(" , ").is_err());
     }
 
     #[test]

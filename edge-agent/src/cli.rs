@@ -38,7 +38,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// Manager address HOST:PORT (the host must be in its certificate).
+    /// Manager address HOST:PORT (the host must be in its certificate), or
+    /// several replicas' comma-separated (tried in turn).
     #[arg(long, env = "EDGE_AGENT_MANAGER")]
     pub manager: String,
     /// Join token from `TenantService.CreateJoinToken` (single use).
@@ -80,7 +81,9 @@ pub struct RunArgs {
     /// Data directory (from join).
     #[arg(long, env = "EDGE_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Manager address HOST:PORT (default: the one join used).
+    /// Manager address HOST:PORT, or several replicas' comma-separated: the
+    /// stream moves to the next one when its manager fails (default: what
+    /// join used).
     #[arg(long, env = "EDGE_AGENT_MANAGER")]
     pub manager: Option<String>,
     /// Peer gRPC listen address (default 0.0.0.0:7444).

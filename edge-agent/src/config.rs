@@ -15,7 +15,8 @@ pub struct AgentConfig {
     /// Where the node key, certificates and local state live.
     /// Default `/var/lib/edge-agent`.
     pub data_dir: PathBuf,
-    /// Manager address `HOST:PORT`. Empty = the one `join` recorded.
+    /// Manager address `HOST:PORT`, or several (`HOST:PORT,HOST:PORT`,
+    /// replicas tried in turn). Empty = what `join` recorded.
     pub manager: String,
     /// Address of the peer gRPC server. Default `0.0.0.0:7444`.
     pub peer_listen: SocketAddr,
@@ -215,7 +216,7 @@ impl AgentConfig {
             return Err(invalid("reconnect_max_ms", "must be >= reconnect_min_ms"));
         }
         if !self.manager.is_empty() {
-            edgepool_common::tls::server_name_of(&self.manager)
+            edgepool_common::tls::manager_addresses(&self.manager)
                 .map_err(|e| invalid("manager", &e.to_string()))?;
         }
         if !self.peer_advertise.is_empty() && !self.peer_advertise.contains(':') {

@@ -86,36 +86,49 @@ pub async fn join(req: JoinRequest) -> Result<NodeInfo, JoinError> {
             (tls::pinned_client_config(verifier.clone())?, Some(verifier))
         }
     };
-    let channel = tls::channel(
-        &req.manager,
-        Arc::new(client_config),
-        Duration::from_secs(10),
-    )?;
-    let mut client = AgentServiceClient::new(channel);
-    let answer = client
-        .enroll(pb::EnrollRequest {
-            token: req.token.clone(),
-            node_id: req.node_id.clone(),
-            csr_pem,
-            force: req.force,
-        })
-        .await
-        .map_err(|s| match s.code() {
-            // The TLS handshake failed on our side: the manager answered,
-            // but with a CA that is not the one we were told to trust.
-            _ if s.message().contains("matches the CA fingerprint") => {
-                JoinError::UntrustedManager {
-                    addr: req.manager.clone(),
-                    why: s.message().to_string(),
+    // Several replicas: each in turn, until one answers.
+    let addrs = tls::manager_addresses(&req.manager)?;
+    let client_config = Arc::new(client_config);
+    let mut answer = None;
+    let mut last = None;
+    for addr in &addrs {
+        let channel = tls::channel(addr, client_config.clone(), Duration::from_secs(10))?;
+        let result = AgentServiceClient::new(channel)
+            .enroll(pb::EnrollRequest {
+                token: req.token.clone(),
+                node_id: req.node_id.clone(),
+                csr_pem: csr_pem.clone(),
+                force: req.force,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                // The TLS handshake failed on our side: the manager
+                // answered, but with a CA that is not the one we were told
+                // to trust.
+                _ if s.message().contains("matches the CA fingerprint") => {
+                    JoinError::UntrustedManager {
+                        addr: addr.clone(),
+                        why: s.message().to_string(),
+                    }
                 }
+                tonic::Code::Unavailable | tonic::Code::Unknown => JoinError::Unreachable {
+                    addr: addr.clone(),
+                    why: s.message().to_string(),
+                },
+                _ => JoinError::Refused(s.message().to_string()),
+            });
+        match result {
+            Ok(a) => {
+                answer = Some(a.into_inner());
+                break;
             }
-            tonic::Code::Unavailable | tonic::Code::Unknown => JoinError::Unreachable {
-                addr: req.manager.clone(),
-                why: s.message().to_string(),
-            },
-            _ => JoinError::Refused(s.message().to_string()),
-        })?
-        .into_inner();
+            Err(e @ JoinError::Unreachable { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(answer) = answer else {
+        return Err(last.unwrap_or_else(|| JoinError::Refused("no manager address".into())));
+    };
 
     // Keep the CA we actually verified against when pinning by fingerprint,
     // not whatever the answer claims.

@@ -117,6 +117,9 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
     } else {
         config.manager.clone()
     };
+    // Several replicas (`HOST:PORT,HOST:PORT`): the uplink moves to the
+    // next one when its manager fails.
+    let managers = tls::manager_addresses(&manager)?;
     let (peer_listener, peer_addr) = if machine.lazy_peer_server && config.peer_listen.port() != 0 {
         (None, config.peer_listen)
     } else {
@@ -185,6 +188,8 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         manager,
         tls: Arc::new(client_tls),
         hello,
+        managers,
+        next_manager: 0,
         measurements,
         telemetry_interval: Duration::from_millis(u64::from(config.telemetry_interval_ms)),
         heartbeat_interval: Duration::from_millis(u64::from(config.heartbeat_interval_ms)),

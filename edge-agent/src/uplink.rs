@@ -56,7 +56,12 @@ pub struct Uplink {
     /// newer one replaces one not applied yet (each is the whole desired
     /// state), so the stream never waits for the app runtime.
     pub assignments: watch::Sender<Option<pb::Assignment>>,
+    /// The managers as configured (for logs).
     pub manager: String,
+    /// Each manager address (replicas): the stream goes to
+    /// `managers[next_manager]`, and to the next one after a failure.
+    pub managers: Vec<String>,
+    pub next_manager: usize,
     pub tls: Arc<rustls::ClientConfig>,
     pub hello: pb::Hello,
     /// The measuring task: asked every telemetry interval, its results
@@ -93,19 +98,26 @@ impl Uplink {
             let result = self.session(&shutdown).await;
             let _ = self.state.send(LinkState::Disconnected);
             let mut hint = None;
+            let manager = self.current_manager().to_string();
             match result {
                 Ok(End::Shutdown) => return,
-                Ok(End::Closed) => tracing::warn!("manager closed the stream"),
+                Ok(End::Closed) => {
+                    tracing::warn!(%manager, "manager closed the stream");
+                    self.next_manager += 1;
+                }
                 Err(UplinkError::Refused(s))
                     if s.code() == tonic::Code::ResourceExhausted
                         && edgepool_common::grpc::retry_after(&s).is_some() =>
                 {
-                    // A busy manager, not a fault: it says when to return.
+                    // A busy manager, not a fault: it says when to return
+                    // (to the same one, on the same connection).
                     hint = edgepool_common::grpc::retry_after(&s);
                     tracing::info!(message = s.message(), "manager busy opening streams");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, manager = %self.manager, "stream to the manager failed")
+                    tracing::warn!(error = %e, %manager, "stream to the manager failed");
+                    // Another replica, if there is one, next time.
+                    self.next_manager += 1;
                 }
             }
             if started.elapsed() >= STABLE_SESSION {
@@ -123,11 +135,20 @@ impl Uplink {
         }
     }
 
+    /// The manager address the next stream goes to.
+    fn current_manager(&self) -> &str {
+        match self.managers.len() {
+            0 => &self.manager,
+            n => &self.managers[self.next_manager % n],
+        }
+    }
+
     async fn session(&mut self, shutdown: &CancellationToken) -> Result<End, UplinkError> {
+        let manager = self.current_manager().to_string();
         let channel = match self.keep.take() {
             Some(c) => c,
             None => tls::channel_from(
-                &self.manager,
+                &manager,
                 self.tls.clone(),
                 CONNECT_TIMEOUT,
                 self.gate.clone(),
@@ -161,7 +182,7 @@ impl Uplink {
             _ => return Err(UplinkError::NoWelcome),
         };
         let _ = self.state.send(LinkState::Connected);
-        tracing::info!(node = %welcome.node_id, tenant = %welcome.tenant, "connected to the manager");
+        tracing::info!(node = %welcome.node_id, tenant = %welcome.tenant, %manager, "connected to the manager");
         let pick = |ms: u32, default: Duration| {
             if ms >= 100 {
                 Duration::from_millis(u64::from(ms))

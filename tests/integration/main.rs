@@ -13,6 +13,7 @@ mod events;
 mod failover;
 mod grpcurl;
 mod install;
+mod manager_list;
 mod node_list;
 mod offload;
 mod offload_faults;

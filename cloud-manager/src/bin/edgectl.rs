@@ -61,7 +61,8 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct Global {
-    /// Manager gRPC address [default: from the config file, else 127.0.0.1:7443]
+    /// Manager gRPC address, or several (replicas) comma-separated, tried in
+    /// turn [default: from the config file, else 127.0.0.1:7443]
     #[arg(
         long,
         env = "EDGECTL_MANAGER",
@@ -751,9 +752,32 @@ fn connect(s: &config::Resolved) -> anyhow::Result<TenantServiceClient<Channel>>
     let key = tls::read_key(&s.key).context("loading the tenant key (--key)")?;
     let tls_config = tls::client_config(roots, Some((chain, key)))
         .context("tenant certificate and key do not fit together")?;
-    let channel = tls::channel(&s.manager, Arc::new(tls_config), CONNECT_TIMEOUT)
+    let addrs = tls::manager_addresses(&s.manager)
+        .context("bad manager address (--manager / EDGECTL_MANAGER)")?;
+    let channel = tls::channel(reachable(&addrs), Arc::new(tls_config), CONNECT_TIMEOUT)
         .context("bad manager address (--manager / EDGECTL_MANAGER)")?;
     Ok(TenantServiceClient::new(channel))
+}
+
+/// Of several manager addresses (replicas), the first that accepts a TCP
+/// connection within a second; the first one if none does (the call then
+/// fails naming it).
+fn reachable(addrs: &[String]) -> &str {
+    use std::net::ToSocketAddrs;
+    if let [only] = addrs {
+        return only;
+    }
+    addrs
+        .iter()
+        .find(|a| {
+            a.to_socket_addrs().is_ok_and(|mut it| {
+                it.any(|sa| {
+                    std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1)).is_ok()
+                })
+            })
+        })
+        .or(addrs.first())
+        .map_or("", String::as_str)
 }
 
 /// Writes to stdout; a closed pipe (`edgectl ... | head`) ends quietly.
