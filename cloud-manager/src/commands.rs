@@ -16,7 +16,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
-                let server = crate::server::build(config).await?;
+                let server = crate::server::build_until(config, shutdown.clone()).await?;
                 server.run(shutdown).await
             })
         }

@@ -131,8 +131,8 @@ pub struct ManagerConfig {
     /// Private key (PEM) of `etcd_cert`. Default none.
     pub etcd_key: Option<PathBuf>,
     /// TTL of the lease by which this manager holds `etcd_prefix`: a
-    /// manager cut off from etcd for this long can no longer write, and
-    /// another can take over after it. Default 10.
+    /// manager cut off from etcd (or stalled) for this long can no longer
+    /// write and stops, and a standby replica takes over. Default 4.
     pub etcd_lease_ttl_seconds: u32,
     /// Operations one etcd transaction may carry: etcd's own
     /// `--max-txn-ops` (128 unless the etcd server was started with
@@ -189,7 +189,7 @@ impl Default for ManagerConfig {
             etcd_ca_cert: None,
             etcd_cert: None,
             etcd_key: None,
-            etcd_lease_ttl_seconds: 10,
+            etcd_lease_ttl_seconds: 4,
             etcd_max_txn_ops: 128,
             log_format: LogFormat::Plain,
         }

@@ -84,6 +84,11 @@ pub struct EtcdOptions {
     pub max_txn_ops: u32,
     /// The manager's data dir (`manager.lock` is taken there).
     pub data_dir: PathBuf,
+    /// When another manager holds the prefix, wait (a standby replica)
+    /// until it is free instead of failing.
+    pub standby: bool,
+    /// Set to give up waiting (shutdown).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 pub struct EtcdStore {
@@ -155,55 +160,34 @@ impl EtcdStore {
         let prefix = options.prefix.trim_end_matches('/').to_string();
         let owner_key = format!("{prefix}/owner");
         let ttl = i64::from(options.lease_ttl_seconds.max(2));
-        let key = owner_key.clone();
-        let c = client.clone();
-        let opened = block(&rt, async move {
-            let lease = c
-                .lease_grant(ttl)
-                .await
-                .map_err(|e| format!("cannot reach etcd to take a lease: {e}"))?;
-            // Twice at most: the second try follows the removal of an
-            // earlier run's key.
-            for _ in 0..2 {
-                let resp = c
-                    .txn(TxnRequest {
-                        compare: vec![etcd::created_at(&key, 0)],
-                        success: vec![etcd::put(&key, me.clone().into_bytes(), lease)],
-                        failure: vec![etcd::get(&key)],
-                    })
-                    .await
-                    .map_err(|e| format!("cannot take the prefix: {e}"))?;
-                if resp.succeeded {
-                    return Ok((lease, etcd::revision(&resp)));
+        let mut announced = false;
+        let opened = loop {
+            let (key, c, me, ours) = (owner_key.clone(), client.clone(), me.clone(), ours.clone());
+            let attempt = block(&rt, async move { take(&c, &key, &me, &ours, ttl).await })
+                .map_err(&backend)?;
+            match attempt {
+                Ok(taken) => break taken,
+                Err(holder) if options.standby => {
+                    if !announced {
+                        tracing::info!(%holder, "standby: another manager leads this prefix; taking over when it goes");
+                        announced = true;
+                    }
+                    if options
+                        .stop
+                        .as_ref()
+                        .is_some_and(|s| s.load(Ordering::Relaxed))
+                    {
+                        return Err(backend("stopped while waiting to lead".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
                 }
-                let holder = etcd::ranged(&resp)
-                    .next()
-                    .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-                    .unwrap_or_default();
-                let earlier_run = holder
-                    .strip_prefix(ours.as_str())
-                    .is_some_and(|rest| rest.starts_with(" pid "));
-                if !earlier_run {
-                    let _ = c.lease_revoke(lease).await;
-                    return Err(format!(
+                Err(holder) => {
+                    return Err(backend(format!(
                         "another manager holds this prefix ({holder}); stop it first or give this one another --etcd-prefix (its hold ends {ttl} s after it stops)"
-                    ));
+                    )));
                 }
-                // An earlier run of this manager (we hold its data dir's
-                // lock, so it is gone): its key goes, if it is still that.
-                tracing::info!(%holder, "taking the etcd prefix over from an earlier run");
-                c.txn(TxnRequest {
-                    compare: vec![etcd::value_is(&key, holder.as_bytes())],
-                    success: vec![etcd::delete(&key)],
-                    failure: vec![],
-                })
-                .await
-                .map_err(|e| format!("cannot take the prefix over: {e}"))?;
             }
-            let _ = c.lease_revoke(lease).await;
-            Err("the prefix changed hands while it was being taken; try again".into())
-        })
-        .map_err(backend)?;
+        };
         let (lease, owner_revision) = opened;
         // Only now (etcd answered, the prefix is ours) is anything made in
         // the data dir; a failure from here gives the prefix back.
@@ -242,6 +226,12 @@ impl EtcdStore {
             _lock: lock,
             sealer,
         })
+    }
+
+    /// Set once this manager no longer holds the prefix (its lease expired
+    /// or a commit found another owner): it must stop leading.
+    pub fn lost_flag(&self) -> Arc<AtomicBool> {
+        self.lost.clone()
     }
 
     fn backend(&self, why: impl std::fmt::Display) -> StoreError {
@@ -413,6 +403,59 @@ impl Store for EtcdStore {
         // One operation is the event counter.
         self.max_txn_ops.saturating_sub(1).max(1)
     }
+}
+
+/// One try at the prefix: `Ok(Ok((lease, revision)))` when it is ours,
+/// `Ok(Err(holder))` when another manager holds it.
+async fn take(
+    c: &Etcd,
+    key: &str,
+    me: &str,
+    ours: &str,
+    ttl: i64,
+) -> Result<Result<(i64, i64), String>, String> {
+    let lease = c
+        .lease_grant(ttl)
+        .await
+        .map_err(|e| format!("cannot reach etcd to take a lease: {e}"))?;
+    // Twice at most: the second try follows the removal of an earlier
+    // run's key.
+    for _ in 0..2 {
+        let resp = c
+            .txn(TxnRequest {
+                compare: vec![etcd::created_at(key, 0)],
+                success: vec![etcd::put(key, me.as_bytes().to_vec(), lease)],
+                failure: vec![etcd::get(key)],
+            })
+            .await
+            .map_err(|e| format!("cannot take the prefix: {e}"))?;
+        if resp.succeeded {
+            return Ok(Ok((lease, etcd::revision(&resp))));
+        }
+        let holder = etcd::ranged(&resp)
+            .next()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default();
+        let earlier_run = holder
+            .strip_prefix(ours)
+            .is_some_and(|rest| rest.starts_with(" pid "));
+        if !earlier_run {
+            let _ = c.lease_revoke(lease).await;
+            return Ok(Err(holder));
+        }
+        // An earlier run of this manager (we hold its data dir's lock, so
+        // it is gone): its key goes, if it is still that.
+        tracing::info!(%holder, "taking the etcd prefix over from an earlier run");
+        c.txn(TxnRequest {
+            compare: vec![etcd::value_is(key, holder.as_bytes())],
+            success: vec![etcd::delete(key)],
+            failure: vec![],
+        })
+        .await
+        .map_err(|e| format!("cannot take the prefix over: {e}"))?;
+    }
+    let _ = c.lease_revoke(lease).await;
+    Err("the prefix changed hands while it was being taken; try again".into())
 }
 
 /// Checks this manager's store key against `PREFIX/meta/key_check`, or

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,6 +31,9 @@ pub struct ManagerServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
+    /// Set when this manager no longer holds its etcd prefix (etcd store):
+    /// it stops, so that another replica leads.
+    lost: Option<Arc<AtomicBool>>,
 }
 
 /// Binds the listener, then opens the store and loads or creates the CA.
@@ -38,6 +42,17 @@ pub struct ManagerServer {
 /// another manager holds (its store is locked) is refused before anything
 /// is written, so a failed start leaves no half-made CA behind.
 pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
+    build_until(config, CancellationToken::new()).await
+}
+
+/// `build`, given up when `shutdown` fires (a standby replica waits in it
+/// until it leads; see `open_store`). With `store = "etcd"` the CA and the
+/// TLS config come first: a standby serves its health (`edge.v1.Leader`
+/// NOT_SERVING) on the manager's port while it waits.
+pub async fn build_until(
+    config: ManagerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ManagerServer> {
     config.validate()?;
     raise_fd_limit();
     let listen = config.listen;
@@ -47,7 +62,12 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let local_addr = listener.local_addr()?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let store = open_store(&config).await?;
+    let etcd = config.store == StoreKind::Etcd;
+    let redb = if etcd {
+        None
+    } else {
+        Some(open_store(&config, None).await?)
+    };
     let files = CaFiles::new(&dir);
     if !files.ca_cert().exists() {
         let report = ca::init(
@@ -67,20 +87,97 @@ pub async fn build(config: ManagerConfig) -> anyhow::Result<ManagerServer> {
     let chain = tls::read_certs(&files.server_cert())?;
     let key = tls::read_key(&files.server_key())?;
     let roots = tls::roots(&tls::certs_from_pem(ca.cert_pem(), "ca.pem")?)?;
-    let tls_config = tls::server_config(chain, key, tls::ClientAuth::Optional(roots))?;
+    let tls_config = Arc::new(tls::server_config(
+        chain,
+        key,
+        tls::ClientAuth::Optional(roots),
+    )?);
+    let (listener, (store, lost)) = match redb {
+        Some(opened) => (listener, opened),
+        None => {
+            // A standby until the prefix is ours: its port answers health
+            // (and reflection) from a copy of the listening socket.
+            tracing::info!(addr = %local_addr, "waiting for the etcd prefix (a standby while another manager leads); health on this address");
+            let std = listener.into_std()?;
+            let standby_listener = TcpListener::from_std(std.try_clone()?)?;
+            let listener = TcpListener::from_std(std)?;
+            let standby_stop = CancellationToken::new();
+            let standby = tokio::spawn(serve_standby(
+                standby_listener,
+                tls_config.clone(),
+                standby_stop.clone(),
+            ));
+            let stop = Arc::new(AtomicBool::new(false));
+            let watcher = tokio::spawn({
+                let (stop, shutdown) = (stop.clone(), shutdown.clone());
+                async move {
+                    shutdown.cancelled().await;
+                    stop.store(true, Ordering::Relaxed);
+                }
+            });
+            let opened = open_store(&config, Some(stop)).await;
+            watcher.abort();
+            standby_stop.cancel();
+            let _ = standby.await;
+            (listener, opened?)
+        }
+    };
     let manager = Arc::new(Manager::new(config, ca, store)?);
     Ok(ManagerServer {
         manager,
         listener,
         local_addr,
-        tls: Arc::new(tls_config),
+        lost,
+        tls: tls_config,
     })
 }
 
-/// The store the config names: `state.redb` in the data dir, or etcd.
-async fn open_store(config: &ManagerConfig) -> anyhow::Result<Box<dyn Store>> {
+/// The health service name that says whether this replica leads: SERVING
+/// on the manager that holds the store, NOT_SERVING on a standby.
+pub const LEADER_SERVICE: &str = "edge.v1.Leader";
+
+/// What a standby replica serves while it waits to lead: health (with
+/// `edge.v1.Leader` NOT_SERVING) and reflection. Tenant and agent calls
+/// find no service (UNIMPLEMENTED) and go to another address.
+async fn serve_standby(
+    listener: TcpListener,
+    tls_config: Arc<rustls::ServerConfig>,
+    stop: CancellationToken,
+) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(LEADER_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    let Ok((reflection_v1, reflection_v1alpha)) = edgepool_common::grpc::reflection() else {
+        return;
+    };
+    let incoming = tls::tls_incoming(
+        listener,
+        tls::fixed(tls_config),
+        tls::AcceptLimits::new(64, Duration::from_secs(10)),
+        stop.clone(),
+    );
+    let served = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "standby health server stopped");
+    }
+}
+
+/// The store the config names: `state.redb` in the data dir, or etcd. For
+/// etcd, `stop` given: wait as a standby while another manager holds the
+/// prefix, until it is free (or `stop` is set). Also returns the flag set
+/// when the etcd hold is lost.
+async fn open_store(
+    config: &ManagerConfig,
+    stop: Option<Arc<AtomicBool>>,
+) -> anyhow::Result<(Box<dyn Store>, Option<Arc<AtomicBool>>)> {
     Ok(match config.store {
-        StoreKind::Redb => Box::new(RedbStore::open(&config.data_dir)?),
+        StoreKind::Redb => (Box::new(RedbStore::open(&config.data_dir)?), None),
         StoreKind::Etcd => {
             let options = EtcdOptions {
                 endpoints: config.etcd_endpoints.clone(),
@@ -91,6 +188,8 @@ async fn open_store(config: &ManagerConfig) -> anyhow::Result<Box<dyn Store>> {
                 lease_ttl_seconds: config.etcd_lease_ttl_seconds,
                 max_txn_ops: config.etcd_max_txn_ops,
                 data_dir: config.data_dir.clone(),
+                standby: stop.is_some(),
+                stop,
             };
             // Connecting blocks (the client has its own runtime).
             let store = tokio::task::spawn_blocking(move || EtcdStore::open(&options)).await??;
@@ -99,7 +198,8 @@ async fn open_store(config: &ManagerConfig) -> anyhow::Result<Box<dyn Store>> {
                 prefix = %config.etcd_prefix,
                 "state kept in etcd"
             );
-            Box::new(store)
+            let lost = store.lost_flag();
+            (Box::new(store), Some(lost))
         }
     })
 }
@@ -133,6 +233,39 @@ impl ManagerServer {
         health_reporter
             .set_serving::<AgentServiceServer<AgentApi>>()
             .await;
+        // This manager holds its store: it leads.
+        health_reporter
+            .set_service_status(LEADER_SERVICE, tonic_health::ServingStatus::Serving)
+            .await;
+        // A lost etcd hold: stop leading at once (another replica takes
+        // over); the process ends with an error.
+        let deposed = CancellationToken::new();
+        if let Some(lost) = self.lost.clone() {
+            let (reporter, shutdown, deposed) =
+                (health_reporter.clone(), shutdown.clone(), deposed.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    if lost.load(Ordering::Relaxed) {
+                        reporter
+                            .set_service_status(
+                                LEADER_SERVICE,
+                                tonic_health::ServingStatus::NotServing,
+                            )
+                            .await;
+                        tracing::error!(
+                            "lost the etcd prefix: this manager stops leading and exits"
+                        );
+                        deposed.cancel();
+                        shutdown.cancel();
+                        return;
+                    }
+                }
+            });
+        }
         let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
 
         let tenant =
@@ -179,6 +312,11 @@ impl ManagerServer {
         let control = self.manager.clone();
         let _ = tokio::task::spawn_blocking(move || control.control().stop_writer()).await;
         tracing::info!("manager stopped");
+        if deposed.is_cancelled() {
+            anyhow::bail!(
+                "this manager lost its hold on the etcd prefix (cut off from etcd, or stalled, longer than etcd_lease_ttl_seconds) and stopped; another replica leads"
+            );
+        }
         Ok(())
     }
 }

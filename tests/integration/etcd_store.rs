@@ -3,6 +3,7 @@
 //! second manager on the same prefix is refused, a manager that lost its
 //! hold on the prefix writes nothing, and an etcd restart is survived.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use edgepool_common::proto as pb;
@@ -98,40 +99,116 @@ async fn a_pool_on_etcd_survives_a_manager_kill() {
     }
 }
 
+/// `edge.v1.Leader` on the manager at `addr`: SERVING (1) on the leader,
+/// NOT_SERVING (2) on a standby, None when nothing answers.
+async fn leader_status(addr: &str, ca: &std::path::Path) -> Option<i32> {
+    let tls = client_tls(ca, None);
+    let ch = edgepool_common::tls::channel(addr, tls, Duration::from_secs(2)).ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "edge.v1.Leader".into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// A replica's data dir: the first one's CA, server certificate, tenant
+/// bundle and store key (what docs/install.md says to copy).
+fn replica_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "tenant.pem",
+        "tenant.key",
+        "store.key",
+    ] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
 #[tokio::test]
-async fn a_second_manager_on_the_same_prefix_is_refused() {
+async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let tmp = TempDir::new().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd")).await;
-    let args = etcd_args(&etcd.url, "/ep-two");
-    let first = Manager::start_on(
-        &tmp.path().join("m1"),
-        "127.0.0.1:0".parse().unwrap(),
-        &strs(&args),
-    )
+    let mut args = etcd_args(&etcd.url, "/ep-two");
+    args.extend(["--etcd-lease-ttl-seconds".to_string(), "2".to_string()]);
+    let a_dir = tmp.path().join("a");
+    let mut a = Manager::start_on(&a_dir, "127.0.0.1:0".parse().unwrap(), &strs(&args)).await;
+    let node = enroll(&a, tmp.path(), "edge-1").await;
+
+    // A second manager on the same prefix waits as a standby: it answers
+    // health, says it does not lead, and serves no tenant or agent call.
+    let b_dir = tmp.path().join("b");
+    replica_dir(&a_dir, &b_dir);
+    let mut cmd = std::process::Command::new(bin("cloud-manager"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&b_dir)
+        .args(&args);
+    let b_proc = Proc::spawn("standby", &mut cmd, &b_dir.join("b.log"));
+    let b_addr: SocketAddr = eventually("the standby to listen", DEADLINE, || {
+        let text = b_proc.log_text();
+        let found = text
+            .lines()
+            .filter(|l| l.contains("waiting for the etcd prefix"))
+            .find_map(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next()?.parse().ok());
+        async move { found }
+    })
     .await;
-    let out = run(std::process::Command::new(bin("cloud-manager"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path().join("m2"))
-        .args(&args));
-    assert!(!out.ok, "a second manager started on the same prefix");
-    assert!(
-        out.stderr.contains("another manager holds this prefix")
-            && out.stderr.contains("--etcd-prefix"),
-        "{}",
-        out.stderr
+    let (a_addr, b_str) = (a.addr.to_string(), b_addr.to_string());
+    assert_eq!(leader_status(&a_addr, &a.ca()).await, Some(1));
+    eventually("the standby's health", DEADLINE, || {
+        let (b, ca) = (b_str.clone(), a.ca());
+        async move { (leader_status(&b, &ca).await == Some(2)).then_some(()) }
+    })
+    .await;
+    let mut standby_tenant = tenant_client(
+        &b_addr,
+        &a.ca(),
+        Some((&b_dir.join("tenant.pem"), &b_dir.join("tenant.key"))),
     );
-    // Another prefix is another store.
-    let other = etcd_args(&etcd.url, "/ep-other");
-    let second = Manager::start_on(
-        &tmp.path().join("m3"),
-        "127.0.0.1:0".parse().unwrap(),
-        &strs(&other),
-    )
+    let refused = list_nodes_with(&mut standby_tenant, Default::default()).await;
+    assert!(refused.is_err(), "a standby served a tenant call");
+
+    // An agent that knows both addresses.
+    let mut cmd = std::process::Command::new(bin("edge-agent"));
+    cmd.args(["run", "--new-session", "--data-dir"])
+        .arg(&node.dir)
+        .args(["--manager", &format!("{a_addr},{b_str}")])
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"]);
+    let _agent = Proc::spawn_session("edge-1", &mut cmd, &node.dir.join("agent.log"));
+    wait_connected(&a, "edge-1").await;
+
+    // The leader dies (SIGKILL: its hold ends with its lease, 2 s): the
+    // standby leads within 5 s, with everything the leader committed, and
+    // the agent moves to it.
+    a.proc.kill();
+    let killed = std::time::Instant::now();
+    eventually("the standby to lead", DEADLINE, || {
+        let (b, ca) = (b_str.clone(), a.ca());
+        async move { (leader_status(&b, &ca).await == Some(1)).then_some(()) }
+    })
     .await;
-    create_token(&mut second.tenant(), 60).await;
-    assert!(!etcd.keys("/ep-other/tokens/").await.is_empty());
-    assert!(etcd.keys("/ep-two/tokens/").await.is_empty());
-    drop(first);
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "new leader after {took:?}");
+    let b = Manager {
+        dir: b_dir.clone(),
+        addr: b_addr,
+        proc: b_proc,
+    };
+    let n = wait_connected(&b, "edge-1").await;
+    assert_eq!(n.node_id, "edge-1");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "agent back after {:?}",
+        killed.elapsed()
+    );
+    drop(a);
 }
 
 #[tokio::test]
@@ -166,6 +243,15 @@ async fn a_manager_that_lost_the_prefix_writes_nothing() {
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     assert_eq!(etcd.keys("/ep-fence/tokens/").await.len(), 1);
     assert!(m.proc.log_text().contains("no longer holds the prefix"));
+    // A deposed leader stops acting: it exits with an error.
+    let mut m = m;
+    let status = m.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    assert!(
+        m.proc
+            .log_text()
+            .contains("lost its hold on the etcd prefix")
+    );
 }
 
 #[tokio::test]
