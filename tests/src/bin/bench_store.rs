@@ -7,11 +7,19 @@
 //!   cargo build --release --workspace --bins
 //!   target/release/bench-store [--writes 300] [--concurrency 8]
 //!
+//! Then the leader's loss: two managers on the etcd prefix (a leader and a
+//! standby replica), the leader SIGKILLed `--kills` times (default 5, the
+//! killed one restarted as the next standby), timing each time until the
+//! standby's health says it leads (`edge.v1.Leader` SERVING), with the
+//! default lease TTL (`etcd_lease_ttl_seconds`, 4 s).
+//!
 //! Prints one line per store and load, then one JSON object (last line)
 //! with `redb_p50_ms`, `redb_p99_ms`, `etcd_p50_ms`, `etcd_p99_ms` (one
-//! writer) and the same with `_concurrent` (`--concurrency` writers).
+//! writer), the same with `_concurrent` (`--concurrency` writers), and
+//! `leader_takeover_p50_ms`, `leader_takeover_max_ms`.
 
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use edgepool_common::proto as pb;
 use edgepool_tests::procstat::percentile;
@@ -85,6 +93,91 @@ async fn measure(m: &Manager, writes: usize, concurrency: usize) -> Figures {
     }
 }
 
+/// `edge.v1.Leader` on the manager at `addr` (1 SERVING, 2 NOT_SERVING).
+async fn leader_status(addr: &str, ca: &Path) -> Option<i32> {
+    let tls = client_tls(ca, None);
+    let ch = edgepool_common::tls::channel(addr, tls, Duration::from_secs(2)).ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "edge.v1.Leader".into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// A manager on the etcd prefix at a fixed address (leader or standby).
+fn replica(dir: &Path, addr: &str, url: &str, n: usize) -> Proc {
+    let mut cmd = std::process::Command::new(bin("cloud-manager"));
+    cmd.args(["serve", "--listen", addr, "--data-dir"])
+        .arg(dir)
+        .args(["--store", "etcd", "--etcd-endpoints", url]);
+    Proc::spawn(
+        "cloud-manager",
+        &mut cmd,
+        &dir.join(format!("replica-{n}.log")),
+    )
+}
+
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.to_string())
+        .expect("a free port")
+}
+
+async fn wait_status(addr: &str, ca: &Path, want: i32) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if leader_status(addr, ca).await == Some(want) {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} never reported edge.v1.Leader status {want}");
+}
+
+/// Kills the leader `kills` times; the time from each kill to the
+/// standby's SERVING, sorted.
+async fn takeovers(first: &Path, root: &Path, url: &str, kills: usize) -> Vec<f64> {
+    let ca = first.join("ca.pem");
+    let dirs: [PathBuf; 2] = [first.to_path_buf(), root.join("replica-b")];
+    std::fs::create_dir_all(&dirs[1]).expect("replica dir");
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "tenant.pem",
+        "tenant.key",
+        "store.key",
+    ] {
+        std::fs::copy(first.join(f), dirs[1].join(f)).expect("copy replica files");
+    }
+    let addrs = [free_addr(), free_addr()];
+    let mut procs = [Some(replica(&dirs[0], &addrs[0], url, 0)), None];
+    wait_status(&addrs[0], &ca, 1).await;
+    procs[1] = Some(replica(&dirs[1], &addrs[1], url, 1));
+    wait_status(&addrs[1], &ca, 2).await;
+    let mut times = Vec::new();
+    let mut leader = 0;
+    for k in 0..kills {
+        let standby = 1 - leader;
+        if let Some(mut p) = procs[leader].take() {
+            p.kill();
+        }
+        let killed = Instant::now();
+        let led = wait_status(&addrs[standby], &ca, 1).await;
+        times.push((led - killed).as_secs_f64() * 1000.0);
+        // The killed one comes back as the next standby.
+        procs[leader] = Some(replica(&dirs[leader], &addrs[leader], url, 2 + k));
+        wait_status(&addrs[leader], &ca, 2).await;
+        leader = standby;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times
+}
+
 fn print(name: &str, f: &Figures, concurrency: usize) {
     eprintln!(
         "bench-store: {name}: one writer p50 {:.2} ms p99 {:.2} ms; {concurrency} writers p50 {:.2} ms p99 {:.2} ms",
@@ -105,16 +198,26 @@ async fn main() {
     print("redb", &redb, concurrency);
 
     let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let etcd_dir = tmp.path().join("etcd-manager");
     let on_etcd = {
         let m = Manager::start_on(
-            &tmp.path().join("etcd-manager"),
+            &etcd_dir,
             "127.0.0.1:0".parse().expect("addr"),
             &["--store", "etcd", "--etcd-endpoints", &etcd.url],
         )
         .await;
-        measure(&m, writes, concurrency).await
+        let f = measure(&m, writes, concurrency).await;
+        // A graceful stop: the prefix is free at once for the next phase.
+        m.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut m = m;
+        m.proc.wait_exit(Duration::from_secs(15));
+        f
     };
     print("etcd", &on_etcd, concurrency);
+
+    let kills = number_arg("--kills", 5) as usize;
+    let took = takeovers(&etcd_dir, tmp.path(), &etcd.url, kills).await;
+    eprintln!("bench-store: leader SIGKILLed {kills} times, a standby led after {took:.0?} ms");
 
     let r = |x: f64| (x * 100.0).round() / 100.0;
     println!(
@@ -130,6 +233,8 @@ async fn main() {
             "etcd_p99_ms": r(on_etcd.p99),
             "etcd_concurrent_p50_ms": r(on_etcd.c_p50),
             "etcd_concurrent_p99_ms": r(on_etcd.c_p99),
+            "leader_takeover_p50_ms": r(percentile(&took, 50.0)),
+            "leader_takeover_max_ms": r(percentile(&took, 100.0)),
         })
     );
 }
