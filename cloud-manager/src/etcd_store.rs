@@ -509,33 +509,53 @@ fn block<T: Send + 'static>(
 }
 
 /// Keeps the owner lease alive (a third of the TTL apart) until the
-/// runtime stops; flags `lost` once the lease is gone or a TTL passes
-/// without a renewal.
+/// runtime stops; flags `lost` when the lease is gone, or when it may have
+/// expired: the lease counts from the moment a renewal was *sent* (etcd
+/// renewed it later than that), less a margin, so this manager stops
+/// acting before etcd lets another one lead.
 async fn keep_alive(client: Etcd, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
     let every = ttl / 3;
-    let mut last_ok = tokio::time::Instant::now();
+    let margin = (ttl / 4).min(Duration::from_secs(1));
+    // Granted just before this task started.
+    let mut valid_until = tokio::time::Instant::now() + ttl.saturating_sub(margin);
     loop {
-        match client.keep_alive_once(lease).await {
-            Ok(left) if left > 0 => {
-                last_ok = tokio::time::Instant::now();
-                tokio::time::sleep(every).await;
+        let sent = tokio::time::Instant::now();
+        // A try never runs past the lease as we know it.
+        let budget = every.min(valid_until.saturating_duration_since(sent));
+        if budget.is_zero() {
+            break;
+        }
+        let renewed = tokio::time::timeout(budget, client.keep_alive_once(lease)).await;
+        match renewed {
+            Ok(Ok(left)) if left > 0 => {
+                let left = Duration::from_secs(u64::try_from(left).unwrap_or(0));
+                valid_until = sent + left.saturating_sub(margin);
+                tokio::time::sleep_until((sent + every).min(valid_until)).await;
                 continue;
             }
-            Ok(_) => {}
-            Err(e) if last_ok.elapsed() < ttl => {
-                tracing::warn!(error = %e, "etcd lease keep-alive failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            // The lease is gone (expired, or revoked).
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) if tokio::time::Instant::now() < valid_until => {
+                tracing::warn!(
+                    left_ms = valid_until
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .as_millis() as u64,
+                    "etcd lease keep-alive failed; retrying"
+                );
+                let pause = Duration::from_millis(200).min(every);
+                tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(valid_until))
+                    .await;
                 continue;
             }
-            Err(_) => {}
+            Ok(Err(_)) | Err(_) => {}
         }
-        if !lost.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                lease,
-                "lost the etcd lease: this manager can no longer write its state"
-            );
-        }
-        return;
+        break;
+    }
+    if !lost.swap(true, Ordering::Relaxed) {
+        tracing::error!(
+            lease,
+            "lost the etcd lease: this manager can no longer write its state"
+        );
     }
 }
 

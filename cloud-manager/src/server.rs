@@ -247,7 +247,7 @@ impl ManagerServer {
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                     }
                     if lost.load(Ordering::Relaxed) {
                         reporter

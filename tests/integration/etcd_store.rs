@@ -408,3 +408,62 @@ async fn etcd_over_tls_with_client_certificates() {
     create_token(&mut m.tenant(), 60).await;
     assert_eq!(etcd.keys("/ep-tls/tokens/").await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_leader_cut_off_from_etcd_stops_before_another_leads() {
+    let tmp = TempDir::new().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd")).await;
+    let target: SocketAddr = etcd.url.trim_start_matches("http://").parse().unwrap();
+    // The leader reaches etcd through a proxy that will drop everything.
+    let proxy = Proxy::start(target).await;
+    // The default lease (4 s): the leader stops a second before it could
+    // have expired.
+    let a_args = etcd_args(&format!("http://{}", proxy.addr), "/ep-cut");
+    let a_dir = tmp.path().join("a");
+    let a = Manager::start_on(&a_dir, "127.0.0.1:0".parse().unwrap(), &strs(&a_args)).await;
+    let b_dir = tmp.path().join("b");
+    replica_dir(&a_dir, &b_dir);
+    let b_args = etcd_args(&etcd.url, "/ep-cut");
+    let b_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cmd = std::process::Command::new(bin("cloud-manager"));
+    cmd.args(["serve", "--listen", &b_addr.to_string(), "--data-dir"])
+        .arg(&b_dir)
+        .args(&b_args);
+    let _b = Proc::spawn("standby", &mut cmd, &b_dir.join("b.log"));
+    let (a_str, b_str, ca) = (a.addr.to_string(), b_addr.to_string(), a.ca());
+    eventually("the standby's health", DEADLINE, || {
+        let (b, ca) = (b_str.clone(), ca.clone());
+        async move { (leader_status(&b, &ca).await == Some(2)).then_some(()) }
+    })
+    .await;
+    assert_eq!(leader_status(&a_str, &ca).await, Some(1));
+
+    proxy.blackhole();
+    let cut = std::time::Instant::now();
+    let mut a_stopped = None;
+    let mut b_leads = None;
+    while cut.elapsed() < Duration::from_secs(20) && (a_stopped.is_none() || b_leads.is_none()) {
+        if a_stopped.is_none() && leader_status(&a_str, &ca).await != Some(1) {
+            a_stopped = Some(cut.elapsed());
+        }
+        if b_leads.is_none() && leader_status(&b_str, &ca).await == Some(1) {
+            b_leads = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (a_stopped, b_leads) = (
+        a_stopped.expect("the cut leader never stopped"),
+        b_leads.expect("no new leader"),
+    );
+    assert!(
+        a_stopped < b_leads,
+        "the old leader stopped at {a_stopped:?}, the new one led at {b_leads:?}"
+    );
+    assert!(
+        b_leads < Duration::from_secs(6),
+        "new leader after {b_leads:?}"
+    );
+}
