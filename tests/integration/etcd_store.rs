@@ -195,6 +195,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     })
     .await;
     let took = killed.elapsed();
+    let led = std::time::Instant::now();
     assert!(took < Duration::from_secs(5), "new leader after {took:?}");
     let b = Manager {
         dir: b_dir.clone(),
@@ -203,10 +204,11 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     };
     let n = wait_connected(&b, "edge-1").await;
     assert_eq!(n.node_id, "edge-1");
+    // The agent is on the new leader within 5 s of it leading.
     assert!(
-        killed.elapsed() < Duration::from_secs(10),
-        "agent back after {:?}",
-        killed.elapsed()
+        led.elapsed() < Duration::from_secs(5),
+        "agent back {:?} after the new leader",
+        led.elapsed()
     );
     drop(a);
 }
