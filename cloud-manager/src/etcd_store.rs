@@ -14,9 +14,9 @@
 //! | `PREFIX/owner` | which manager writes (bound to its lease) |
 //!
 //! **One writer, fenced.** On open the manager takes `PREFIX/owner` with an
-//! etcd lease (`etcd_lease_ttl_seconds`) that it keeps alive; a second
-//! manager on the same prefix is refused, as a second manager on a redb
-//! file is. The owner key names the host and data dir of its holder, and
+//! etcd lease (`etcd_lease_ttl_seconds`) that it keeps alive; another
+//! manager on the same prefix waits as a standby (`EtcdOptions::standby`,
+//! what `serve` uses) or is refused. The owner key names the host and data dir of its holder, and
 //! the holder keeps an exclusive lock on `DATA_DIR/manager.lock`: a manager
 //! restarted on the same host and data dir (after a crash that left the
 //! key to its lease) knows the old holder is gone, and takes the prefix

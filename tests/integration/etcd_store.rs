@@ -99,37 +99,6 @@ async fn a_pool_on_etcd_survives_a_manager_kill() {
     }
 }
 
-/// `edge.v1.Leader` on the manager at `addr`: SERVING (1) on the leader,
-/// NOT_SERVING (2) on a standby, None when nothing answers.
-async fn leader_status(addr: &str, ca: &std::path::Path) -> Option<i32> {
-    let tls = client_tls(ca, None);
-    let ch = edgepool_common::tls::channel(addr, tls, Duration::from_secs(2)).ok()?;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-    h.check(tonic_health::pb::HealthCheckRequest {
-        service: "edge.v1.Leader".into(),
-    })
-    .await
-    .ok()
-    .map(|r| r.into_inner().status)
-}
-
-/// A replica's data dir: the first one's CA, server certificate, tenant
-/// bundle and store key (what docs/install.md says to copy).
-fn replica_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in [
-        "ca.pem",
-        "ca.key",
-        "server.pem",
-        "server.key",
-        "tenant.pem",
-        "tenant.key",
-        "store.key",
-    ] {
-        std::fs::copy(from.join(f), to.join(f)).unwrap();
-    }
-}
-
 #[tokio::test]
 async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let tmp = TempDir::new().unwrap();
@@ -143,7 +112,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     // A second manager on the same prefix waits as a standby: it answers
     // health, says it does not lead, and serves no tenant or agent call.
     let b_dir = tmp.path().join("b");
-    replica_dir(&a_dir, &b_dir);
+    copy_replica_files(&a_dir, &b_dir);
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&b_dir)
@@ -321,21 +290,7 @@ async fn a_manager_with_another_store_key_is_refused_until_it_has_the_key() {
     assert!(out.stderr.contains("store.key"), "{}", out.stderr);
     // With the first manager's key (copied like ca.key) it starts and reads
     // what the first one wrote.
-    std::fs::copy(
-        tmp.path().join("m1/store.key"),
-        second_dir.join("store.key"),
-    )
-    .unwrap();
-    for f in [
-        "ca.pem",
-        "ca.key",
-        "server.pem",
-        "server.key",
-        "tenant.pem",
-        "tenant.key",
-    ] {
-        std::fs::copy(tmp.path().join("m1").join(f), second_dir.join(f)).unwrap();
-    }
+    copy_replica_files(&tmp.path().join("m1"), &second_dir);
     let second = Manager::start_on(&second_dir, "127.0.0.1:0".parse().unwrap(), &strs(&args)).await;
     // It writes where the first one did.
     create_token(&mut second.tenant(), 60).await;
@@ -424,7 +379,7 @@ async fn a_leader_cut_off_from_etcd_stops_before_another_leads() {
     let a_dir = tmp.path().join("a");
     let a = Manager::start_on(&a_dir, "127.0.0.1:0".parse().unwrap(), &strs(&a_args)).await;
     let b_dir = tmp.path().join("b");
-    replica_dir(&a_dir, &b_dir);
+    copy_replica_files(&a_dir, &b_dir);
     let b_args = etcd_args(&etcd.url, "/ep-cut");
     let b_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -920,6 +920,39 @@ impl Etcd {
     }
 }
 
+/// `grpc.health.v1.Health/Check` of `edge.v1.Leader` on the manager at
+/// `addr`: SERVING (1) on the leader, NOT_SERVING (2) on a standby, None
+/// when nothing answers.
+pub async fn leader_status(addr: &str, ca: &Path) -> Option<i32> {
+    let tls = client_tls(ca, None);
+    let ch = tls::channel(addr, tls, Duration::from_secs(2)).ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "edge.v1.Leader".into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner().status)
+}
+
+/// Makes `to` a replica's data dir: copies of `from`'s CA, server
+/// certificate, tenant bundle and store key (what docs/install.md says to
+/// copy to each replica).
+pub fn copy_replica_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("replica dir");
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "tenant.pem",
+        "tenant.key",
+        "store.key",
+    ] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copying a replica file");
+    }
+}
+
 fn etcd_client(url: &str, tls: Option<&EtcdTls>) -> cloud_manager::etcd::Etcd {
     cloud_manager::etcd::Etcd::connect(&cloud_manager::etcd::Connect {
         endpoints: vec![url.to_string()],

@@ -93,19 +93,6 @@ async fn measure(m: &Manager, writes: usize, concurrency: usize) -> Figures {
     }
 }
 
-/// `edge.v1.Leader` on the manager at `addr` (1 SERVING, 2 NOT_SERVING).
-async fn leader_status(addr: &str, ca: &Path) -> Option<i32> {
-    let tls = client_tls(ca, None);
-    let ch = edgepool_common::tls::channel(addr, tls, Duration::from_secs(2)).ok()?;
-    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-    h.check(tonic_health::pb::HealthCheckRequest {
-        service: "edge.v1.Leader".into(),
-    })
-    .await
-    .ok()
-    .map(|r| r.into_inner().status)
-}
-
 /// A manager on the etcd prefix at a fixed address (leader or standby).
 fn replica(dir: &Path, addr: &str, url: &str, n: usize) -> Proc {
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
@@ -142,18 +129,7 @@ async fn wait_status(addr: &str, ca: &Path, want: i32) -> Instant {
 async fn takeovers(first: &Path, root: &Path, url: &str, kills: usize) -> Vec<f64> {
     let ca = first.join("ca.pem");
     let dirs: [PathBuf; 2] = [first.to_path_buf(), root.join("replica-b")];
-    std::fs::create_dir_all(&dirs[1]).expect("replica dir");
-    for f in [
-        "ca.pem",
-        "ca.key",
-        "server.pem",
-        "server.key",
-        "tenant.pem",
-        "tenant.key",
-        "store.key",
-    ] {
-        std::fs::copy(first.join(f), dirs[1].join(f)).expect("copy replica files");
-    }
+    copy_replica_files(first, &dirs[1]);
     let addrs = [free_addr(), free_addr()];
     let mut procs = [Some(replica(&dirs[0], &addrs[0], url, 0)), None];
     wait_status(&addrs[0], &ca, 1).await;
