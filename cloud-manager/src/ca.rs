@@ -22,6 +22,9 @@ const ROOT_VALIDITY: Duration = Duration::days(3650);
 const SERVER_VALIDITY: Duration = Duration::days(365);
 /// Tenant client certificates.
 const TENANT_VALIDITY: Duration = Duration::days(365);
+/// Lifetime of a replica's forwarding certificate (a standby makes a new
+/// one well before; see `forward`).
+const REPLICA_VALIDITY: Duration = Duration::days(30);
 /// Certificates are back-dated this much to tolerate clock skew.
 pub(crate) const SKEW: Duration = Duration::minutes(5);
 
@@ -196,6 +199,19 @@ impl Ca {
             params.subject_alt_names.push(san);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue_with_new_key(params)
+    }
+
+    /// A replica's client certificate (URI `spiffe://<domain>/manager`,
+    /// client auth only, signed by the root itself): a standby presents it
+    /// when it forwards a call to the leader. Made in memory, never written.
+    pub fn issue_replica_client(&self) -> Result<IssuedWithKey, CaError> {
+        let identity = Identity::Manager {
+            domain: self.domain.clone(),
+        };
+        let mut params =
+            self.leaf_params(&identity, REPLICA_VALIDITY, "edgepool manager replica")?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue_with_new_key(params)
     }
 

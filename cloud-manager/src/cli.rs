@@ -152,6 +152,10 @@ pub struct ServeArgs {
     /// Operations per etcd transaction at most (etcd's --max-txn-ops).
     #[arg(long, env = "EDGEPOOL_ETCD_MAX_TXN_OPS")]
     pub etcd_max_txn_ops: Option<u32>,
+    /// HOST:PORT at which other replicas reach this manager (default: the
+    /// listen address, or this host's name when listening on all addresses).
+    #[arg(long, env = "EDGEPOOL_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -225,6 +229,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.store {
             c.store = v;
+        }
+        if let Some(v) = &self.advertise_address {
+            c.advertise_address = Some(v.clone());
         }
         if !self.etcd_endpoints.is_empty() {
             c.etcd_endpoints = self.etcd_endpoints.clone();

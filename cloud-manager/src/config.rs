@@ -138,6 +138,11 @@ pub struct ManagerConfig {
     /// `--max-txn-ops` (128 unless the etcd server was started with
     /// another value). Default 128.
     pub etcd_max_txn_ops: u32,
+    /// `HOST:PORT` at which the other replicas of an etcd prefix reach this
+    /// manager: a standby forwards tenant and agent calls to the leader's
+    /// advertised address. Default: the listen address, or this host's
+    /// name with the listen port when `listen` is a wildcard address.
+    pub advertise_address: Option<String>,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -191,6 +196,7 @@ impl Default for ManagerConfig {
             etcd_key: None,
             etcd_lease_ttl_seconds: 4,
             etcd_max_txn_ops: 128,
+            advertise_address: None,
             log_format: LogFormat::Plain,
         }
     }
@@ -338,6 +344,14 @@ impl ManagerConfig {
                 "must be between 2 and 3600",
             ));
         }
+        if let Some(a) = &self.advertise_address {
+            edgepool_common::tls::server_name_of(a).map_err(|_| {
+                invalid(
+                    "advertise_address",
+                    "must be HOST:PORT (e.g. m1.example.net:7443)",
+                )
+            })?;
+        }
         if !(8..=100_000).contains(&self.etcd_max_txn_ops) {
             return Err(invalid("etcd_max_txn_ops", "must be between 8 and 100000"));
         }
@@ -369,6 +383,15 @@ mod tests {
         let c = ManagerConfig::from_toml(text).unwrap();
         assert_eq!(c, ManagerConfig::default());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn advertise_address_must_be_host_and_port() {
+        let bad = ManagerConfig::from_toml("advertise_address = \"m1.example.net\"").unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("advertise_address"), "{err}");
+        let good = ManagerConfig::from_toml("advertise_address = \"m1.example.net:7443\"").unwrap();
+        good.validate().unwrap();
     }
 
     #[test]

@@ -89,6 +89,21 @@ pub struct EtcdOptions {
     pub standby: bool,
     /// Set to give up waiting (shutdown).
     pub stop: Option<Arc<AtomicBool>>,
+    /// `HOST:PORT` at which the other replicas reach this manager; written
+    /// in the owner key while it leads.
+    pub advertise: String,
+    /// While waiting as a standby: kept set to the leader's advertised
+    /// address (where the standby forwards calls), `None` while no
+    /// manager leads.
+    pub leader: Option<Arc<std::sync::Mutex<Option<String>>>>,
+}
+
+/// The advertised address in an owner key's value (`... addr HOST:PORT`).
+pub fn holder_address(holder: &str) -> Option<&str> {
+    holder
+        .rsplit_once(" addr ")
+        .map(|(_, a)| a.trim())
+        .filter(|a| !a.is_empty())
 }
 
 pub struct EtcdStore {
@@ -142,7 +157,11 @@ impl EtcdStore {
         // What the owner key says: who holds the prefix, and (the part
         // before the pid) whether that is an earlier run of this manager.
         let ours = format!("host {} data dir {}", hostname(), data_dir.display());
-        let me = format!("{ours} pid {}", std::process::id());
+        let me = format!(
+            "{ours} pid {} addr {}",
+            std::process::id(),
+            options.advertise
+        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("etcd-client")
@@ -165,6 +184,16 @@ impl EtcdStore {
             let (key, c, me, ours) = (owner_key.clone(), client.clone(), me.clone(), ours.clone());
             let attempt = block(&rt, async move { take(&c, &key, &me, &ours, ttl).await })
                 .map_err(&backend)?;
+            if let Some(leader) = &options.leader {
+                let now = attempt
+                    .as_ref()
+                    .err()
+                    .and_then(|h| holder_address(h))
+                    .map(str::to_string);
+                if let Ok(mut slot) = leader.lock() {
+                    *slot = now;
+                }
+            }
             match attempt {
                 Ok(taken) => break taken,
                 Err(holder) if options.standby => {

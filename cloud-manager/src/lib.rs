@@ -15,6 +15,7 @@ pub mod etcd;
 pub mod etcd_store;
 pub mod events;
 pub mod failover;
+pub mod forward;
 pub mod live;
 pub mod liveness;
 pub mod manager;

@@ -19,6 +19,7 @@ use crate::api::TenantApi;
 use crate::ca::{self, Ca, CaFiles};
 use crate::config::{ManagerConfig, StoreKind};
 use crate::etcd_store::{EtcdOptions, EtcdStore};
+use crate::forward::{self, Forwarded, LeaderLink};
 use crate::manager::Manager;
 use crate::store::{RedbStore, Store};
 
@@ -102,9 +103,12 @@ pub async fn build_until(
             let standby_listener = TcpListener::from_std(std.try_clone()?)?;
             let listener = TcpListener::from_std(std)?;
             let standby_stop = CancellationToken::new();
-            let standby = tokio::spawn(serve_standby(
+            let leader = Arc::new(std::sync::Mutex::new(None));
+            let link = LeaderLink::new(files.clone(), &config.trust_domain, leader.clone());
+            let mut standby = tokio::spawn(serve_standby(
                 standby_listener,
                 tls_config.clone(),
+                link,
                 standby_stop.clone(),
             ));
             let stop = Arc::new(AtomicBool::new(false));
@@ -115,10 +119,18 @@ pub async fn build_until(
                     stop.store(true, Ordering::Relaxed);
                 }
             });
-            let opened = open_store(&config, Some(stop)).await;
+            let advertise = advertise_address(&config, local_addr);
+            let opened = open_store(&config, Some((stop, leader, advertise))).await;
             watcher.abort();
+            // Calls forwarded to the old leader end now; their clients
+            // come back (here or to another replica).
             standby_stop.cancel();
-            let _ = standby.await;
+            if tokio::time::timeout(Duration::from_secs(1), &mut standby)
+                .await
+                .is_err()
+            {
+                standby.abort();
+            }
             (listener, opened?)
         }
     };
@@ -136,18 +148,40 @@ pub async fn build_until(
 /// on the manager that holds the store, NOT_SERVING on a standby.
 pub const LEADER_SERVICE: &str = "edge.v1.Leader";
 
+/// Where the other replicas reach this manager: `advertise_address`, or
+/// the listen address (this host's name with the port when it listens on
+/// every address).
+fn advertise_address(config: &ManagerConfig, local: SocketAddr) -> String {
+    match &config.advertise_address {
+        Some(a) => a.clone(),
+        None if local.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", local.port())
+        }
+        None => local.to_string(),
+    }
+}
+
 /// What a standby replica serves while it waits to lead: health (with
-/// `edge.v1.Leader` NOT_SERVING) and reflection. Tenant and agent calls
-/// find no service (UNIMPLEMENTED) and go to another address.
+/// `edge.v1.Leader` NOT_SERVING), reflection, and the tenant and agent
+/// services, whose calls it forwards to the leader (see `forward`).
 async fn serve_standby(
     listener: TcpListener,
     tls_config: Arc<rustls::ServerConfig>,
+    link: Arc<LeaderLink>,
     stop: CancellationToken,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status(LEADER_SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
+    for name in [forward::Tenant::NAME, forward::Agent::NAME] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let Ok((reflection_v1, reflection_v1alpha)) = edgepool_common::grpc::reflection() else {
         return;
     };
@@ -158,9 +192,13 @@ async fn serve_standby(
         stop.clone(),
     );
     let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(forward::Forward::<forward::Tenant>::new(link.clone()))
+        .add_service(forward::Forward::<forward::Agent>::new(link))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await;
     if let Err(e) = served {
@@ -168,13 +206,18 @@ async fn serve_standby(
     }
 }
 
+/// How a standby waits for the etcd prefix: the flag that ends the wait,
+/// where to keep the leader's address, and this manager's own.
+type Standby = (Arc<AtomicBool>, LeaderSlot, String);
+type LeaderSlot = Arc<std::sync::Mutex<Option<String>>>;
+
 /// The store the config names: `state.redb` in the data dir, or etcd. For
-/// etcd, `stop` given: wait as a standby while another manager holds the
-/// prefix, until it is free (or `stop` is set). Also returns the flag set
-/// when the etcd hold is lost.
+/// etcd, `standby` given: wait as a standby while another manager holds the
+/// prefix, until it is free (or the stop flag is set). Also returns the
+/// flag set when the etcd hold is lost.
 async fn open_store(
     config: &ManagerConfig,
-    stop: Option<Arc<AtomicBool>>,
+    standby: Option<Standby>,
 ) -> anyhow::Result<(Box<dyn Store>, Option<Arc<AtomicBool>>)> {
     Ok(match config.store {
         StoreKind::Redb => (Box::new(RedbStore::open(&config.data_dir)?), None),
@@ -188,8 +231,13 @@ async fn open_store(
                 lease_ttl_seconds: config.etcd_lease_ttl_seconds,
                 max_txn_ops: config.etcd_max_txn_ops,
                 data_dir: config.data_dir.clone(),
-                standby: stop.is_some(),
-                stop,
+                standby: standby.is_some(),
+                advertise: standby
+                    .as_ref()
+                    .map(|s| s.2.clone())
+                    .unwrap_or_else(|| config.listen.to_string()),
+                stop: standby.as_ref().map(|s| s.0.clone()),
+                leader: standby.map(|s| s.1),
             };
             // Connecting blocks (the client has its own runtime).
             let store = tokio::task::spawn_blocking(move || EtcdStore::open(&options)).await??;

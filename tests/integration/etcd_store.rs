@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use edgepool_common::proto as pb;
+use edgepool_common::tls;
 use edgepool_tests::*;
 
 use crate::pools::{Fleet, app, create_pool, get_pool, wait_running};
@@ -110,7 +111,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let node = enroll(&a, tmp.path(), "edge-1").await;
 
     // A second manager on the same prefix waits as a standby: it answers
-    // health, says it does not lead, and serves no tenant or agent call.
+    // health and says it does not lead.
     let b_dir = tmp.path().join("b");
     copy_replica_files(&a_dir, &b_dir);
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
@@ -128,6 +129,11 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         async move { found }
     })
     .await;
+    let b = Manager {
+        dir: b_dir.clone(),
+        addr: b_addr,
+        proc: b_proc,
+    };
     let (a_addr, b_str) = (a.addr.to_string(), b_addr.to_string());
     assert_eq!(leader_status(&a_addr, &a.ca()).await, Some(1));
     eventually("the standby's health", DEADLINE, || {
@@ -135,15 +141,41 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         async move { (leader_status(&b, &ca).await == Some(2)).then_some(()) }
     })
     .await;
-    let mut standby_tenant = tenant_client(
-        &b_addr,
-        &a.ca(),
-        Some((&b_dir.join("tenant.pem"), &b_dir.join("tenant.key"))),
-    );
-    let refused = list_nodes_with(&mut standby_tenant, Default::default()).await;
-    assert!(refused.is_err(), "a standby served a tenant call");
 
-    // An agent that knows both addresses.
+    // The standby takes tenant calls (it forwards them to the leader)...
+    let listed = eventually("a tenant call through the standby", DEADLINE, || {
+        let mut t = b.tenant();
+        async move { list_nodes_with(&mut t, Default::default()).await.ok() }
+    })
+    .await;
+    assert!(
+        listed.concat().iter().any(|n| n.node_id == "edge-1"),
+        "{listed:?}"
+    );
+    // ... a node enrolls through it ...
+    let other = enroll(&b, tmp.path(), "edge-2").await;
+    // ... and the caller is the certificate it presented: a header naming
+    // another certificate changes nothing, sent to either replica (a tenant
+    // posing as a node would be refused by TenantService).
+    let node_der = tls::read_certs(&node.dir.join("node.pem")).unwrap()[0].clone();
+    for m in [&a, &b] {
+        let mut req = tonic::Request::new(pb::ListNodesRequest::default());
+        req.metadata_mut().insert(
+            "x-edgepool-forwarded-cert",
+            edgepool_common::identity::hex(node_der.as_ref())
+                .parse()
+                .unwrap(),
+        );
+        let nodes = m
+            .tenant()
+            .list_nodes(req)
+            .await
+            .expect("tenant call with a forged header");
+        assert!(nodes.into_inner().nodes.len() >= 2);
+    }
+
+    // An agent that knows both addresses, and one that knows only the
+    // standby's: its stream reaches the leader through the standby.
     let mut cmd = std::process::Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&node.dir)
@@ -151,7 +183,19 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"]);
     let _agent = Proc::spawn_session("edge-1", &mut cmd, &node.dir.join("agent.log"));
+    let mut cmd = std::process::Command::new(bin("edge-agent"));
+    cmd.args(["run", "--new-session", "--data-dir"])
+        .arg(&other.dir)
+        .args(["--manager", &b_str])
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"]);
+    let _other = Proc::spawn_session("edge-2", &mut cmd, &other.dir.join("agent.log"));
     wait_connected(&a, "edge-1").await;
+    wait_connected(&a, "edge-2").await;
+    // Its telemetry flows both ways through the standby: the leader sees
+    // it as connected, with its usage, as seen from the standby too.
+    let via_b = wait_connected(&b, "edge-2").await;
+    assert!(via_b.capacity.is_some());
 
     // The leader dies (SIGKILL: its hold ends with its lease, 2 s): the
     // standby leads within 5 s, with everything the leader committed, and
@@ -166,11 +210,6 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let took = killed.elapsed();
     let led = std::time::Instant::now();
     assert!(took < Duration::from_secs(5), "new leader after {took:?}");
-    let b = Manager {
-        dir: b_dir.clone(),
-        addr: b_addr,
-        proc: b_proc,
-    };
     let n = wait_connected(&b, "edge-1").await;
     assert_eq!(n.node_id, "edge-1");
     // The agent is on the new leader within 5 s of it leading.
@@ -179,6 +218,8 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
         "agent back {:?} after the new leader",
         led.elapsed()
     );
+    // So is the agent that knew only the standby's address.
+    wait_connected(&b, "edge-2").await;
     drop(a);
 }
 
