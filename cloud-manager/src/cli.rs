@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// A suspect member is failed over after this long (ms).
     #[arg(long, env = "EDGEPOOL_FAILURE_GRACE_MS")]
     pub failure_grace_ms: Option<u32>,
+    /// After start (or taking over as leader), a member not heard from yet
+    /// is not failed over for this long (ms; 0 = no grace).
+    #[arg(long, env = "EDGEPOOL_STARTUP_GRACE_MS")]
+    pub startup_grace_ms: Option<u32>,
     /// How often the failure detector runs (ms).
     #[arg(long, env = "EDGEPOOL_FAILURE_CHECK_MS")]
     pub failure_check_ms: Option<u32>,
@@ -202,6 +206,7 @@ impl ServeArgs {
             (self.member_cert_check_ms, &mut c.member_cert_check_ms),
             (self.heartbeat_timeout_ms, &mut c.heartbeat_timeout_ms),
             (self.failure_grace_ms, &mut c.failure_grace_ms),
+            (self.startup_grace_ms, &mut c.startup_grace_ms),
             (self.failure_check_ms, &mut c.failure_check_ms),
             (self.peer_check_timeout_ms, &mut c.peer_check_timeout_ms),
             (self.ping_timeout_ms, &mut c.ping_timeout_ms),

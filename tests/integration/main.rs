@@ -20,6 +20,7 @@ mod offload_faults;
 mod packaging;
 mod peers;
 mod pools;
+mod replicas;
 mod scale;
 mod storm;
 mod stream;

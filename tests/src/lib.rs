@@ -292,6 +292,44 @@ impl Manager {
         }
     }
 
+    /// Starts a replica, `cloud-manager serve --listen LISTEN` with `extra`
+    /// (an etcd store): returns once it listens, as the leader or as a
+    /// standby.
+    pub async fn start_replica(
+        dir: &Path,
+        listen: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Manager {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::fs::create_dir_all(dir).expect("replica dir");
+        let log = dir.join(format!("replica-{n}.log"));
+        let mut cmd = Command::new(bin("cloud-manager"));
+        cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .envs(env.iter().copied());
+        let mut proc = Proc::spawn("replica", &mut cmd, &log);
+        eventually("replica to listen", DEADLINE, || {
+            let text = proc.log_text();
+            let up =
+                text.contains("manager serving") || text.contains("waiting for the etcd prefix");
+            let exited = matches!(proc.child.try_wait(), Ok(Some(_)));
+            assert!(!exited, "replica exited: {text}");
+            async move { up.then_some(()) }
+        })
+        .await;
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            panic!("replica exited ({status}): {}", proc.log_text());
+        }
+        Manager {
+            dir: dir.to_path_buf(),
+            addr: listen,
+            proc,
+        }
+    }
+
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
@@ -425,10 +463,15 @@ pub async fn enroll(manager: &Manager, root: &Path, node_id: &str) -> AgentDir {
 /// (so the agent and its apps are killed together at the end), with a
 /// fast peer probe.
 pub fn start_agent(agent: &AgentDir, manager_addr: &SocketAddr, extra: &[&str]) -> Proc {
+    start_agent_on(agent, &manager_addr.to_string(), extra)
+}
+
+/// `start_agent` with a list of manager addresses (`a:1,b:2`).
+pub fn start_agent_on(agent: &AgentDir, managers: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&agent.dir)
-        .args(["--manager", &manager_addr.to_string()])
+        .args(["--manager", managers])
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
         .args(["--peer-probe-interval-ms", "300"])
@@ -660,6 +703,13 @@ pub fn refused_at_tls(err: &tonic::Status) -> bool {
             err.code(),
             tonic::Code::Unavailable | tonic::Code::Cancelled
         )
+}
+
+/// A free loopback address (bound, then released) for a daemon that must
+/// keep its address across restarts.
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local addr")
 }
 
 /// The number after flag `name` on the command line (benchmark programs).
