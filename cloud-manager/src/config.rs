@@ -78,8 +78,8 @@ pub struct ManagerConfig {
     /// After the manager starts, a member it has not heard from since gets
     /// this long to connect before it can be failed over: a restarted
     /// manager is reached by its whole fleet over several seconds (agents
-    /// back off up to 10 s), and a member not back yet is not dead. 0: no
-    /// such grace. Default 15000.
+    /// back off up to 10 s), and a member not back yet is not dead (unless
+    /// its peers report it unreachable). 0: no such grace. Default 15000.
     pub startup_grace_ms: u32,
     /// When at least this percentage of all pool members (and at least
     /// `failover_pause_min_members` of them) are not heard from at once (no

@@ -572,7 +572,8 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
     let recheck = Duration::from_millis(u64::from(cfg.peer_recheck_ms));
     let mut observed_from = Instant::now();
     let mut last_round = Instant::now();
-    let startup_until = failover.started + Duration::from_millis(u64::from(cfg.startup_grace_ms));
+    let startup_grace = Duration::from_millis(u64::from(cfg.startup_grace_ms));
+    let startup_until = failover.started + startup_grace;
     // Keyed by node id: the members under suspicion, what was decided
     // about them, and those being decided.
     let mut suspects: HashSet<String> = HashSet::new();
@@ -656,8 +657,18 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
                 continue;
             }
             // Not heard from since this manager started: still within the
-            // time the fleet gets to come back (`startup_grace_ms`).
-            if h.last_seen.is_none() && now < startup_until {
+            // time the fleet gets to come back (`startup_grace_ms`), unless
+            // its peers (back on this manager) reached it lately and lost
+            // it: a manager's start explains a missing stream, not a node
+            // its peers lost. A peer link broken for longer (peers that
+            // never reach it) is no news and waits like the rest.
+            let lost_lately = match &peers {
+                PeerView::Unreachable { last_alive, .. } => {
+                    *last_alive + startup_grace >= failover.started
+                }
+                PeerView::Fine => false,
+            };
+            if h.last_seen.is_none() && now < startup_until && !lost_lately {
                 continue;
             }
             let ep = episodes.entry(key.clone()).or_default();

@@ -216,7 +216,10 @@ async fn random_replica_kills_while_members_crash_lose_nothing() {
         seed ^= seed << 17;
         (seed % n as u64) as usize
     };
-    let tmp = TempDir::new().unwrap();
+    let mut tmp = TempDir::new().unwrap();
+    // EDGEPOOL_TEST_KEEP=1 keeps the logs of a failed run.
+    tmp.disable_cleanup(std::env::var_os("EDGEPOOL_TEST_KEEP").is_some());
+    eprintln!("replica soak: in {}", tmp.path().display());
     let etcd = Etcd::start(&tmp.path().join("etcd")).await;
     let args = replica_args(&etcd.url, "/ep-soak");
     let addrs = [free_addr(), free_addr(), free_addr()];
@@ -241,8 +244,10 @@ async fn random_replica_kills_while_members_crash_lose_nothing() {
     for i in 1..=6 {
         wait_connected(first, &format!("node-{i}")).await;
     }
+    // Argv unique to this run: the owner watch counts processes by it.
+    let base = 7_700_000 + (random(10_000) as u64) * 10;
     let apps: Vec<(String, String)> = (1..=3)
-        .map(|i| (format!("s{i}"), format!("sleep 77000{i}")))
+        .map(|i| (format!("s{i}"), format!("sleep {}", base + i)))
         .collect();
     create_pool(
         first,
@@ -286,6 +291,11 @@ async fn random_replica_kills_while_members_crash_lose_nothing() {
         // A replica dies; a leader is there again (the same, or another
         // within the lease), and the dead one comes back as a standby.
         let victim = random(3);
+        eprintln!(
+            "round {round}: leader m-{}, killing m-{}, node down: {down:?}",
+            leader + 1,
+            victim + 1
+        );
         replicas[victim] = None;
         let killed = Instant::now();
         let now_leader = eventually("a leader after the kill", DEADLINE, || {
@@ -296,6 +306,11 @@ async fn random_replica_kills_while_members_crash_lose_nothing() {
             leader_kills += 1;
             takeovers.push(killed.elapsed());
             assert_ne!(now_leader, victim);
+            assert!(
+                killed.elapsed() < Duration::from_secs(5),
+                "round {round}: a new leader {:?} after the kill",
+                killed.elapsed()
+            );
         }
         replicas[victim] =
             Some(Manager::start_replica(&dirs[victim], addrs[victim], &strs(&args), &[]).await);

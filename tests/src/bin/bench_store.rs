@@ -13,10 +13,17 @@
 //! standby's health says it leads (`edge.v1.Leader` SERVING), with the
 //! default lease TTL (`etcd_lease_ttl_seconds`, 4 s).
 //!
+//! Then node failovers (`--failover-rounds`, default 5): a member node
+//! SIGKILLed with the leader in place, then a member node and the leader
+//! SIGKILLed at the same moment, timing until the node's slot runs on a
+//! spare (see `failovers`).
+//!
 //! Prints one line per store and load, then one JSON object (last line)
 //! with `redb_p50_ms`, `redb_p99_ms`, `etcd_p50_ms`, `etcd_p99_ms` (one
-//! writer), the same with `_concurrent` (`--concurrency` writers), and
-//! `leader_takeover_p50_ms`, `leader_takeover_max_ms`.
+//! writer), the same with `_concurrent` (`--concurrency` writers),
+//! `leader_takeover_p50_ms`, `leader_takeover_max_ms`, `failover_p50_ms`,
+//! `failover_max_ms`, `failover_during_takeover_p50_ms` and
+//! `failover_during_takeover_max_ms`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -154,6 +161,152 @@ async fn takeovers(first: &Path, root: &Path, url: &str, kills: usize) -> Vec<f6
     times
 }
 
+/// A sleeping app, as the tenant asks for it.
+fn app(name: &str, secs: u64) -> pb::AppSpec {
+    pb::AppSpec {
+        name: name.into(),
+        command: vec!["sleep".into(), secs.to_string()],
+        resources: Some(pb::Resources {
+            cpu_millis: 10,
+            memory_mb: 8,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether pool `fo` has both slots on distinct connected nodes other than
+/// `not`, each app running as one process on its slot's node.
+async fn pool_settled(m: &Manager, apps: &[String], not: Option<&str>) -> bool {
+    let Ok(p) = m
+        .tenant()
+        .get_pool(pb::GetPoolRequest { name: "fo".into() })
+        .await
+        .map(|r| r.into_inner())
+    else {
+        return false;
+    };
+    let holders: Vec<&str> = p.members.iter().map(|x| x.node_id.as_str()).collect();
+    if holders.len() != 2 || holders[0] == holders[1] || not.is_some_and(|n| holders.contains(&n)) {
+        return false;
+    }
+    p.placements.len() == apps.len()
+        && p.placements.iter().all(|pl| {
+            let home = p.members.iter().find(|x| x.slot == pl.home_slot);
+            pl.state() == pb::AppState::Running
+                && home.is_some_and(|h| h.node_id == pl.host_node_id)
+        })
+        && apps.iter().all(|a| processes_running(a).len() == 1)
+}
+
+/// Node failover while the leader is being replaced: two replicas on a
+/// fresh prefix, four agents (given both addresses), a pool of two nodes
+/// with one app each. Each round SIGKILLs the node holding slot 1 (agent
+/// and app) and, with `kill_leader`, the leader at the same moment, and
+/// times until slot 1 is held by another node with its app running, as
+/// the surviving replica reports it and the process table shows. The
+/// killed ones come back before the next round (the node as a spare).
+async fn failovers(root: &Path, url: &str, rounds: usize, kill_leader: bool) -> Vec<f64> {
+    let tag = if kill_leader { "with" } else { "without" };
+    let dirs = [
+        root.join(format!("fo-{tag}-a")),
+        root.join(format!("fo-{tag}-b")),
+    ];
+    let addrs = [free_addr(), free_addr()];
+    let prefix = format!("/bench-fo-{tag}");
+    let args = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        url,
+        "--etcd-prefix",
+        &prefix,
+    ];
+    let parsed = |a: &str| a.parse().expect("addr");
+    let mut reps: [Option<Manager>; 2] = [None, None];
+    reps[0] = Some(Manager::start_replica(&dirs[0], parsed(&addrs[0]), &args, &[]).await);
+    let ca = dirs[0].join("ca.pem");
+    wait_status(&addrs[0], &ca, 1).await;
+    copy_replica_files(&dirs[0], &dirs[1]);
+    reps[1] = Some(Manager::start_replica(&dirs[1], parsed(&addrs[1]), &args, &[]).await);
+    wait_status(&addrs[1], &ca, 2).await;
+    let managers = addrs.join(",");
+    let first = reps[0].as_ref().expect("replica");
+    let mut agents = Vec::new();
+    for i in 1..=4 {
+        let dir = enroll(first, root, &format!("fo-{tag}-{i}")).await;
+        agents.push((start_agent_on(&dir, &managers, &[]), dir));
+    }
+    for i in 1..=4 {
+        wait_connected(first, &format!("fo-{tag}-{i}")).await;
+    }
+    let base = if kill_leader { 790_000 } else { 791_000 };
+    let apps = [format!("sleep {}", base + 1), format!("sleep {}", base + 2)];
+    first
+        .tenant()
+        .create_pool(pb::CreatePoolRequest {
+            name: "fo".into(),
+            node_ids: vec![format!("fo-{tag}-1"), format!("fo-{tag}-2")],
+            apps: vec![app("f1", base + 1), app("f2", base + 2)],
+            ..Default::default()
+        })
+        .await
+        .expect("CreatePool");
+    let mut leader = 0;
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        let m = reps[leader].as_ref().expect("leader");
+        eventually("pool fo settled", Duration::from_secs(60), || async {
+            pool_settled(m, &apps, None).await.then_some(())
+        })
+        .await;
+        let holder = m
+            .tenant()
+            .get_pool(pb::GetPoolRequest { name: "fo".into() })
+            .await
+            .expect("GetPool")
+            .into_inner()
+            .members[0]
+            .node_id
+            .clone();
+        let k: usize = holder
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("node number");
+        let (mut agent, dir) = agents.remove(k - 1);
+        let start = Instant::now();
+        agent.kill();
+        let other = 1 - leader;
+        if kill_leader && let Some(mut r) = reps[leader].take() {
+            r.proc.kill();
+        }
+        let watcher = if kill_leader { other } else { leader };
+        let w = reps[watcher].as_ref().expect("replica");
+        eventually("slot 1 failed over", Duration::from_secs(120), || async {
+            pool_settled(w, &apps, Some(&holder)).await.then_some(())
+        })
+        .await;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "bench-store: failover {tag} a leader kill, round {round}: {:.0} ms",
+            times[times.len() - 1]
+        );
+        if kill_leader {
+            reps[leader] = Some(
+                Manager::start_replica(&dirs[leader], parsed(&addrs[leader]), &args, &[]).await,
+            );
+            wait_status(&addrs[leader], &ca, 2).await;
+            leader = other;
+        }
+        agents.insert(k - 1, (start_agent_on(&dir, &managers, &[]), dir));
+        let m = reps[leader].as_ref().expect("leader");
+        wait_connected(m, &holder).await;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times
+}
+
 fn print(name: &str, f: &Figures, concurrency: usize) {
     eprintln!(
         "bench-store: {name}: one writer p50 {:.2} ms p99 {:.2} ms; {concurrency} writers p50 {:.2} ms p99 {:.2} ms",
@@ -195,6 +348,12 @@ async fn main() {
     let took = takeovers(&etcd_dir, tmp.path(), &etcd.url, kills).await;
     eprintln!("bench-store: leader SIGKILLed {kills} times, a standby led after {took:.0?} ms");
 
+    let rounds = number_arg("--failover-rounds", 5) as usize;
+    let plain = failovers(tmp.path(), &etcd.url, rounds, false).await;
+    eprintln!("bench-store: node failover, leader in place: {plain:.0?} ms");
+    let during = failovers(tmp.path(), &etcd.url, rounds, true).await;
+    eprintln!("bench-store: node failover while the leader is replaced: {during:.0?} ms");
+
     let r = |x: f64| (x * 100.0).round() / 100.0;
     println!(
         "{}",
@@ -211,6 +370,10 @@ async fn main() {
             "etcd_concurrent_p99_ms": r(on_etcd.c_p99),
             "leader_takeover_p50_ms": r(percentile(&took, 50.0)),
             "leader_takeover_max_ms": r(percentile(&took, 100.0)),
+            "failover_p50_ms": r(percentile(&plain, 50.0)),
+            "failover_max_ms": r(percentile(&plain, 100.0)),
+            "failover_during_takeover_p50_ms": r(percentile(&during, 50.0)),
+            "failover_during_takeover_max_ms": r(percentile(&during, 100.0)),
         })
     );
 }
