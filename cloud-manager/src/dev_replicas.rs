@@ -262,7 +262,9 @@ async fn start_replica(
             .map(|d| d.as_secs())
             .unwrap_or(0)
     )?;
-    // The address is read from the replica's first log line (info, plain).
+    // The address is read from the `addr=` of the replica's first
+    // cloud_manager::server log line (info, plain): the standby line that
+    // every etcd replica logs once it listens, or "manager serving".
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => format!("{v},cloud_manager::server=info"),
         _ => "info".to_string(),
@@ -292,7 +294,11 @@ async fn start_replica(
         let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
         let found = text
             .lines()
-            .filter(|l| l.contains("waiting for the etcd prefix") || l.contains("manager serving"))
+            .filter(|l| {
+                l.contains("waiting for the etcd prefix")
+                    || l.contains("manager serving")
+                    || l.contains("cloud_manager::server")
+            })
             .find_map(|l| l.split("addr=").nth(1))
             .and_then(|a| a.split_whitespace().next())
             .map(str::to_string);
