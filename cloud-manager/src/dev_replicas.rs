@@ -58,7 +58,6 @@ struct Replica {
 
 pub async fn run(args: DevArgs, replicas: u8, etcd: String) -> anyhow::Result<()> {
     let dir = args.dir.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let pid_file = dir.join("dev.pid");
     if let Some(other) = std::fs::read_to_string(&pid_file)
         .ok()
@@ -72,7 +71,9 @@ pub async fn run(args: DevArgs, replicas: u8, etcd: String) -> anyhow::Result<()
     }
     let shutdown = CancellationToken::new();
     edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
+    // Nothing is written before etcd answers.
     check_etcd(&etcd).await?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let prefix = prepare_dir(&dir)?;
     let exe = std::env::current_exe().context("locating this executable")?;
     edgepool_common::fsutil::write_public(
