@@ -163,6 +163,14 @@ pub struct ServeArgs {
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Start a new process session (used by `cloud-manager dev --replicas`,
+    /// so that each replica is a process session of its own).
+    #[arg(long, hide = true)]
+    pub new_session: bool,
+    /// Exit when the parent process goes away (used by `cloud-manager dev
+    /// --replicas`).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
 }
 
 impl ServeArgs {
@@ -349,4 +357,19 @@ pub struct DevArgs {
     /// Ctrl-C there stops it).
     #[arg(long, value_name = "NODE")]
     pub restart_agent: Option<String>,
+    /// Run R manager replicas (1 to 9) instead of the in-process manager:
+    /// each a `cloud-manager serve --store etcd` process of its own, on the
+    /// etcd at --etcd (which you start). One leads, the others wait as
+    /// standbys and take over when it dies; the agents are given every
+    /// replica's address. Replica N keeps its data in DIR/managers/m-N/
+    /// (manager.pid, addr, manager.log) and listens on the --listen port
+    /// plus N-1 (any free port with port 0).
+    #[arg(long, value_name = "R", requires = "etcd",
+          value_parser = clap::value_parser!(u8).range(1..=9))]
+    pub replicas: Option<u8>,
+    /// etcd endpoint(s) of the replicas (http://HOST:2379; comma-separate
+    /// several), with --replicas. Each dev data dir gets its own key prefix
+    /// there (/edgepool-dev/ and the start of its CA's fingerprint).
+    #[arg(long, value_name = "URL", requires = "replicas")]
+    pub etcd: Option<String>,
 }

@@ -13,9 +13,16 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             // Bad config exits here, before anything binds.
             let config = args.resolve()?;
             logging::init(config.log_format, "info");
+            if args.new_session {
+                nix::unistd::setsid().context("starting a new process session")?;
+            }
+            let parent = nix::unistd::getppid();
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 edgepool_common::grpc::cancel_on_signals(shutdown.clone())?;
+                if args.exit_with_parent {
+                    exit_with_parent(parent, shutdown.clone());
+                }
                 let server = crate::server::build_until(config, shutdown.clone()).await?;
                 server.run(shutdown).await
             })
@@ -29,6 +36,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Agent { .. } => anyhow::bail!("handled in main"),
     }
+}
+
+/// Shuts down when the parent process goes away (`dev` died): checks every
+/// half second, as the agent's `--exit-with-parent` does.
+fn exit_with_parent(parent: nix::unistd::Pid, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if nix::unistd::getppid() != parent {
+                tracing::warn!("parent process is gone: shutting down");
+                shutdown.cancel();
+                return;
+            }
+        }
+    });
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

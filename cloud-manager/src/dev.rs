@@ -14,6 +14,9 @@
 //! `DIR/bin/` gets two small scripts, `edgectl` and `cloud-manager`, that
 //! run this same binary (edgectl is built into it) with `DIR/edgectl.toml`,
 //! so `export PATH="DIR/bin:$PATH"` is the only install step.
+//!
+//! With `--replicas R --etcd URL` the manager is not in-process: R
+//! `cloud-manager serve --store etcd` processes instead (`dev_replicas`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,12 +36,12 @@ use crate::pool::{AppDef, OnDisconnect};
 use crate::pools::PoolRequest;
 
 /// Name of the pool `dev` creates.
-const DEMO_POOL: &str = "demo";
+pub(crate) const DEMO_POOL: &str = "demo";
 
 /// How long agents get to stop after SIGTERM before SIGKILL. Together with
 /// the manager's drain (which runs at the same time) Ctrl-C ends
 /// everything in about 2 s.
-const STOP_GRACE: Duration = Duration::from_millis(1500);
+pub(crate) const STOP_GRACE: Duration = Duration::from_millis(1500);
 /// How long the manager waits for connections to finish after Ctrl-C
 /// (open event streams end at once; this bounds clients that stopped
 /// reading).
@@ -50,27 +53,33 @@ const RESTART_DEADLINE: Duration = Duration::from_secs(10);
 const RESTART_REQUEST: &str = "restart.request";
 const RESTART_ANSWER: &str = "restart.answer";
 /// How long start-up waits for every agent to connect.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
-struct DevAgent {
-    node_id: String,
-    dir: PathBuf,
-    child: Child,
+pub(crate) struct DevAgent {
+    pub(crate) node_id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) child: Child,
     /// How to start it again (`--restart-agent`).
-    launch: Launch,
+    pub(crate) launch: Launch,
 }
 
 /// What starting one agent process needs.
 #[derive(Clone)]
-struct Launch {
-    exe: PathBuf,
-    manager_addr: String,
-    peer_listen: String,
+pub(crate) struct Launch {
+    pub(crate) exe: PathBuf,
+    /// One address, or several comma-separated (replicas).
+    pub(crate) manager_addr: String,
+    pub(crate) peer_listen: String,
+    /// More `agent run` arguments.
+    pub(crate) extra: Vec<String>,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(node) = &args.restart_agent {
         return request_restart(&args.dir, node).await;
+    }
+    if let (Some(replicas), Some(etcd)) = (args.replicas, args.etcd.clone()) {
+        return crate::dev_replicas::run(args, replicas, etcd).await;
     }
     let dir = args.dir.clone();
     let config = ManagerConfig {
@@ -140,7 +149,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         result = write_bin_scripts(&dir, &exe);
     }
     if result.is_ok() && !shutdown.is_cancelled() {
-        print_banner(&dir, &manager_addr, &agents, demo);
+        let headline = format!("manager on {manager_addr}");
+        print_banner(&dir, &headline, &manager_addr, &agents, demo, "");
         supervise(&mut agents, &shutdown).await;
     }
     // Agents and manager stop together: the manager ends open event
@@ -199,6 +209,7 @@ async fn start_agent(
         exe: exe.to_path_buf(),
         manager_addr: manager_addr.to_string(),
         peer_listen: format!("127.0.1.{n}:{peer_port}"),
+        extra: Vec::new(),
     };
     let child = spawn_agent(&launch, &agent_dir)?;
     Ok(DevAgent {
@@ -211,7 +222,7 @@ async fn start_agent(
 
 /// Starts one agent process in its own session. Its log is appended to
 /// (a line marks each start), so a crashed agent's last words survive.
-fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<Child> {
     use std::io::Write;
     let log_path = agent_dir.join("agent.log");
     let mut log = std::fs::OpenOptions::new()
@@ -241,6 +252,7 @@ fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<Child> {
         // per app so one agent's traffic does not count against the others.
         .args(["--network-accounting", "process"])
         .args(["--peer-listen", &launch.peer_listen])
+        .args(&launch.extra)
         .arg("--pid-file")
         .arg(agent_dir.join("agent.pid"))
         .stdin(std::process::Stdio::null())
@@ -278,7 +290,7 @@ async fn wait_connected(
 
 /// Reports agents that exit (for example after `pkill -s`) and answers
 /// `--restart-agent` requests, until shutdown.
-async fn supervise(agents: &mut [DevAgent], shutdown: &CancellationToken) {
+pub(crate) async fn supervise(agents: &mut [DevAgent], shutdown: &CancellationToken) {
     let mut reported = vec![false; agents.len()];
     loop {
         tokio::select! {
@@ -384,7 +396,7 @@ async fn request_restart(dir: &Path, node: &str) -> anyhow::Result<()> {
 }
 
 /// What became of the demo pool.
-enum Demo {
+pub(crate) enum Demo {
     Created,
     Exists,
     /// Not made, and why (one line for the user).
@@ -403,8 +415,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
     if manager.pools().get_pool(tenant, DEMO_POOL).is_ok() {
         return Ok(Demo::Exists);
     }
-    let nodes = ["dev-1", "dev-2", "dev-3"];
-    let taken: Vec<String> = nodes
+    let taken: Vec<String> = DEMO_NODES
         .iter()
         .filter_map(|id| {
             let n = manager.nodes().get_node(tenant, id).ok()?;
@@ -417,6 +428,24 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             taken.join(", ")
         )));
     }
+    manager.pools().create_pool(
+        tenant,
+        PoolRequest {
+            name: DEMO_POOL.into(),
+            node_ids: DEMO_NODES.iter().map(|n| n.to_string()).collect(),
+            apps: demo_apps(),
+            policy: None,
+            spare_labels: BTreeMap::new(),
+        },
+    )?;
+    Ok(Demo::Created)
+}
+
+/// The demo pool's members (dev-4 is its spare).
+pub(crate) const DEMO_NODES: [&str; 3] = ["dev-1", "dev-2", "dev-3"];
+
+/// The demo pool's sample apps.
+pub(crate) fn demo_apps() -> Vec<AppDef> {
     let sh = |name: &str, script: &str| AppDef {
         name: name.to_string(),
         command: vec!["sh".into(), "-c".into(), script.to_string()],
@@ -434,7 +463,7 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
         artifact: String::new(),
         on_disconnect: OnDisconnect::KeepRunning,
     };
-    let apps = vec![
+    vec![
         sh(
             "web",
             "while :; do echo \"web: serving $(date +%T)\"; sleep 5; done",
@@ -452,24 +481,13 @@ fn create_demo_pool(manager: &Manager, tenant: &str, agents: u8) -> anyhow::Resu
             "metrics",
             "while :; do echo \"metrics: $(cat /proc/loadavg)\"; sleep 10; done",
         ),
-    ];
-    manager.pools().create_pool(
-        tenant,
-        PoolRequest {
-            name: DEMO_POOL.into(),
-            node_ids: nodes.iter().map(|n| n.to_string()).collect(),
-            apps,
-            policy: None,
-            spare_labels: BTreeMap::new(),
-        },
-    )?;
-    Ok(Demo::Created)
+    ]
 }
 
 /// `DIR/edgectl.toml`: what `DIR/bin/edgectl` uses, and what a plain
 /// `edgectl` picks up from the current directory (`./edgepool-dev/`) or
 /// through `--config`.
-fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
+pub(crate) fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
     let text = format!(
         "# Written by `cloud-manager dev`; paths are relative to this file.\n\
          manager = \"{addr}\"\n\
@@ -485,7 +503,7 @@ fn write_edgectl_config(dir: &Path, addr: &str) -> anyhow::Result<()> {
 /// binary, so that `export PATH="DIR/bin:$PATH"` gives both commands with
 /// nothing else built or installed. edgectl gets `DIR/edgectl.toml` unless
 /// EDGECTL_CONFIG says otherwise.
-fn write_bin_scripts(dir: &Path, exe: &Path) -> anyhow::Result<()> {
+pub(crate) fn write_bin_scripts(dir: &Path, exe: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
@@ -522,7 +540,7 @@ fn write_bin_scripts(dir: &Path, exe: &Path) -> anyhow::Result<()> {
 }
 
 /// Every process in session `sid` (an agent and all its apps).
-fn session_members(sid: i32) -> Vec<i32> {
+pub(crate) fn session_members(sid: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -541,7 +559,7 @@ fn session_members(sid: i32) -> Vec<i32> {
 }
 
 /// SIGTERM to every agent's session, then SIGKILL after the grace period.
-async fn stop_agents(agents: &mut [DevAgent]) {
+pub(crate) async fn stop_agents(agents: &mut [DevAgent]) {
     let signal_all = |agents: &mut [DevAgent], sig: Signal| {
         for a in agents.iter_mut() {
             if let (Ok(None), Some(pid)) = (a.child.try_wait(), a.child.id()) {
@@ -573,7 +591,17 @@ async fn stop_agents(agents: &mut [DevAgent]) {
     }
 }
 
-fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
+/// `headline` names the manager(s) in the first line, `addr` is the one the
+/// examples dial, and `replicas` (empty without replicas) goes before the
+/// crash example.
+pub(crate) fn print_banner(
+    dir: &Path,
+    headline: &str,
+    addr: &str,
+    agents: &[DevAgent],
+    demo: bool,
+    replicas: &str,
+) {
     let d = dir.display();
     let creds = format!("-cacert {d}/ca.pem -cert {d}/tenant.pem -key {d}/tenant.key");
     let bin = std::path::absolute(dir.join("bin"))
@@ -587,7 +615,7 @@ fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
         .map(|a| a.node_id.as_str())
         .unwrap_or("dev-1");
     println!(
-        "\nedgepool dev is up: manager on {addr}, {n} agents (dev-1 .. {last}), data in {d}\n\
+        "\nedgepool dev is up: {headline}, {n} agents (dev-1 .. {last}), data in {d}\n\
          \n\
          Try (grpcurl):\n  \
            grpcurl {creds} {addr} list\n  \
@@ -601,6 +629,7 @@ fn print_banner(dir: &Path, addr: &str, agents: &[DevAgent], demo: bool) {
            edgectl node ls\n\
          \n\
          {demo_text}\
+         {replicas}\
          Crash a simulated machine (its agent and everything in its session), then start it again:\n  \
            pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n  \
            cloud-manager dev --data-dir {d} --restart-agent {crash}\n\

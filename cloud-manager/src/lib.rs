@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod deadlines;
 pub mod dev;
+pub mod dev_replicas;
 pub mod enrollment;
 pub mod etcd;
 pub mod etcd_store;

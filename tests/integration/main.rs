@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod detection;
 mod dev;
+mod dev_replicas;
 mod docs;
 mod edgectl;
 mod enrollment;
