@@ -445,6 +445,7 @@ impl Failover {
         })?;
         if let Outcome::Moved { to, push } = &outcome {
             tracing::warn!(%tenant, %pool, slot, from = %node_id, %to, "failover committed");
+            self.liveness.forget_target(to);
             if std::env::var(FAULT_ENV).as_deref() == Ok("abort-after-failover-commit") {
                 eprintln!("fault injection: aborting after the failover commit");
                 std::process::abort();

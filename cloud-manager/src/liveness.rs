@@ -71,6 +71,16 @@ impl LivenessBook {
             .insert(reporter.to_string(), heard);
     }
 
+    /// Drops what was said about `target`: it just took a slot, and what
+    /// its new peers said of it in an earlier membership (as the node that
+    /// failed, perhaps in the same slot) is about another life.
+    pub fn forget_target(&self, target: &str) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(target);
+    }
+
     /// Drops what `reporter` said (its stream closed).
     pub fn forget_reporter(&self, reporter: &str) {
         let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
@@ -257,5 +267,32 @@ mod tests {
         assert_eq!(book.view("n2", &["n2", "n3"], now), PeerView::Fine);
         book.forget_reporter("n1");
         assert_eq!(book.view("n2", &["n1", "n2", "n3"], now), PeerView::Fine);
+    }
+
+    #[test]
+    fn a_node_that_takes_a_slot_starts_with_a_clean_record() {
+        let book = LivenessBook::default();
+        let now = Instant::now();
+        let p = PeerAlive {
+            slot: 1,
+            node_id: "n1".into(),
+            reachable: false,
+            silent_ms: 800,
+        };
+        book.record("n2", &p, now);
+        book.record(
+            "n2",
+            &PeerAlive {
+                node_id: "n3".into(),
+                ..p
+            },
+            now,
+        );
+        book.forget_target("n1");
+        assert_eq!(book.view("n1", &["n1", "n2"], now), PeerView::Fine);
+        assert!(matches!(
+            book.view("n3", &["n2", "n3"], now),
+            PeerView::Unreachable { .. }
+        ));
     }
 }

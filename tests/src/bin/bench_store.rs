@@ -318,7 +318,9 @@ fn print(name: &str, f: &Figures, concurrency: usize) {
 async fn main() {
     let writes = number_arg("--writes", 300) as usize;
     let concurrency = (number_arg("--concurrency", 8) as usize).max(1);
-    let tmp = TempDir::new().expect("temp dir");
+    let mut tmp = TempDir::new().expect("temp dir");
+    // EDGEPOOL_TEST_KEEP=1 keeps the logs.
+    tmp.disable_cleanup(std::env::var_os("EDGEPOOL_TEST_KEEP").is_some());
 
     let redb = {
         let m = Manager::start(&tmp.path().join("redb")).await;
