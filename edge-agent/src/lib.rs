@@ -160,6 +160,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             runtime::RuntimeOptions::default(),
         )
     });
+    let apps = runtime.clone();
     let shared = Arc::new(
         node::Shared::new(
             info.clone(),
@@ -179,6 +180,8 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
     let measure_now = measurements.asker();
+    // An app that starts, runs or exits is reported at once.
+    apps.on_change(measure_now.clone());
     let (state, link) = watch::channel(LinkState::Disconnected);
     let (liveness_tx, liveness) = watch::channel(liveness::Liveness::default());
     let (assign_tx, assignments) = watch::channel(None);

@@ -156,7 +156,18 @@ impl Runtime {
                 serial: tokio::sync::Mutex::new(()),
                 usage: Mutex::new(usage::Sampler::new()),
                 log_worker: Mutex::new(None),
+                on_change: std::sync::OnceLock::new(),
             })),
+        }
+    }
+
+    /// `notify` is told whenever an app changes state (started, running,
+    /// exited, stopped): the agent then reports at once instead of at its
+    /// next telemetry tick (a spare says its group runs as soon as it
+    /// does). Set once; a simulated runtime's starts are immediate anyway.
+    pub fn on_change(&self, notify: Arc<tokio::sync::Notify>) {
+        if let Backend::Processes(inner) = &self.backend {
+            let _ = inner.on_change.set(notify);
         }
     }
 
@@ -265,6 +276,8 @@ struct Inner {
     serial: tokio::sync::Mutex<()>,
     usage: Mutex<usage::Sampler>,
     log_worker: Mutex<Option<JoinHandle<()>>>,
+    /// Told whenever an app's state changes (see `Runtime::on_change`).
+    on_change: std::sync::OnceLock<Arc<tokio::sync::Notify>>,
 }
 
 /// One supervised app: what the runtime knows and the handle on its task.
@@ -392,6 +405,7 @@ impl Inner {
             options: self.options.clone(),
             live: live.clone(),
             stop: stop.clone(),
+            on_change: self.on_change.get().cloned(),
         };
         let entry = Entry {
             spec_hash: wanted.hash,
@@ -501,6 +515,7 @@ struct Supervisor {
     options: RuntimeOptions,
     live: Arc<Mutex<Live>>,
     stop: CancellationToken,
+    on_change: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Supervisor {
@@ -597,7 +612,15 @@ impl Supervisor {
     }
 
     fn update(&self, change: impl FnOnce(&mut Live)) {
-        change(&mut lock(&self.live));
+        let changed = {
+            let mut live = lock(&self.live);
+            let before = live.state;
+            change(&mut live);
+            live.state != before
+        };
+        if changed && let Some(n) = &self.on_change {
+            n.notify_one();
+        }
     }
 }
 

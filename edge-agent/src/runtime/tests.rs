@@ -409,3 +409,33 @@ fn rotation_copies_and_truncates() {
     );
     assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn every_state_change_is_told() {
+    let fx = Fixture::new();
+    let rt = fx.runtime(options());
+    let told = Arc::new(tokio::sync::Notify::new());
+    rt.on_change(told.clone());
+    rt.reconcile(vec![spec("t", &["sleep", "1001"])])
+        .await
+        .unwrap();
+    // Told once it runs: waiting for the notice, then looking, finds it
+    // running (a notice may come for Starting first; the next is Running).
+    let running = async {
+        loop {
+            told.notified().await;
+            if app(&rt, "t").is_some_and(|s| s.state == AppState::Running) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("no notice that the app runs");
+    // And when it stops.
+    rt.reconcile(vec![]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), told.notified())
+        .await
+        .expect("no notice that the app stopped");
+    rt.stop_all().await;
+}
