@@ -32,7 +32,14 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Fingerprint(args) => fingerprint(args),
         Command::Dev(args) => {
             logging::init(LogFormat::Plain, "warn,cloud_manager::dev=info");
-            runtime()?.block_on(crate::dev::run(args))
+            // With replicas (and not a restart request): separate
+            // manager processes on etcd; otherwise one in-process manager.
+            match (args.replicas, args.etcd.clone()) {
+                (Some(replicas), Some(etcd)) if args.restart_agent.is_none() => {
+                    runtime()?.block_on(crate::dev_replicas::run(args, replicas, etcd))
+                }
+                _ => runtime()?.block_on(crate::dev::run(args)),
+            }
         }
         Command::Agent { .. } => anyhow::bail!("handled in main"),
     }

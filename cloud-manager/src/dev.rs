@@ -78,9 +78,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(node) = &args.restart_agent {
         return request_restart(&args.dir, node).await;
     }
-    if let (Some(replicas), Some(etcd)) = (args.replicas, args.etcd.clone()) {
-        return crate::dev_replicas::run(args, replicas, etcd).await;
-    }
     let dir = args.dir.clone();
     let config = ManagerConfig {
         listen: args.listen,
