@@ -171,7 +171,7 @@ async fn check_etcd(url: &str) -> anyhow::Result<()> {
         timeout: ETCD_DEADLINE,
     })
     .await
-    .map_err(|e| anyhow::anyhow!("--etcd {url}: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
     let one_key = etcd_client::GetOptions::new()
         .with_limit(1)
         .with_keys_only();
