@@ -163,15 +163,19 @@ async fn check_etcd(url: &str) -> anyhow::Result<()> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let client = crate::etcd::Etcd::connect(&crate::etcd::Connect {
+    let mut client = crate::etcd::connect(&crate::etcd::Connect {
         endpoints,
         ca_cert: None,
         cert: None,
         key: None,
         timeout: ETCD_DEADLINE,
     })
-    .map_err(|e| anyhow::anyhow!("--etcd {url}: {e}"))?;
-    match tokio::time::timeout(ETCD_DEADLINE, client.range(b"/", &[], 1, true)).await {
+    .await
+    .map_err(|e| anyhow::anyhow!("--etcd: {e}"))?;
+    let one_key = etcd_client::GetOptions::new()
+        .with_limit(1)
+        .with_keys_only();
+    match tokio::time::timeout(ETCD_DEADLINE, client.get("/", Some(one_key))).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => anyhow::bail!("etcd at {url} is not reachable: {e} (start etcd first)"),
         Err(_) => anyhow::bail!(

@@ -38,9 +38,9 @@
 //! larger than that is refused with an error that says so. Values are
 //! small (a pool with its CA key and member certificates is a few KB).
 //!
-//! The etcd client runs on its own runtime (one thread, `etcd-client`):
-//! `Store` is called from the writer thread and at start-up, and blocks
-//! only the caller.
+//! The etcd client (the etcd-client crate, see `etcd`) runs on its own
+//! runtime (one thread, `etcd-client`): `Store` is called from the writer
+//! thread and at start-up, and blocks only the caller.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -51,7 +51,12 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::etcd::{self, Etcd, TxnRequest};
+use etcd_client::{
+    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
+};
+
+use crate::etcd;
 
 use crate::registry::Registry;
 use crate::sealing::Sealer;
@@ -108,7 +113,7 @@ pub fn holder_address(holder: &str) -> Option<&str> {
 
 pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
-    client: Etcd,
+    client: Client,
     prefix: String,
     where_: PathBuf,
     owner_key: String,
@@ -168,22 +173,26 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| backend(format!("starting the etcd client runtime: {e}")))?;
-        let client = Etcd::connect(&etcd::Connect {
+        let connect = etcd::Connect {
             endpoints: options.endpoints.clone(),
             ca_cert: options.ca_cert.clone(),
             cert: options.cert.clone(),
             key: options.key.clone(),
             timeout: REQUEST_TIMEOUT,
-        })
-        .map_err(backend)?;
+        };
+        let client = block(&rt, async move { etcd::connect(&connect).await }).map_err(&backend)?;
         let prefix = options.prefix.trim_end_matches('/').to_string();
         let owner_key = format!("{prefix}/owner");
         let ttl = i64::from(options.lease_ttl_seconds.max(2));
         let mut announced = false;
         let opened = loop {
-            let (key, c, me, ours) = (owner_key.clone(), client.clone(), me.clone(), ours.clone());
-            let attempt = block(&rt, async move { take(&c, &key, &me, &ours, ttl).await })
-                .map_err(&backend)?;
+            let (key, mut c, me, ours) =
+                (owner_key.clone(), client.clone(), me.clone(), ours.clone());
+            let attempt = block(
+                &rt,
+                async move { take(&mut c, &key, &me, &ours, ttl).await },
+            )
+            .map_err(&backend)?;
             if let Some(leader) = &options.leader {
                 let now = attempt
                     .as_ref()
@@ -230,8 +239,8 @@ impl EtcdStore {
         let sealer = match sealed {
             Ok(s) => s,
             Err(why) => {
-                let c = client.clone();
-                let _ = block(&rt, async move { c.lease_revoke(lease).await });
+                let mut c = client.clone();
+                let _ = block(&rt, async move { revoke(&mut c, lease).await });
                 return Err(backend(why));
             }
         };
@@ -282,14 +291,18 @@ impl EtcdStore {
         let start = format!("{}/{table}/", self.prefix);
         let client = self.client.clone();
         let from = start.clone();
-        let kvs = block(&self.rt, async move { client.prefix(&from, PAGE).await })
-            .map_err(|e| self.backend(e))?;
+        let kvs = block(
+            &self.rt,
+            async move { etcd::prefix(&client, &from, PAGE).await },
+        )
+        .map_err(|e| self.backend(e))?;
         Ok(kvs
             .into_iter()
             .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
+                let (key, value) = kv.into_key_value();
+                let key = String::from_utf8_lossy(&key);
                 let id = key.strip_prefix(start.as_str()).unwrap_or(&key).to_string();
-                (id, kv.value)
+                (id, value)
             })
             .collect())
     }
@@ -331,8 +344,8 @@ impl EtcdStore {
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         // Give the prefix back at once instead of after the TTL.
-        let (client, lease) = (self.client.clone(), self.lease);
-        let _ = block(&self.rt, async move { client.lease_revoke(lease).await });
+        let (mut client, lease) = (self.client.clone(), self.lease);
+        let _ = block(&self.rt, async move { revoke(&mut client, lease).await });
     }
 }
 
@@ -405,21 +418,20 @@ impl Store for EtcdStore {
                 self.max_txn_ops
             )));
         }
-        let txn = TxnRequest {
-            compare: vec![etcd::created_at(&self.owner_key, self.owner_revision)],
-            success: ops
-                .into_iter()
-                .map(|(k, v)| match v {
-                    Some(v) => etcd::put(&k, v, 0),
-                    None => etcd::delete(&k),
-                })
-                .collect(),
-            failure: vec![],
-        };
-        let client = self.client.clone();
-        let resp =
-            block(&self.rt, async move { client.txn(txn).await }).map_err(|e| self.backend(e))?;
-        if !resp.succeeded {
+        let txn = Txn::new()
+            .when([created_at(&self.owner_key, self.owner_revision)])
+            .and_then(
+                ops.into_iter()
+                    .map(|(k, v)| match v {
+                        Some(v) => TxnOp::put(k, v, None),
+                        None => TxnOp::delete(k, None),
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        let mut client = self.client.clone();
+        let resp = block(&self.rt, async move { txn_(&mut client, txn).await })
+            .map_err(|e| self.backend(e))?;
+        if !resp.succeeded() {
             self.lost.store(true, Ordering::Relaxed);
             return Err(self.backend(
                 "this manager no longer holds the prefix (its etcd lease expired: cut off from etcd or stalled longer than etcd_lease_ttl_seconds); nothing was written",
@@ -437,53 +449,69 @@ impl Store for EtcdStore {
 /// One try at the prefix: `Ok(Ok((lease, revision)))` when it is ours,
 /// `Ok(Err(holder))` when another manager holds it.
 async fn take(
-    c: &Etcd,
+    c: &mut Client,
     key: &str,
     me: &str,
     ours: &str,
     ttl: i64,
 ) -> Result<Result<(i64, i64), String>, String> {
-    let lease = c
-        .lease_grant(ttl)
+    let granted = c
+        .lease_grant(ttl, None)
         .await
         .map_err(|e| format!("cannot reach etcd to take a lease: {e}"))?;
+    if !granted.error().is_empty() {
+        return Err(format!(
+            "cannot reach etcd to take a lease: {}",
+            granted.error()
+        ));
+    }
+    let lease = granted.id();
     // Twice at most: the second try follows the removal of an earlier
     // run's key.
     for _ in 0..2 {
-        let resp = c
-            .txn(TxnRequest {
-                compare: vec![etcd::created_at(key, 0)],
-                success: vec![etcd::put(key, me.as_bytes().to_vec(), lease)],
-                failure: vec![etcd::get(key)],
-            })
+        let txn = Txn::new()
+            .when([created_at(key, 0)])
+            .and_then([TxnOp::put(
+                key,
+                me,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = txn_(c, txn)
             .await
             .map_err(|e| format!("cannot take the prefix: {e}"))?;
-        if resp.succeeded {
-            return Ok(Ok((lease, etcd::revision(&resp))));
+        if resp.succeeded() {
+            return Ok(Ok((lease, resp.header().map_or(0, |h| h.revision()))));
         }
-        let holder = etcd::ranged(&resp)
-            .next()
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+        let holder = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(got) => got
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            })
             .unwrap_or_default();
         let earlier_run = holder
             .strip_prefix(ours)
             .is_some_and(|rest| rest.starts_with(" pid "));
         if !earlier_run {
-            let _ = c.lease_revoke(lease).await;
+            let _ = revoke(c, lease).await;
             return Ok(Err(holder));
         }
         // An earlier run of this manager (we hold its data dir's lock, so
         // it is gone): its key goes, if it is still that.
         tracing::info!(%holder, "taking the etcd prefix over from an earlier run");
-        c.txn(TxnRequest {
-            compare: vec![etcd::value_is(key, holder.as_bytes())],
-            success: vec![etcd::delete(key)],
-            failure: vec![],
-        })
-        .await
-        .map_err(|e| format!("cannot take the prefix over: {e}"))?;
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, holder.as_bytes())])
+            .and_then([TxnOp::delete(key, None)]);
+        txn_(c, txn)
+            .await
+            .map_err(|e| format!("cannot take the prefix over: {e}"))?;
     }
-    let _ = c.lease_revoke(lease).await;
+    let _ = revoke(c, lease).await;
     Err("the prefix changed hands while it was being taken; try again".into())
 }
 
@@ -491,33 +519,50 @@ async fn take(
 /// writes the check (fenced like every write) when the prefix has none.
 fn check_key(
     rt: &tokio::runtime::Runtime,
-    client: &Etcd,
+    client: &Client,
     prefix: &str,
     owner_key: &str,
     owner_revision: i64,
     sealer: &Arc<Sealer>,
 ) -> Result<(), String> {
     let key = format!("{prefix}/meta/key_check");
-    let (client, owner, sealer) = (client.clone(), owner_key.to_string(), sealer.clone());
+    let (mut client, owner, sealer) = (client.clone(), owner_key.to_string(), sealer.clone());
     block(rt, async move {
-        let (got, _) = client.range(key.as_bytes(), &[], 1, false).await?;
-        if let Some(kv) = got.first() {
-            return match sealer.open(&key, &kv.value) {
+        let got = client
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(kv) = got.kvs().first() {
+            return match sealer.open(&key, kv.value()) {
                 Ok(v) if v == KEY_CHECK => Ok(()),
                 _ => Err(format!(
                     "this data dir's store.key is not the key of the managers that wrote this prefix ({key} does not open with it): copy their store.key here"
                 )),
             };
         }
-        client
-            .txn(TxnRequest {
-                compare: vec![etcd::created_at(&owner, owner_revision)],
-                success: vec![etcd::put(&key, sealer.seal(&key, KEY_CHECK), 0)],
-                failure: vec![],
-            })
-            .await?;
+        let txn = Txn::new()
+            .when([created_at(&owner, owner_revision)])
+            .and_then([TxnOp::put(key.as_str(), sealer.seal(&key, KEY_CHECK), None)]);
+        txn_(&mut client, txn).await?;
         Ok(())
     })
+}
+
+/// `key`'s create revision is `revision` (0: the key does not exist).
+fn created_at(key: &str, revision: i64) -> Compare {
+    Compare::create_revision(key, CompareOp::Equal, revision)
+}
+
+async fn txn_(client: &mut Client, txn: Txn) -> Result<TxnResponse, String> {
+    client.txn(txn).await.map_err(|e| e.to_string())
+}
+
+async fn revoke(client: &mut Client, lease: i64) -> Result<(), String> {
+    client
+        .lease_revoke(lease)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Runs `fut` on the store's runtime and blocks this thread for its result.
@@ -542,11 +587,15 @@ fn block<T: Send + 'static>(
 /// expired: the lease counts from the moment a renewal was *sent* (etcd
 /// renewed it later than that), less a margin, so this manager stops
 /// acting before etcd lets another one lead.
-async fn keep_alive(client: Etcd, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
+async fn keep_alive(client: Client, lease: i64, ttl: Duration, lost: Arc<AtomicBool>) {
     let every = ttl / 3;
     let margin = (ttl / 4).min(Duration::from_secs(1));
     // Granted just before this task started.
     let mut valid_until = tokio::time::Instant::now() + ttl.saturating_sub(margin);
+    // One keep-alive stream while renewals are answered; a try that fails
+    // or runs out of time drops it, so that a late answer is never taken
+    // for the next renewal's.
+    let mut stream = None;
     loop {
         let sent = tokio::time::Instant::now();
         // A try never runs past the lease as we know it.
@@ -554,7 +603,10 @@ async fn keep_alive(client: Etcd, lease: i64, ttl: Duration, lost: Arc<AtomicBoo
         if budget.is_zero() {
             break;
         }
-        let renewed = tokio::time::timeout(budget, client.keep_alive_once(lease)).await;
+        let renewed = tokio::time::timeout(budget, renew(&client, lease, ttl, &mut stream)).await;
+        if !matches!(renewed, Ok(Ok(_))) {
+            stream = None;
+        }
         match renewed {
             Ok(Ok(left)) if left > 0 => {
                 let left = Duration::from_secs(u64::try_from(left).unwrap_or(0));
@@ -585,6 +637,34 @@ async fn keep_alive(client: Etcd, lease: i64, ttl: Duration, lost: Arc<AtomicBoo
             lease,
             "lost the etcd lease: this manager can no longer write its state"
         );
+    }
+}
+
+/// Renews `lease` once (over `stream`, opened on first use); its remaining
+/// TTL in seconds (0 or less: it is gone).
+async fn renew(
+    client: &Client,
+    lease: i64,
+    ttl: Duration,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Result<i64, String> {
+    if let Some((keeper, answers)) = stream {
+        keeper.keep_alive().await.map_err(|e| e.to_string())?;
+        return match answers.message().await.map_err(|e| e.to_string())? {
+            Some(r) => Ok(r.ttl()),
+            None => Err("etcd ended the keep-alive stream".into()),
+        };
+    }
+    // Opening the stream is a renewal: etcd-client reads its answer and
+    // says only whether the lease is still there (a renewal sets it back
+    // to its full TTL).
+    match client.lease_client().keep_alive(lease).await {
+        Ok(opened) => {
+            *stream = Some(opened);
+            Ok(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+        }
+        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(0),
+        Err(e) => Err(e.to_string()),
     }
 }
 

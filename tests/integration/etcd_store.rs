@@ -239,9 +239,11 @@ async fn a_manager_that_lost_the_prefix_writes_nothing() {
 
     // Its hold ends behind its back (as when its lease expires while it is
     // cut off from etcd) and another writer takes the prefix.
-    let c = etcd.client();
-    c.delete("/ep-fence/owner").await.unwrap();
-    c.put("/ep-fence/owner", b"someone else").await.unwrap();
+    let mut c = etcd.client().await;
+    c.delete("/ep-fence/owner", None).await.unwrap();
+    c.put("/ep-fence/owner", "someone else", None)
+        .await
+        .unwrap();
 
     let refused = m
         .tenant()

@@ -931,8 +931,11 @@ impl Etcd {
         eventually("etcd to serve", DEADLINE, || {
             let (url, tls) = (url.clone(), tls.clone());
             async move {
-                let c = etcd_client(&url, tls.as_ref());
-                c.range(b"/", &[], 1, true).await.ok().map(|_| ())
+                let mut c = connect_etcd(&url, tls.as_ref()).await;
+                let one_key = etcd_client::GetOptions::new()
+                    .with_limit(1)
+                    .with_keys_only();
+                c.get("/", Some(one_key)).await.ok().map(|_| ())
             }
         })
         .await;
@@ -944,28 +947,32 @@ impl Etcd {
         }
     }
 
-    pub fn client(&self) -> cloud_manager::etcd::Etcd {
-        etcd_client(&self.url, self.tls.as_ref())
+    /// An etcd-client client of this etcd.
+    pub async fn client(&self) -> etcd_client::Client {
+        connect_etcd(&self.url, self.tls.as_ref()).await
     }
 
     /// The value of `key`, if it exists.
     pub async fn value(&self, key: &str) -> Option<Vec<u8>> {
-        let (kvs, _) = self
+        let mut got = self
             .client()
-            .range(key.as_bytes(), &[], 1, false)
+            .await
+            .get(key, None)
             .await
             .expect("etcd range");
-        kvs.into_iter().next().map(|kv| kv.value)
+        got.take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.into_key_value().1)
     }
 
     /// The keys under `prefix`.
     pub async fn keys(&self, prefix: &str) -> Vec<String> {
-        self.client()
-            .prefix(prefix, 1000)
+        cloud_manager::etcd::prefix(&self.client().await, prefix, 1000)
             .await
             .expect("etcd range")
             .iter()
-            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
             .collect()
     }
 }
@@ -1003,13 +1010,14 @@ pub fn copy_replica_files(from: &Path, to: &Path) {
     }
 }
 
-fn etcd_client(url: &str, tls: Option<&EtcdTls>) -> cloud_manager::etcd::Etcd {
-    cloud_manager::etcd::Etcd::connect(&cloud_manager::etcd::Connect {
+async fn connect_etcd(url: &str, tls: Option<&EtcdTls>) -> etcd_client::Client {
+    cloud_manager::etcd::connect(&cloud_manager::etcd::Connect {
         endpoints: vec![url.to_string()],
         timeout: Duration::from_secs(5),
         ca_cert: tls.map(|t| t.ca.clone()),
         cert: tls.map(|t| t.client_cert.clone()),
         key: tls.map(|t| t.client_key.clone()),
     })
+    .await
     .expect("etcd client")
 }
