@@ -184,6 +184,23 @@ impl RedbStore {
     /// locked: a second manager on the same directory fails here.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("state.redb");
+        // It holds the pool CAs' private keys: owner-only, made so before
+        // redb writes anything, and made so again for a store from a
+        // version that left it world-readable.
+        let private = {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+        };
+        private.map_err(|e| StoreError::Backend {
+            path: path.clone(),
+            why: format!("cannot create it owner-only: {e}"),
+        })?;
         let db = redb::Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
                 dir: data_dir.to_path_buf(),
@@ -360,6 +377,21 @@ mod tests {
         store.commit(&[&w]).unwrap();
         next.clear_touched();
         *current = next;
+    }
+
+    #[test]
+    fn the_state_file_is_owner_only_even_if_it_was_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let mode = || std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        drop(RedbStore::open(dir.path()).unwrap());
+        assert_eq!(mode(), 0o600);
+        // A store an earlier version left world-readable is closed down.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert_eq!(mode(), 0o600);
+        assert_eq!(store.load().unwrap(), Registry::default());
     }
 
     #[test]
