@@ -555,35 +555,43 @@ pub(crate) fn session_members(sid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// SIGTERM to every agent's session, then SIGKILL after the grace period.
-pub(crate) async fn stop_agents(agents: &mut [DevAgent]) {
-    let signal_all = |agents: &mut [DevAgent], sig: Signal| {
-        for a in agents.iter_mut() {
-            if let (Ok(None), Some(pid)) = (a.child.try_wait(), a.child.id()) {
-                // The agent is its session's and process group's leader.
-                let _ = killpg(Pid::from_raw(pid as i32), sig);
+/// SIGTERM to each child's process group (each child leads its own
+/// session), then SIGKILL to those still running after `STOP_GRACE`; all
+/// are reaped. Returns their pids (their session ids), taken before.
+pub(crate) async fn stop_sessions(children: &mut [&mut Child]) -> Vec<Option<i32>> {
+    let sids: Vec<Option<i32>> = children.iter().map(|c| c.id().map(|p| p as i32)).collect();
+    let signal_all = |children: &mut [&mut Child], sig: Signal| {
+        for (c, sid) in children.iter_mut().zip(&sids) {
+            if let (Ok(None), Some(pid)) = (c.try_wait(), sid) {
+                let _ = killpg(Pid::from_raw(*pid), sig);
             }
         }
     };
-    signal_all(agents, Signal::SIGTERM);
+    signal_all(children, Signal::SIGTERM);
     let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline
-        && agents
+        && children
             .iter_mut()
-            .any(|a| matches!(a.child.try_wait(), Ok(None)))
+            .any(|c| matches!(c.try_wait(), Ok(None)))
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    signal_all(agents, Signal::SIGKILL);
-    for a in agents.iter_mut() {
-        let sid = a.child.id().map(|p| p as i32);
-        let _ = a.child.wait().await;
-        // Apps live in their own process groups inside the agent's session:
-        // whatever the agent did not stop goes now.
-        if let Some(sid) = sid {
-            for pid in session_members(sid) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+    signal_all(children, Signal::SIGKILL);
+    for c in children.iter_mut() {
+        let _ = c.wait().await;
+    }
+    sids
+}
+
+/// Stops every agent's session (`stop_sessions`), then whatever its apps
+/// left in it.
+pub(crate) async fn stop_agents(agents: &mut [DevAgent]) {
+    let mut children: Vec<&mut Child> = agents.iter_mut().map(|a| &mut a.child).collect();
+    // Apps live in their own process groups inside the agent's session:
+    // whatever the agent did not stop goes now.
+    for sid in stop_sessions(&mut children).await.into_iter().flatten() {
+        for pid in session_members(sid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }

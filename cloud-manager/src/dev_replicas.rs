@@ -586,28 +586,12 @@ async fn watch_replicas(managers: &mut [Replica], shutdown: &CancellationToken) 
     }
 }
 
-/// SIGTERM to every replica's session, then SIGKILL after the grace period.
+/// Stops every replica's session (`dev::stop_sessions`) and removes its
+/// pid file.
 async fn stop_replicas(managers: &mut [Replica]) {
-    let signal_all = |managers: &mut [Replica], sig: Signal| {
-        for m in managers.iter_mut() {
-            if let Ok(None) = m.child.try_wait() {
-                // The replica is its session's and process group's leader.
-                let _ = killpg(Pid::from_raw(m.pid as i32), sig);
-            }
-        }
-    };
-    signal_all(managers, Signal::SIGTERM);
-    let deadline = Instant::now() + dev::STOP_GRACE;
-    while Instant::now() < deadline
-        && managers
-            .iter_mut()
-            .any(|m| matches!(m.child.try_wait(), Ok(None)))
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    signal_all(managers, Signal::SIGKILL);
-    for m in managers.iter_mut() {
-        let _ = m.child.wait().await;
+    let mut children: Vec<&mut Child> = managers.iter_mut().map(|m| &mut m.child).collect();
+    dev::stop_sessions(&mut children).await;
+    for m in managers.iter() {
         let _ = std::fs::remove_file(m.dir.join("manager.pid"));
     }
 }

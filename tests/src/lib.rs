@@ -263,16 +263,7 @@ impl Manager {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Manager {
-        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        std::fs::create_dir_all(dir).expect("manager dir");
-        let log = dir.join(format!("manager-{n}.log"));
-        let mut cmd = Command::new(bin("cloud-manager"));
-        cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
-            .arg(dir)
-            .args(extra)
-            .envs(env.iter().copied());
-        let mut proc = Proc::spawn("cloud-manager", &mut cmd, &log);
+        let mut proc = spawn_serve(dir, listen, extra, env);
         let addr = eventually("manager to listen", DEADLINE, || {
             let text = proc.log_text();
             let found = text
@@ -301,16 +292,7 @@ impl Manager {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Manager {
-        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        std::fs::create_dir_all(dir).expect("replica dir");
-        let log = dir.join(format!("replica-{n}.log"));
-        let mut cmd = Command::new(bin("cloud-manager"));
-        cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
-            .arg(dir)
-            .args(extra)
-            .envs(env.iter().copied());
-        let mut proc = Proc::spawn("replica", &mut cmd, &log);
+        let mut proc = spawn_serve(dir, listen, extra, env);
         eventually("replica to listen", DEADLINE, || {
             let text = proc.log_text();
             let up =
@@ -320,9 +302,6 @@ impl Manager {
             async move { up.then_some(()) }
         })
         .await;
-        if let Ok(Some(status)) = proc.child.try_wait() {
-            panic!("replica exited ({status}): {}", proc.log_text());
-        }
         Manager {
             dir: dir.to_path_buf(),
             addr: listen,
@@ -703,6 +682,21 @@ pub fn refused_at_tls(err: &tonic::Status) -> bool {
             err.code(),
             tonic::Code::Unavailable | tonic::Code::Cancelled
         )
+}
+
+/// `cloud-manager serve --listen LISTEN --data-dir DIR EXTRA`, logging to
+/// `DIR/manager-N.log` (N counts every start in this process).
+fn spawn_serve(dir: &Path, listen: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::fs::create_dir_all(dir).expect("manager dir");
+    let log = dir.join(format!("manager-{n}.log"));
+    let mut cmd = Command::new(bin("cloud-manager"));
+    cmd.args(["serve", "--listen", &listen.to_string(), "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .envs(env.iter().copied());
+    Proc::spawn("cloud-manager", &mut cmd, &log)
 }
 
 /// A free loopback address (bound, then released) for a daemon that must
