@@ -1,5 +1,5 @@
-//! Sealing of the rows that hold private keys before they leave the
-//! manager for a shared store (etcd): ChaCha20-Poly1305 with a 256-bit key
+//! Sealing of the rows that hold private keys, in the shared store (etcd)
+//! and in the embedded one (`state.redb`): ChaCha20-Poly1305 with a 256-bit key
 //! that lives only in the managers' data dirs (`DATA_DIR/store.key`, 0600,
 //! made on first use; every manager on one etcd prefix needs the same file,
 //! copied like `ca.key`). The store key names the row (the AEAD's
@@ -102,6 +102,12 @@ impl Sealer {
             .map_err(|_| SealError::WrongKey(name.to_string()))?;
         Ok(plain.to_vec())
     }
+}
+
+/// Whether `value` is a sealed value (by its magic; says nothing of
+/// which key sealed it).
+pub fn is_sealed(value: &[u8]) -> bool {
+    value.len() >= MAGIC.len() + NONCE_LEN && value.starts_with(MAGIC)
 }
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {

@@ -12,6 +12,11 @@
 //! telemetry sample. Events are
 //! keyed by their (global) seq; each tenant's `dropped_through` has its own
 //! row, so a restarted manager still reports a loss it cannot replay.
+//!
+//! Pool rows hold the pool CA's private key, so they are sealed at rest
+//! like in etcd (`sealing`: ChaCha20-Poly1305 with `DATA_DIR/store.key`,
+//! 0600), on top of the file itself being owner-only. A store written
+//! before rows were sealed is sealed in place when it is opened.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::registry::Registry;
+use crate::sealing::Sealer;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -177,6 +183,13 @@ const EVENTS_FLOOR: &str = "events_floor";
 pub struct RedbStore {
     db: redb::Database,
     path: PathBuf,
+    sealer: Sealer,
+}
+
+/// The sealing name (associated data) of pool row `key`: a sealed row
+/// opens only as the row it was written as.
+fn pool_row_name(key: &str) -> String {
+    format!("pools/{key}")
 }
 
 impl RedbStore {
@@ -184,6 +197,10 @@ impl RedbStore {
     /// locked: a second manager on the same directory fails here.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("state.redb");
+        let sealer = Sealer::load_or_create(data_dir).map_err(|e| StoreError::Backend {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         // It holds the pool CAs' private keys: owner-only, made so before
         // redb writes anything, and made so again for a store from a
         // version that left it world-readable.
@@ -211,7 +228,7 @@ impl RedbStore {
                 why: e.to_string(),
             },
         })?;
-        let store = RedbStore { db, path };
+        let mut store = RedbStore { db, path, sealer };
         // Create every table once so that readers never meet a missing one.
         store.write(|txn| {
             txn.open_table(TOKENS)?;
@@ -234,7 +251,42 @@ impl RedbStore {
             }
             Ok(())
         })?;
+        store.seal_plain_pool_rows()?;
         Ok(store)
+    }
+
+    /// Seals the pool rows a version before sealing wrote in the clear.
+    fn seal_plain_pool_rows(&mut self) -> Result<(), StoreError> {
+        let plain: Vec<(String, Vec<u8>)> = {
+            let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
+            let table = txn.open_table(POOLS).map_err(|e| self.backend(e))?;
+            let mut plain = Vec::new();
+            for row in table.iter().map_err(|e| self.backend(e))? {
+                let (k, v) = row.map_err(|e| self.backend(e))?;
+                if !crate::sealing::is_sealed(v.value()) {
+                    plain.push((k.value().to_string(), v.value().to_vec()));
+                }
+            }
+            plain
+        };
+        if plain.is_empty() {
+            return Ok(());
+        }
+        self.write(|txn| {
+            let mut pools = txn.open_table(POOLS)?;
+            for (k, v) in &plain {
+                let sealed = self.sealer.seal(&pool_row_name(k), v);
+                pools.insert(k.as_str(), sealed.as_slice())?;
+            }
+            Ok(())
+        })?;
+        // The old pages with the keys in the clear are free now; compaction
+        // moves live pages down and cuts the file, dropping most of them.
+        if let Err(e) = self.db.compact() {
+            tracing::warn!(error = %e, "could not compact the store after sealing it");
+        }
+        tracing::info!(rows = plain.len(), path = %self.path.display(), "sealed pool rows written in the clear by an older version");
+        Ok(())
     }
 
     fn backend(&self, e: impl std::fmt::Display) -> StoreError {
@@ -260,17 +312,29 @@ impl RedbStore {
         txn.commit().map_err(|e| self.backend(e))
     }
 
+    /// Every row of `def`; `sealed` rows are opened first.
     fn read_map<V: DeserializeOwned>(
         &self,
         txn: &redb::ReadTransaction,
         def: TableDefinition<&str, &[u8]>,
+        sealed: bool,
     ) -> Result<BTreeMap<String, V>, StoreError> {
         let table = txn.open_table(def).map_err(|e| self.backend(e))?;
         let mut out = BTreeMap::new();
         for row in table.iter().map_err(|e| self.backend(e))? {
             let (k, v) = row.map_err(|e| self.backend(e))?;
-            let value = serde_json::from_slice(v.value()).map_err(|e| self.corrupt(e))?;
-            out.insert(k.value().to_string(), value);
+            let key = k.value().to_string();
+            let value = if sealed {
+                let plain = self
+                    .sealer
+                    .open(&pool_row_name(&key), v.value())
+                    .map_err(|e| self.corrupt(e))?;
+                serde_json::from_slice(&plain)
+            } else {
+                serde_json::from_slice(v.value())
+            }
+            .map_err(|e| self.corrupt(format!("{key}: {e}")))?;
+            out.insert(key, value);
         }
         Ok(out)
     }
@@ -280,9 +344,9 @@ impl Store for RedbStore {
     fn load(&self) -> Result<Registry, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.backend(e))?;
         let mut r = Registry {
-            tokens: self.read_map(&txn, TOKENS)?.into_iter().collect(),
-            nodes: self.read_map(&txn, NODES)?.into_iter().collect(),
-            pools: self.read_map(&txn, POOLS)?.into_iter().collect(),
+            tokens: self.read_map(&txn, TOKENS, false)?.into_iter().collect(),
+            nodes: self.read_map(&txn, NODES, false)?.into_iter().collect(),
+            pools: self.read_map(&txn, POOLS, true)?.into_iter().collect(),
             ..Registry::default()
         };
         let events = txn.open_table(EVENTS).map_err(|e| self.backend(e))?;
@@ -320,17 +384,22 @@ impl Store for RedbStore {
             let mut dropped = txn.open_table(EVENTS_DROPPED)?;
             let mut next_seq = None;
             for w in changes {
-                for (table, rows) in [
-                    (&mut tokens, &w.tokens),
-                    (&mut nodes, &w.nodes),
-                    (&mut pools, &w.pools),
-                ] {
+                for (table, rows) in [(&mut tokens, &w.tokens), (&mut nodes, &w.nodes)] {
                     for (k, v) in rows {
                         match v {
                             Some(v) => table.insert(k.as_str(), v.as_slice())?,
                             None => table.remove(k.as_str())?,
                         };
                     }
+                }
+                for (k, v) in &w.pools {
+                    match v {
+                        Some(v) => {
+                            let sealed = self.sealer.seal(&pool_row_name(k), v);
+                            pools.insert(k.as_str(), sealed.as_slice())?
+                        }
+                        None => pools.remove(k.as_str())?,
+                    };
                 }
                 for (seq, e) in &w.events {
                     events.insert(*seq, e.as_slice())?;
@@ -392,6 +461,62 @@ mod tests {
         let store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(mode(), 0o600);
         assert_eq!(store.load().unwrap(), Registry::default());
+    }
+
+    /// The raw value of pool row `key` in the file.
+    fn raw_pool_row(store: &RedbStore, key: &str) -> Vec<u8> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(POOLS).unwrap();
+        table.get(key).unwrap().unwrap().value().to_vec()
+    }
+
+    #[test]
+    fn pool_rows_are_sealed_at_rest_and_old_plain_rows_get_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = b"{\"key_pem\":\"-----BEGIN PRIVATE KEY-----\"}";
+        let store = RedbStore::open(dir.path()).unwrap();
+        // A row as a version before sealing wrote it.
+        store
+            .write(|txn| {
+                txn.open_table(POOLS)?.insert("t/old", secret.as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        let w = WriteSet {
+            pools: vec![("t/new".into(), Some(secret.to_vec()))],
+            ..WriteSet::default()
+        };
+        store.commit(&[&w]).unwrap();
+        assert!(is_sealed_as(&store, "t/new", secret));
+        drop(store);
+        let store = RedbStore::open(dir.path()).unwrap();
+        assert!(is_sealed_as(&store, "t/old", secret));
+        assert!(is_sealed_as(&store, "t/new", secret));
+        drop(store);
+        let file = std::fs::read(dir.path().join("state.redb")).unwrap();
+        assert!(
+            !file.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "a private key is in state.redb in the clear"
+        );
+        // Another manager's store.key cannot open the rows: a clear error.
+        std::fs::write(
+            dir.path().join("store.key"),
+            format!("{}\n", "ab".repeat(32)),
+        )
+        .unwrap();
+        let err = RedbStore::open(dir.path())
+            .unwrap()
+            .load()
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.key"), "{err}");
+    }
+
+    fn is_sealed_as(store: &RedbStore, key: &str, plain: &[u8]) -> bool {
+        let raw = raw_pool_row(store, key);
+        crate::sealing::is_sealed(&raw)
+            && store.sealer.open(&pool_row_name(key), &raw).unwrap() == plain
     }
 
     #[test]
