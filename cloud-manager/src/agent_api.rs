@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::caller;
+use crate::auth::{Trust, caller};
 use crate::errors::to_status;
 use crate::live::{Command, LiveNode};
 use crate::manager::Manager;
@@ -36,6 +36,7 @@ const MAX_CSR_BYTES: usize = 16 * 1024;
 
 pub struct AgentApi {
     manager: Arc<Manager>,
+    trust: Trust,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// One permit per stream being opened (from the start of `Connect`
@@ -46,7 +47,12 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
-    pub fn new(manager: Arc<Manager>, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    pub fn new(
+        manager: Arc<Manager>,
+        trust: Trust,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         let config = manager.config();
         let opens = Arc::new(Semaphore::new(
             (config.max_concurrent_stream_opens as usize).max(1),
@@ -54,6 +60,7 @@ impl AgentApi {
         let retry_after = Duration::from_millis(u64::from(config.stream_open_retry_ms));
         AgentApi {
             manager,
+            trust,
             shutdown,
             tracker,
             opens,
@@ -119,7 +126,7 @@ impl AgentService for AgentApi {
                 self.retry_after,
             ));
         };
-        let caller = caller(&request, self.manager.trust_domain())?;
+        let caller = caller(&request, &self.trust)?;
         let Identity::Node {
             tenant, node_id, ..
         } = caller.identity

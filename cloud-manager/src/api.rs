@@ -12,7 +12,7 @@ use std::pin::Pin;
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::tenant_caller;
+use crate::auth::{Trust, caller, tenant_caller};
 use crate::convert::{page_token, timestamp};
 use crate::errors::to_status;
 use crate::events::WatchFrom;
@@ -44,20 +44,29 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// How often a running WatchEvents looks its certificate up in the
+/// revocation list.
+const REVOCATION_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct TenantApi {
     manager: Arc<Manager>,
+    trust: Trust,
     /// Fires when the manager stops: open event streams then end with
     /// `UNAVAILABLE` instead of holding the graceful drain open.
     shutdown: CancellationToken,
 }
 
 impl TenantApi {
-    pub fn new(manager: Arc<Manager>, shutdown: CancellationToken) -> Self {
-        TenantApi { manager, shutdown }
+    pub fn new(manager: Arc<Manager>, trust: Trust, shutdown: CancellationToken) -> Self {
+        TenantApi {
+            manager,
+            trust,
+            shutdown,
+        }
     }
 
     fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        tenant_caller(request, self.manager.trust_domain())
+        tenant_caller(request, &self.trust)
     }
 }
 
@@ -269,6 +278,7 @@ impl TenantService for TenantApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let tenant = self.tenant(&request)?;
+        let serial = caller(&request, &self.trust)?.serial;
         let req = request.into_inner();
         // from_start asks for whatever is kept, so it is never a loss;
         // after_seq asks for everything after it, so it can be.
@@ -288,8 +298,12 @@ impl TenantService for TenantApi {
             .map_err(to_status)?;
         let manager = self.manager.clone();
         let shutdown = self.shutdown.clone();
+        let trust = self.trust.clone();
         let pool = req.pool;
         let stream = async_stream(move |tx| async move {
+            // A watch outlives its handshake: its certificate is looked
+            // up in the revocation list again every second.
+            let mut recheck = tokio::time::interval(REVOCATION_RECHECK);
             let end = loop {
                 let next = tokio::select! {
                     next = manager.control().next_event(&mut watch) => next,
@@ -305,6 +319,14 @@ impl TenantService for TenantApi {
                     // (which may never come, e.g. for a pool that does not
                     // exist).
                     _ = tx.closed() => break "client gone",
+                    _ = recheck.tick() => {
+                        if trust.is_revoked(&serial) {
+                            let msg = "the tenant certificate of this watch has been revoked";
+                            let _ = tx.send(Err(Status::permission_denied(msg))).await;
+                            break "certificate revoked";
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Ok(Some(e)) => {

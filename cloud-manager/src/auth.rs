@@ -1,9 +1,73 @@
 //! Who is calling: read from the verified TLS client certificate only.
+//!
+//! `Trust` holds the rules a client certificate must pass, at the TLS
+//! handshake (`Trust::verifier`, the manager port's client verifier) and
+//! again for every call (`caller`): tenant, node and manager identities
+//! must be signed by the root itself (never by a pool CA key), member
+//! identities are not accepted here at all, and a revoked tenant
+//! certificate (`revocations`) is refused.
 
-use edgepool_common::identity::{Identity, cert_serial_hex};
+use std::path::Path;
+use std::sync::Arc;
+
+use edgepool_common::identity::Identity;
+use edgepool_common::tls::{self, TlsError};
+use edgepool_common::trust::{IssuerVerifier, RootIssued};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use tonic::{Request, Status};
 
 use crate::forward::FORWARDED_CERT;
+use crate::revocations::Revocations;
+
+/// The manager's rules for client certificates.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    domain: String,
+    verifier: Arc<IssuerVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl Trust {
+    /// Rules for the root CA `root_pem` of trust domain `domain`, with the
+    /// revocation list of `data_dir`.
+    pub fn new(domain: &str, root_pem: &str, data_dir: &Path) -> Result<Trust, TlsError> {
+        let root = tls::certs_from_pem(root_pem, "root CA")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| TlsError::NoCertificate {
+                what: "root CA".into(),
+            })?;
+        let revocations = Arc::new(Revocations::new(data_dir));
+        let list = revocations.clone();
+        let verifier = IssuerVerifier::new(
+            RootIssued::new(&root)?,
+            None,
+            false,
+            move |id, serial| match id {
+                Identity::Tenant { .. } if list.is_revoked(serial) => Err(format!(
+                    "tenant certificate {serial} ({id}) has been revoked"
+                )),
+                _ => Ok(()),
+            },
+        );
+        Ok(Trust {
+            domain: domain.to_string(),
+            verifier,
+            revocations,
+        })
+    }
+
+    /// Whether the certificate with serial `serial` has been revoked since
+    /// (for calls that outlive their handshake, like WatchEvents).
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revocations.is_revoked(serial)
+    }
+
+    /// The client-certificate verifier of the manager's port.
+    pub fn verifier(&self) -> Arc<IssuerVerifier> {
+        self.verifier.clone()
+    }
+}
 
 /// The authenticated caller of an RPC.
 #[derive(Clone, Debug)]
@@ -25,7 +89,12 @@ pub struct Caller {
 /// `x-edgepool-forwarded-cert` header, which the replica verified in its own
 /// handshake, and it is checked here like any other; without the header
 /// the call has no client certificate.
-pub fn caller<T>(request: &Request<T>, domain: &str) -> Result<Caller, Status> {
+///
+/// Whichever way it came, the certificate passes `Trust`'s rules here (the
+/// handshake applied them to a direct caller already; a forwarded one was
+/// checked by the replica, and is checked again by the leader).
+pub fn caller<T>(request: &Request<T>, trust: &Trust) -> Result<Caller, Status> {
+    let domain = trust.domain.as_str();
     let none = || Status::unauthenticated("this call needs a client certificate");
     let certs = request.peer_certs().ok_or_else(none)?;
     let leaf = certs.first().ok_or_else(none)?;
@@ -44,7 +113,9 @@ pub fn caller<T>(request: &Request<T>, domain: &str) -> Result<Caller, Status> {
     } else {
         leaf.as_ref()
     };
-    let identity = Identity::from_cert_der(leaf)
+    let (identity, serial) = trust
+        .verifier
+        .check(&CertificateDer::from(leaf), UnixTime::now())
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     if identity.domain() != domain {
         return Err(Status::permission_denied(format!(
@@ -52,8 +123,6 @@ pub fn caller<T>(request: &Request<T>, domain: &str) -> Result<Caller, Status> {
             identity.domain()
         )));
     }
-    let serial = cert_serial_hex(leaf)
-        .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     Ok(Caller { identity, serial })
 }
 
@@ -74,8 +143,8 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The tenant a tenant-API caller acts for.
-pub fn tenant_caller<T>(request: &Request<T>, domain: &str) -> Result<String, Status> {
-    match caller(request, domain)?.identity {
+pub fn tenant_caller<T>(request: &Request<T>, trust: &Trust) -> Result<String, Status> {
+    match caller(request, trust)?.identity {
         Identity::Tenant { tenant, .. } => Ok(tenant),
         _ => Err(Status::permission_denied(
             "TenantService needs a tenant client certificate",

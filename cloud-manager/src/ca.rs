@@ -21,7 +21,10 @@ const ROOT_VALIDITY: Duration = Duration::days(3650);
 /// Manager server certificate lifetime.
 const SERVER_VALIDITY: Duration = Duration::days(365);
 /// Tenant client certificates.
-const TENANT_VALIDITY: Duration = Duration::days(365);
+/// Default lifetime of a tenant client certificate (`init`,
+/// `tenant-bundle --validity-days`): short, because a tenant certificate
+/// is a bearer of everything its tenant may do.
+pub const DEFAULT_TENANT_CERT_DAYS: u32 = 30;
 /// Lifetime of a replica's forwarding certificate (a standby makes a new
 /// one well before; see `forward`).
 const REPLICA_VALIDITY: Duration = Duration::days(30);
@@ -216,14 +219,18 @@ impl Ca {
     }
 
     /// A tenant API client certificate (`spiffe://<domain>/tenant/<t>/user/<u>`).
-    pub fn issue_tenant_client(&self, tenant: &str, user: &str) -> Result<IssuedWithKey, CaError> {
+    pub fn issue_tenant_client(
+        &self,
+        tenant: &str,
+        user: &str,
+        validity: Duration,
+    ) -> Result<IssuedWithKey, CaError> {
         let identity = Identity::Tenant {
             domain: self.domain.clone(),
             tenant: tenant.to_string(),
             user: user.to_string(),
         };
-        let mut params =
-            self.leaf_params(&identity, TENANT_VALIDITY, &format!("{user}@{tenant}"))?;
+        let mut params = self.leaf_params(&identity, validity, &format!("{user}@{tenant}"))?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue_with_new_key(params)
     }
@@ -307,6 +314,7 @@ pub fn init(
     domain: &str,
     server_names: &[String],
     tenant: &str,
+    tenant_validity: Duration,
     force: bool,
 ) -> Result<InitReport, CaError> {
     let files = CaFiles::new(dir);
@@ -320,7 +328,7 @@ pub fn init(
     let server_names = server_names_with_defaults(server_names);
     let ca = Ca::generate(domain)?;
     let server = ca.issue_server(&server_names)?;
-    let tenant_bundle = ca.issue_tenant_client(tenant, "admin")?;
+    let tenant_bundle = ca.issue_tenant_client(tenant, "admin", tenant_validity)?;
     let ca_key = ca.issuer.key().serialize_pem();
     // Key first: a crash between the two writes leaves no certificate without its key.
     write(&files.ca_key(), ca_key.as_bytes(), true)?;
@@ -412,7 +420,15 @@ mod tests {
     fn init_writes_private_keys_0600_and_refuses_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let report = init(dir.path(), "test.local", &names, "default", false).unwrap();
+        let report = init(
+            dir.path(),
+            "test.local",
+            &names,
+            "default",
+            Duration::days(30),
+            false,
+        )
+        .unwrap();
         assert!(report.fingerprint.starts_with("sha256:"));
         for key in [
             report.files.ca_key(),
@@ -423,12 +439,27 @@ mod tests {
             assert_eq!(mode, 0o600, "{}", key.display());
         }
         let before = std::fs::read(report.files.ca_cert()).unwrap();
-        let err = init(dir.path(), "test.local", &names, "default", false)
-            .err()
-            .unwrap();
+        let err = init(
+            dir.path(),
+            "test.local",
+            &names,
+            "default",
+            Duration::days(30),
+            false,
+        )
+        .err()
+        .unwrap();
         assert!(matches!(err, CaError::Exists(_)), "{err}");
         assert_eq!(std::fs::read(report.files.ca_cert()).unwrap(), before);
-        init(dir.path(), "test.local", &names, "default", true).unwrap();
+        init(
+            dir.path(),
+            "test.local",
+            &names,
+            "default",
+            Duration::days(30),
+            true,
+        )
+        .unwrap();
         assert_ne!(std::fs::read(report.files.ca_cert()).unwrap(), before);
     }
 
@@ -511,6 +542,7 @@ mod tests {
             "test.local",
             &["localhost".into()],
             "default",
+            Duration::days(30),
             false,
         )
         .unwrap();

@@ -5,8 +5,14 @@
 //! is made or moved). Member certificates carry the URI SAN
 //! `spiffe://<domain>/tenant/<t>/pool/<p>/member/<i>` and both serverAuth
 //! and clientAuth, because members are both servers and clients of each
-//! other on the peer port. Any two members verify each other against the
-//! root CA with the pool CA as intermediate.
+//! other on the peer port. Any two members verify each other with the pool
+//! CA as the trust anchor (`edgepool_common::trust::MemberCheck`).
+//!
+//! A pool CA carries a critical name-constraints extension permitting only
+//! its pool's SPIFFE path (`spiffe://<domain>/tenant/<t>/pool/<p>/`), so a
+//! certificate its key signs is refused by any verifier that builds a path
+//! through it to the root (the manager's port among them): pool CA keys
+//! cannot mint tenant, node, manager or other pools' identities.
 
 use edgepool_common::identity::Identity;
 use rcgen::{
@@ -16,6 +22,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::ca::{Ca, CaError, SKEW, random_serial, serial_hex};
+use edgepool_common::trust::{NAME_CONSTRAINTS_OID, pool_name_constraints, pool_prefix};
 
 /// Lifetime of a pool CA.
 const POOL_CA_VALIDITY: Duration = Duration::days(5 * 365);
@@ -53,6 +60,12 @@ pub fn issue_pool_ca(ca: &Ca, tenant: &str, pool: &str) -> Result<PoolCa, CaErro
         KeyUsagePurpose::DigitalSignature,
     ];
     params.use_authority_key_identifier_extension = true;
+    let mut constraints = rcgen::CustomExtension::from_oid_content(
+        NAME_CONSTRAINTS_OID,
+        pool_name_constraints(&pool_prefix(ca.domain(), tenant, pool)),
+    );
+    constraints.set_criticality(true);
+    params.custom_extensions = vec![constraints];
     let now = OffsetDateTime::now_utc();
     params.not_before = now - SKEW;
     params.not_after = now + POOL_CA_VALIDITY;
@@ -163,28 +176,33 @@ mod tests {
             node_key.public_key_raw(),
             "member certificate must be for the node's own key"
         );
-        // Verifies against the root with the pool CA as intermediate, and
-        // not without it.
+        // Verifies with its pool CA as the anchor, for its own pool only.
+        let now = UnixTime::now();
+        let check = |pool: &str| {
+            edgepool_common::trust::MemberCheck::new(
+                &der(&pool_ca.cert_pem),
+                pool_prefix("test.local", "t", pool),
+            )
+        };
+        assert_eq!(check("p").unwrap().server(&leaf, now).unwrap(), member(2));
+        assert_eq!(check("p").unwrap().client(&leaf, now).unwrap(), member(2));
+        assert!(check("q").is_err(), "the pool CA permits only pool p");
+        // A path through the pool CA to the root is refused: the pool CA's
+        // URI name constraint is one webpki does not apply, so it refuses
+        // every URI name under it. This is what keeps pool CA keys away
+        // from the manager's port.
         let roots = edgepool_common::tls::roots(&[der(ca.cert_pem())]).unwrap();
         let end = rustls::server::ParsedCertificate::try_from(&leaf).unwrap();
         let algs = edgepool_common::tls::provider()
             .signature_verification_algorithms
             .all;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &end,
-            &roots,
-            &[der(&pool_ca.cert_pem)],
-            UnixTime::now(),
-            algs,
-        )
-        .unwrap();
         assert!(
             rustls::client::verify_server_cert_signed_by_trust_anchor(
                 &end,
                 &roots,
-                &[],
-                UnixTime::now(),
-                algs
+                &[der(&pool_ca.cert_pem)],
+                now,
+                algs,
             )
             .is_err()
         );
@@ -202,5 +220,142 @@ mod tests {
         let bc = parsed.basic_constraints().unwrap().unwrap().value;
         assert!(bc.ca);
         assert_eq!(bc.path_len_constraint, Some(0));
+    }
+
+    /// A certificate for `uri` with client and server auth, signed by
+    /// `issuer`.
+    fn minted(uri: &str, issuer: &Issuer<'_, KeyPair>) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        der(&params.signed_by(&key, issuer).unwrap().pem())
+    }
+
+    #[test]
+    fn identities_minted_with_a_pool_ca_key_are_refused() {
+        use edgepool_common::trust::{IssuerVerifier, MemberCheck, RootIssued};
+        let ca = Ca::generate("test.local").unwrap();
+        let root = der(ca.cert_pem());
+        let pool_ca = issue_pool_ca(&ca, "t", "p").unwrap();
+        let other_ca = issue_pool_ca(&ca, "t", "q").unwrap();
+        let pool_key = KeyPair::from_pem(&pool_ca.key_pem).unwrap();
+        let pool_issuer = Issuer::from_ca_cert_pem(&pool_ca.cert_pem, pool_key).unwrap();
+        let now = UnixTime::now();
+        let manager_side =
+            IssuerVerifier::new(RootIssued::new(&root).unwrap(), None, false, |_, _| Ok(()));
+        let peer_side = IssuerVerifier::new(
+            RootIssued::new(&root).unwrap(),
+            Some(
+                MemberCheck::new(&der(&pool_ca.cert_pem), pool_prefix("test.local", "t", "p"))
+                    .unwrap(),
+            ),
+            true,
+            |_, _| Ok(()),
+        );
+        // The root's own tenant certificate passes both.
+        let tenant = ca
+            .issue_tenant_client("t", "admin", Duration::days(1))
+            .unwrap();
+        assert!(manager_side.check(&der(&tenant.cert_pem), now).is_ok());
+        assert!(peer_side.check(&der(&tenant.cert_pem), now).is_ok());
+        // Tenant, node and manager names and another pool's member, minted
+        // with pool p's key: refused on both sides.
+        for uri in [
+            "spiffe://test.local/tenant/t/user/admin",
+            "spiffe://test.local/tenant/t2/user/admin",
+            "spiffe://test.local/tenant/t/node/n1",
+            "spiffe://test.local/manager",
+            "spiffe://test.local/tenant/t/pool/q/member/1",
+        ] {
+            let forged = minted(uri, &pool_issuer);
+            assert!(
+                manager_side.check(&forged, now).is_err(),
+                "manager accepted {uri}"
+            );
+            assert!(
+                peer_side.check(&forged, now).is_err(),
+                "peer accepted {uri}"
+            );
+        }
+        // Its own pool's member name: only a member of that pool accepts it.
+        let member = minted("spiffe://test.local/tenant/t/pool/p/member/1", &pool_issuer);
+        assert!(peer_side.check(&member, now).is_ok());
+        assert!(manager_side.check(&member, now).is_err());
+        // A member of pool p signed by pool q's CA: refused by p's members.
+        let q_key = KeyPair::from_pem(&other_ca.key_pem).unwrap();
+        let q_issuer = Issuer::from_ca_cert_pem(&other_ca.cert_pem, q_key).unwrap();
+        let cross = minted("spiffe://test.local/tenant/t/pool/p/member/1", &q_issuer);
+        assert!(peer_side.check(&cross, now).is_err());
+    }
+
+    #[test]
+    fn the_pool_ca_permits_exactly_its_pool_path() {
+        let ca = Ca::generate("test.local").unwrap();
+        let pool_ca = issue_pool_ca(&ca, "t", "p").unwrap();
+        assert_eq!(
+            edgepool_common::trust::permitted_uri(der(&pool_ca.cert_pem).as_ref()).as_deref(),
+            Some("spiffe://test.local/tenant/t/pool/p/")
+        );
+    }
+
+    #[test]
+    fn a_member_dialing_a_peer_checks_the_slot_and_the_serial_it_holds() {
+        use edgepool_common::trust::{MemberCheck, MemberServerVerifier};
+        use rustls::client::danger::ServerCertVerifier;
+        let ca = Ca::generate("test.local").unwrap();
+        let pool_ca = issue_pool_ca(&ca, "t", "p").unwrap();
+        let node_key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&node_key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let node = ca
+            .sign_node_csr(
+                &csr,
+                &Identity::Node {
+                    domain: "test.local".into(),
+                    tenant: "t".into(),
+                    node_id: "n2".into(),
+                },
+                Duration::days(1),
+            )
+            .unwrap();
+        let old = issue_member(
+            &ca,
+            &pool_ca,
+            &member(2),
+            &node.cert_pem,
+            Duration::hours(1),
+        )
+        .unwrap();
+        let new = issue_member(
+            &ca,
+            &pool_ca,
+            &member(2),
+            &node.cert_pem,
+            Duration::hours(1),
+        )
+        .unwrap();
+        let check =
+            MemberCheck::new(&der(&pool_ca.cert_pem), pool_prefix("test.local", "t", "p")).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("peer").unwrap();
+        let dial = |expected: Identity, serial: &str, cert: &MemberCert| {
+            MemberServerVerifier::new(check.clone(), expected, serial.to_string())
+                .verify_server_cert(&der(&cert.cert_pem), &[], &name, &[], UnixTime::now())
+                .map(|_| ())
+        };
+        // The membership holds the new serial: the new certificate passes,
+        // the replaced one fails, and so does the right one for a wrong slot.
+        assert!(dial(member(2), &new.serial_hex, &new).is_ok());
+        let stale = dial(member(2), &new.serial_hex, &old).unwrap_err();
+        assert!(stale.to_string().contains("replaced or revoked"), "{stale}");
+        assert!(dial(member(3), &new.serial_hex, &new).is_err());
     }
 }

@@ -29,6 +29,11 @@ pub enum Command {
     Init(InitArgs),
     /// Issue another tenant client bundle from an existing CA.
     TenantBundle(TenantBundleArgs),
+    /// Tenant client certificates: `tenant revoke`.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// Run a manager and K local agents in one command, for trying things
     /// out; Ctrl-C stops every process it started.
     Dev(DevArgs),
@@ -299,6 +304,10 @@ pub struct InitArgs {
     /// Tenant of the first client bundle.
     #[arg(long, default_value = "default")]
     pub tenant: String,
+    /// Lifetime of the first tenant client certificate, in days (1 to
+    /// 3650). Issue a new one with `tenant-bundle` before it ends.
+    #[arg(long, default_value_t = crate::ca::DEFAULT_TENANT_CERT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub validity_days: u32,
     /// Replace an existing CA. Every certificate issued by the old one stops
     /// working: agents must join again.
     #[arg(long)]
@@ -321,6 +330,31 @@ pub struct TenantBundleArgs {
     /// Where to write <tenant>.pem and <tenant>.key.
     #[arg(long, default_value = ".")]
     pub out_dir: PathBuf,
+    /// Lifetime of the certificate, in days (1 to 3650). A leaked one is
+    /// stopped by `cloud-manager tenant revoke`.
+    #[arg(long, default_value_t = crate::ca::DEFAULT_TENANT_CERT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub validity_days: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Revoke a tenant client certificate: the manager on this data dir
+    /// refuses it from its next TLS handshake on (no restart). Adds its
+    /// serial to DIR/revoked-certs.
+    Revoke(TenantRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["cert", "serial"])))]
+pub struct TenantRevokeArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// The certificate to revoke (PEM, e.g. ./acme.pem).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Or its serial number, in hex (as `openssl x509 -serial` prints it).
+    #[arg(long)]
+    pub serial: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,9 @@ use edgepool_common::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::{self, Ca, CaFiles};
-use crate::cli::{Command, FingerprintArgs, InitArgs, TenantBundleArgs};
+use crate::cli::{
+    Command, FingerprintArgs, InitArgs, TenantBundleArgs, TenantCommand, TenantRevokeArgs,
+};
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
@@ -29,6 +31,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Init(args) => init(args),
         Command::TenantBundle(args) => tenant_bundle(args),
+        Command::Tenant {
+            command: TenantCommand::Revoke(args),
+        } => tenant_revoke(args),
         Command::Fingerprint(args) => fingerprint(args),
         Command::Dev(args) => {
             logging::init(LogFormat::Plain, "warn,cloud_manager::dev=info");
@@ -74,6 +79,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         &args.trust_domain,
         &args.server_names,
         &args.tenant,
+        time::Duration::days(i64::from(args.validity_days)),
         args.force,
     )?;
     let f = &report.files;
@@ -118,7 +124,11 @@ fn tenant_bundle(args: TenantBundleArgs) -> anyhow::Result<()> {
     edgepool_common::identity::validate_name("tenant", &args.tenant)?;
     edgepool_common::identity::validate_name("user", &args.user)?;
     let ca = Ca::load(&CaFiles::new(&args.data.dir), &args.trust_domain)?;
-    let bundle = ca.issue_tenant_client(&args.tenant, &args.user)?;
+    let bundle = ca.issue_tenant_client(
+        &args.tenant,
+        &args.user,
+        time::Duration::days(i64::from(args.validity_days)),
+    )?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let cert = args.out_dir.join(format!("{}.pem", args.tenant));
@@ -134,5 +144,78 @@ fn tenant_bundle(args: TenantBundleArgs) -> anyhow::Result<()> {
         args.tenant,
         args.user
     );
+    Ok(())
+}
+
+fn tenant_revoke(args: TenantRevokeArgs) -> anyhow::Result<()> {
+    use edgepool_common::identity::{Identity, cert_serial_hex};
+    let dir = &args.data.dir;
+    let root_path = CaFiles::new(dir).ca_cert();
+    let root_pem = std::fs::read_to_string(&root_path).with_context(|| {
+        format!(
+            "reading {} (is {} a manager data dir? give it with --data-dir)",
+            root_path.display(),
+            dir.display()
+        )
+    })?;
+    let (serial, what) = match (&args.cert, &args.serial) {
+        (Some(path), _) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let der =
+                edgepool_common::tls::certs_from_pem(&pem, &path.display().to_string())?.remove(0);
+            let identity = Identity::from_cert_der(der.as_ref())
+                .with_context(|| format!("{}: not an edgepool certificate", path.display()))?;
+            let Identity::Tenant { .. } = identity else {
+                anyhow::bail!(
+                    "{}: names {identity}, not a tenant (node certificates are replaced with `edge-agent join --force`; member certificates are revoked by failover)",
+                    path.display()
+                );
+            };
+            // Only a certificate of this data dir's CA is worth listing.
+            let root = edgepool_common::tls::certs_from_pem(&root_pem, "ca.pem")?.remove(0);
+            let signed_here = edgepool_common::trust::RootIssued::new(&root)?
+                .check(&der, rustls::pki_types::UnixTime::now());
+            if let Err(e) = signed_here {
+                let expired = matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
+                        | rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::ExpiredContext { .. }
+                        )
+                );
+                if !expired {
+                    anyhow::bail!(
+                        "{}: not issued by the CA in {} ({e})",
+                        path.display(),
+                        dir.display()
+                    );
+                }
+            }
+            (cert_serial_hex(der.as_ref())?, identity.to_string())
+        }
+        (None, Some(serial)) => {
+            if !crate::revocations::valid_serial(serial) {
+                anyhow::bail!(
+                    "--serial {serial:?}: expected 1 to 40 bytes in hex (e.g. 3f:a2:...)"
+                );
+            }
+            (
+                crate::revocations::normalize(serial),
+                format!("serial {serial}"),
+            )
+        }
+        (None, None) => anyhow::bail!("give --cert FILE or --serial HEX"),
+    };
+    let added = crate::revocations::revoke(dir, &serial, &what)
+        .with_context(|| format!("writing {}", dir.join(crate::revocations::FILE).display()))?;
+    if added {
+        println!(
+            "revoked {what} (serial {serial}); the manager on {} refuses it from its next handshake",
+            dir.display()
+        );
+    } else {
+        println!("{what} (serial {serial}) was already revoked");
+    }
     Ok(())
 }

@@ -191,8 +191,15 @@ async fn check_etcd(url: &str) -> anyhow::Result<()> {
 fn prepare_dir(dir: &Path) -> anyhow::Result<String> {
     let files = crate::ca::CaFiles::new(dir);
     if !files.ca_cert().exists() {
-        crate::ca::init(dir, "edgepool.local", &[], "default", false)
-            .with_context(|| format!("creating the CA in {}", dir.display()))?;
+        crate::ca::init(
+            dir,
+            "edgepool.local",
+            &[],
+            "default",
+            time::Duration::days(i64::from(crate::ca::DEFAULT_TENANT_CERT_DAYS)),
+            false,
+        )
+        .with_context(|| format!("creating the CA in {}", dir.display()))?;
     }
     crate::sealing::Sealer::load_or_create(dir)
         .with_context(|| format!("making the store key in {}", dir.display()))?;

@@ -29,6 +29,7 @@ pub mod pool;
 pub mod pools;
 pub mod registry;
 pub mod resources;
+pub mod revocations;
 pub mod sealing;
 pub mod server;
 pub mod store;

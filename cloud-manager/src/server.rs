@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent_api::AgentApi;
 use crate::api::TenantApi;
+use crate::auth::Trust;
 use crate::ca::{self, Ca, CaFiles};
 use crate::config::{ManagerConfig, StoreKind};
 use crate::etcd_store::{EtcdOptions, EtcdStore};
@@ -32,6 +33,9 @@ pub struct ManagerServer {
     listener: TcpListener,
     local_addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
+    /// The rules client certificates must pass (at the handshake and per
+    /// call).
+    trust: Trust,
     /// Set when this manager no longer holds its etcd prefix (etcd store):
     /// it stops, so that another replica leads.
     lost: Option<Arc<AtomicBool>>,
@@ -76,6 +80,7 @@ pub async fn build_until(
             &config.trust_domain,
             &config.server_names,
             &config.default_tenant,
+            time::Duration::days(i64::from(ca::DEFAULT_TENANT_CERT_DAYS)),
             false,
         )?;
         tracing::info!(
@@ -87,11 +92,13 @@ pub async fn build_until(
     let ca = Ca::load(&files, &config.trust_domain)?;
     let chain = tls::read_certs(&files.server_cert())?;
     let key = tls::read_key(&files.server_key())?;
-    let roots = tls::roots(&tls::certs_from_pem(ca.cert_pem(), "ca.pem")?)?;
-    let tls_config = Arc::new(tls::server_config(
+    // Client certificates are optional on this port (Enroll has none);
+    // one given must pass `Trust`'s issuer and revocation rules.
+    let trust = Trust::new(&config.trust_domain, ca.cert_pem(), &config.data_dir)?;
+    let tls_config = Arc::new(tls::server_config_with_verifier(
         chain,
         key,
-        tls::ClientAuth::Optional(roots),
+        trust.verifier(),
     )?);
     let (listener, (store, lost)) = match redb {
         Some(opened) => (listener, opened),
@@ -141,6 +148,7 @@ pub async fn build_until(
         local_addr,
         lost,
         tls: tls_config,
+        trust,
     })
 }
 
@@ -316,10 +324,14 @@ impl ManagerServer {
         }
         let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
 
-        let tenant =
-            TenantServiceServer::new(TenantApi::new(self.manager.clone(), shutdown.clone()));
+        let tenant = TenantServiceServer::new(TenantApi::new(
+            self.manager.clone(),
+            self.trust.clone(),
+            shutdown.clone(),
+        ));
         let agent = AgentServiceServer::new(AgentApi::new(
             self.manager.clone(),
+            self.trust.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod identity;
 pub mod logging;
 pub mod tls;
+pub mod trust;
 
 /// Generated code for package `edge.v1` (from `proto/edge/v1`).
 pub mod proto {

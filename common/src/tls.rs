@@ -142,6 +142,21 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A server config speaking HTTP/2 only, checking clients with `verifier`
+/// (e.g. `trust::IssuerVerifier`).
+pub fn server_config_with_verifier(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<ServerConfig, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// A client config trusting `roots`, presenting `identity` if given.
 pub fn client_config(
     roots: RootCertStore,

@@ -2,14 +2,16 @@
 //! this agent's PeerService. Pure logic: no network.
 //!
 //! Two agents trust each other iff both present a valid member certificate
-//! (chain: member -> pool CA -> root, checked by TLS) of the same trust
-//! domain, tenant and pool, for a slot that is in the current membership
-//! with exactly that certificate serial (so a replaced or revoked
-//! certificate stops working as soon as the new membership arrives).
+//! issued by their pool's CA (checked by TLS with that pool CA as the only
+//! anchor, `trust::MemberCheck`) for a name of the pool, for a slot that is
+//! in the current membership with exactly that certificate serial (so a
+//! replaced or revoked certificate stops working as soon as the new
+//! membership arrives). Both ends check this during the handshake.
 
 use edgepool_common::identity::{Identity, cert_serial_hex};
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
+use edgepool_common::trust::{MemberCheck, pool_prefix};
 use rustls::pki_types::CertificateDer;
 
 use crate::state::NodeInfo;
@@ -34,6 +36,8 @@ pub struct Membership {
     pub chain: Vec<CertificateDer<'static>>,
     pub serial: String,
     pub members: Vec<Peer>,
+    /// Checks member certificates against this pool's CA.
+    pub check: MemberCheck,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +99,14 @@ impl Membership {
         if spki(member[0].as_ref())? != spki(node_cert.as_ref())? {
             return Err(MembershipError::WrongKey);
         }
+        let pool_ca_der = pool_ca
+            .first()
+            .ok_or_else(|| MembershipError::BadCertificate("pool CA: no certificate".into()))?;
+        let check = MemberCheck::new(
+            pool_ca_der,
+            pool_prefix(&info.trust_domain, &info.tenant, &a.pool),
+        )
+        .map_err(|e| MembershipError::BadCertificate(e.to_string()))?;
         let serial = cert_serial_hex(member[0].as_ref())
             .map_err(|e| MembershipError::BadCertificate(e.to_string()))?;
         let members = a
@@ -118,6 +130,7 @@ impl Membership {
             chain,
             serial,
             members,
+            check,
         }))
     }
 
@@ -181,7 +194,17 @@ mod tests {
                     peer_address: String::new(),
                 },
             ],
+            check: check(),
         }
+    }
+
+    /// A check against a throw-away pool CA.
+    fn check() -> MemberCheck {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let ca = params.self_signed(&key).unwrap();
+        MemberCheck::new(ca.der(), pool_prefix("d", "t", "p")).unwrap()
     }
 
     fn member(tenant: &str, pool: &str, slot: u32) -> Identity {

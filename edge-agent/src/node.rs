@@ -26,8 +26,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use edgepool_common::identity::Identity;
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
+use edgepool_common::trust::{IssuerVerifier, RootIssued};
 use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -141,7 +143,8 @@ impl Shared {
         runtime: Runtime,
         capacity: Resources,
     ) -> Result<Self, tls::TlsError> {
-        let peer_tls = peer_server_config(&root_ca, node_chain.clone(), node_key.clone_key())?;
+        let peer_tls =
+            peer_server_config(&root_ca, node_chain.clone(), node_key.clone_key(), None)?;
         let offload = OffloadState::load(&data.dir);
         Ok(Shared {
             info,
@@ -437,11 +440,12 @@ impl Shared {
             }
         }
         lock(&self.gates).held = source == Source::Saved && membership.is_some();
+        let membership = membership.map(Arc::new);
         let chain = match &membership {
             Some(m) => m.chain.clone(),
             None => self.node_chain.clone(),
         };
-        let tls = peer_server_config(&self.root_ca, chain, self.node_key())?;
+        let tls = peer_server_config(&self.root_ca, chain, self.node_key(), membership.clone())?;
         write(&self.peer_tls, Arc::new(tls));
         if membership.is_none() {
             self.set_peers(Vec::new());
@@ -454,7 +458,7 @@ impl Shared {
                 s.retain_members(&members);
             }
         });
-        write(&self.membership, membership.map(Arc::new));
+        write(&self.membership, membership);
         self.membership_changed.send_replace(());
         tracing::info!(pool = %a.pool, slot = a.slot, generation = a.generation, apps = a.apps.len(), ?source, "applying assignment");
         *lock(&self.applied) = Some(a);
@@ -640,14 +644,37 @@ fn app_state(s: AppState) -> pb::AppState {
 
 /// The peer port's TLS: present `chain` (the member certificate and pool
 /// CA while a member, the node certificate otherwise) and require a client
-/// certificate chaining to the root CA. Who may actually call is decided
-/// per RPC against the membership.
+/// certificate. A member certificate must come from our pool's CA and be
+/// the current one of its slot in `membership` (checked in the handshake,
+/// so a replaced, revoked or foreign member never gets a connection);
+/// any other identity must be signed by the root itself (health and
+/// reflection answer it; PeerService refuses it per RPC).
 pub fn peer_server_config(
     root_ca: &[CertificateDer<'static>],
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    membership: Option<Arc<Membership>>,
 ) -> Result<rustls::ServerConfig, tls::TlsError> {
-    tls::server_config(chain, key, tls::ClientAuth::Required(tls::roots(root_ca)?))
+    let root = root_ca
+        .first()
+        .ok_or_else(|| tls::TlsError::NoCertificate {
+            what: "root CA".into(),
+        })?;
+    let check = membership.as_ref().map(|m| m.check.clone());
+    let verifier = IssuerVerifier::new(
+        RootIssued::new(root)?,
+        check,
+        true,
+        move |id, serial| match (id, &membership) {
+            (Identity::Member { .. }, Some(m)) => m
+                .authorize(id, serial)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            (Identity::Member { .. }, None) => Err("this node is not a pool member".into()),
+            _ => Ok(()),
+        },
+    );
+    tls::server_config_with_verifier(chain, key, verifier)
 }
 
 #[cfg(test)]

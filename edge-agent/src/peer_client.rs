@@ -11,6 +11,7 @@ use std::time::Duration;
 use edgepool_common::identity::Identity;
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
+use edgepool_common::trust::MemberServerVerifier;
 use pb::peer_service_client::PeerServiceClient;
 use tonic::transport::Channel;
 
@@ -46,8 +47,16 @@ fn peer_channel(
         pool: m.pool.clone(),
         slot,
     };
-    let verifier =
-        tls::SpiffeServerVerifier::new(tls::roots(&shared.root_ca)?, move |id| *id == expected);
+    // The server must present the current certificate of exactly that
+    // slot, from our pool's CA: a replaced, revoked or foreign certificate
+    // fails the handshake.
+    let serial = m
+        .members
+        .iter()
+        .find(|p| p.slot == slot)
+        .map(|p| p.cert_serial.clone())
+        .unwrap_or_default();
+    let verifier = MemberServerVerifier::new(m.check.clone(), expected, serial);
     let config =
         tls::client_config_with_verifier(verifier, Some((m.chain.clone(), shared.node_key())))?;
     tls::channel_gated(address, Arc::new(config), PROBE_TIMEOUT, shared.peer_gate())

@@ -1,6 +1,7 @@
 //! Every RPC checks who is calling: hostile and misplaced certificates.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use edgepool_common::proto as pb;
 use edgepool_tests::*;
@@ -98,8 +99,9 @@ async fn hostile_certificates_are_refused_on_both_services() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // No SPIFFE ID: not an identity at all, refused in the handshake.
     let err = list_as(&m, Some((&no_uri.0, &no_uri.1))).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(refused_at_tls(&err), "{err}");
     // A node certificate is not a tenant credential.
     let node_dir = tmp.path().join("victim");
     let err = list_as(
@@ -152,6 +154,108 @@ async fn hostile_certificates_are_refused_on_both_services() {
     assert!(!nodes[0].connected);
 }
 
+/// A thief with a copy of the manager's store and `store.key` (so with a
+/// pool CA's private key) mints tenant, node and manager identities and
+/// presents them with the pool CA as intermediate: the chain is valid up
+/// to the root, but only the root may issue those names, so the manager
+/// refuses them in the handshake; a member name for another pool, or one
+/// not in the membership, is refused by the members.
+#[tokio::test]
+async fn identities_minted_with_a_pool_ca_key_are_refused() {
+    use crate::pools::{Fleet, app, create_pool, wait_running};
+    let f = Fleet::start(2, &[]).await;
+    create_pool(
+        &f.m,
+        "p",
+        &["node-1", "node-2"],
+        vec![
+            app("k1", &["sleep", "700001"]),
+            app("k2", &["sleep", "700002"]),
+        ],
+    )
+    .await
+    .unwrap();
+    let pool = wait_running(&f.m, "p").await;
+    let stolen = f.tmp.path().join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    for file in ["state.redb", "store.key"] {
+        std::fs::copy(f.m.dir.join(file), stolen.join(file)).unwrap();
+    }
+    use cloud_manager::store::Store;
+    let registry = cloud_manager::store::RedbStore::open(&stolen)
+        .unwrap()
+        .load()
+        .unwrap();
+    let record = registry.pools.get("default/p").expect("pool row");
+    assert_eq!(record.ca.cert_pem, pool.ca_pem);
+    let issuer = Issuer::from_ca_cert_pem(
+        &record.ca.cert_pem,
+        KeyPair::from_pem(&record.ca.key_pem).unwrap(),
+    )
+    .unwrap();
+    let certs = f.tmp.path().join("forged");
+    std::fs::create_dir_all(&certs).unwrap();
+    // Each forged certificate is sent with the pool CA after it, so the
+    // chain to the root is complete.
+    let forge = |name: &str, uri: &str| {
+        let (c, k) = make_cert(&certs, name, Some(uri), Some(&issuer));
+        let leaf = std::fs::read_to_string(&c).unwrap();
+        std::fs::write(&c, format!("{leaf}{}", pool.ca_pem)).unwrap();
+        (c, k)
+    };
+    for (name, uri) in [
+        (
+            "tenant",
+            "spiffe://edgepool.local/tenant/default/user/admin",
+        ),
+        ("manager", "spiffe://edgepool.local/manager"),
+        (
+            "member",
+            "spiffe://edgepool.local/tenant/default/pool/p/member/1",
+        ),
+    ] {
+        let (c, k) = forge(name, uri);
+        let err = list_as(&f.m, Some((&c, &k))).await.unwrap_err();
+        assert!(refused_at_tls(&err), "{name}: {err}");
+    }
+    let (c, k) = forge("node", "spiffe://edgepool.local/tenant/default/node/node-1");
+    let err = open_agent_stream(&f.m.addr, &f.m.ca(), Some((&c, &k)))
+        .await
+        .unwrap_err();
+    assert!(refused_at_tls(&err), "{err}");
+    // On the peer port of member 1: a member name of another pool and a
+    // member of this pool whose serial the membership does not hold.
+    let addr = pool
+        .members
+        .iter()
+        .find(|m| m.slot == 1)
+        .unwrap()
+        .peer_address
+        .clone();
+    for (name, uri) in [
+        (
+            "other-pool",
+            "spiffe://edgepool.local/tenant/default/pool/q/member/2",
+        ),
+        (
+            "unlisted",
+            "spiffe://edgepool.local/tenant/default/pool/p/member/2",
+        ),
+    ] {
+        let (c, k) = forge(name, uri);
+        let identity = (
+            edgepool_common::tls::read_certs(&c).unwrap(),
+            edgepool_common::tls::read_key(&k).unwrap(),
+        );
+        let err = crate::peers::probe_as(&pool.ca_pem, &addr, "p", 1, Some(identity))
+            .await
+            .unwrap_err();
+        assert!(refused_at_tls(&err), "{name}: {err}");
+    }
+    // The manager still serves the real tenant.
+    assert_eq!(list_nodes(&mut f.m.tenant()).await.len(), 2);
+}
+
 #[tokio::test]
 async fn a_tenant_sees_only_its_own_nodes() {
     let tmp = TempDir::new().unwrap();
@@ -181,4 +285,87 @@ async fn a_tenant_sees_only_its_own_nodes() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// `cloud-manager tenant revoke`: a revoked tenant certificate is refused
+/// at the next handshake, its running WatchEvents ends, on a manager that
+/// keeps running; other certificates of the tenant keep working; bad input
+/// writes nothing.
+#[tokio::test]
+async fn a_revoked_tenant_certificate_is_refused_at_once() {
+    let tmp = TempDir::new().unwrap();
+    let m = Manager::start(&tmp.path().join("m")).await;
+    let enrolled = enroll(&m, tmp.path(), "n1").await;
+    let bob_dir = tmp.path().join("bob");
+    let out = run(std::process::Command::new(bin("cloud-manager"))
+        .args([
+            "tenant-bundle",
+            "--tenant",
+            "default",
+            "--user",
+            "bob",
+            "--data-dir",
+        ])
+        .arg(&m.dir)
+        .arg("--out-dir")
+        .arg(&bob_dir));
+    assert!(out.ok, "{}", out.stderr);
+    let bob = (bob_dir.join("default.pem"), bob_dir.join("default.key"));
+    assert_eq!(list_as(&m, Some((&bob.0, &bob.1))).await.unwrap().len(), 1);
+
+    // Bob watches events on a connection made before the revocation.
+    let mut watch = tenant_client(&m.addr, &m.ca(), Some((&bob.0, &bob.1)))
+        .watch_events(pb::WatchEventsRequest {
+            from_start: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let revoke = |args: &[&str]| {
+        run(std::process::Command::new(bin("cloud-manager"))
+            .args(["tenant", "revoke", "--data-dir"])
+            .arg(&m.dir)
+            .args(args))
+    };
+    let list_file = m.dir.join("revoked-certs");
+    // Bad input: refused with the reason, and nothing is written.
+    for (args, why) in [
+        (vec!["--serial", "zz"], "--serial"),
+        (vec![], "--cert"),
+        (
+            vec!["--cert", enrolled.dir.join("node.pem").to_str().unwrap()],
+            "not a tenant",
+        ),
+    ] {
+        let out = revoke(&args);
+        assert!(!out.ok, "{args:?} was accepted");
+        assert!(out.stderr.contains(why), "{args:?}: {}", out.stderr);
+        assert!(!list_file.exists(), "{args:?} wrote the revocation list");
+    }
+    let out = revoke(&["--cert", bob.0.to_str().unwrap()]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("revoked"), "{}", out.stdout);
+
+    // A new connection with bob's certificate fails the handshake.
+    let err = list_as(&m, Some((&bob.0, &bob.1))).await.unwrap_err();
+    assert!(refused_at_tls(&err), "{err}");
+    // The running watch ends with PERMISSION_DENIED within seconds.
+    let err = stream_end(
+        &mut watch,
+        Duration::from_secs(10),
+        "the revoked certificate's watch",
+    )
+    .await
+    .expect("the watch ended without saying why");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // The tenant's other certificate still works; revoking again is a no-op.
+    assert_eq!(list_nodes(&mut m.tenant()).await.len(), 1);
+    let again = revoke(&["--cert", bob.0.to_str().unwrap()]);
+    assert!(
+        again.ok && again.stdout.contains("already"),
+        "{}",
+        again.stdout
+    );
 }

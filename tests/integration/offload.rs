@@ -412,9 +412,8 @@ async fn a_peer_at_its_threshold_refuses_and_the_app_stays() {
         .unwrap()
         .peer_address
         .clone();
-    let roots =
-        edgepool_common::tls::roots(&edgepool_common::tls::read_certs(&f.m.ca()).unwrap()).unwrap();
-    let verifier = edgepool_common::tls::SpiffeServerVerifier::new(roots, |_| true);
+    let verifier =
+        edgepool_common::tls::SpiffeServerVerifier::new(pool_roots(&pool.ca_pem), |_| true);
     let config =
         edgepool_common::tls::client_config_with_verifier(verifier, Some((chain, key))).unwrap();
     let channel =

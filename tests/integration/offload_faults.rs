@@ -510,9 +510,7 @@ async fn member_client(f: &Fleet, pool: &str, from: u32, to: u32) -> PeerService
     chain.extend(edgepool_common::tls::certs_from_pem(&p.ca_pem, "ca").unwrap());
     let key_path = f.agents[&member(from).node_id].0.dir.join("node.key");
     let key = edgepool_common::tls::read_key(&key_path).unwrap();
-    let roots =
-        edgepool_common::tls::roots(&edgepool_common::tls::read_certs(&f.m.ca()).unwrap()).unwrap();
-    let verifier = edgepool_common::tls::SpiffeServerVerifier::new(roots, |_| true);
+    let verifier = edgepool_common::tls::SpiffeServerVerifier::new(pool_roots(&p.ca_pem), |_| true);
     let config =
         edgepool_common::tls::client_config_with_verifier(verifier, Some((chain, key))).unwrap();
     let channel = edgepool_common::tls::channel(

@@ -385,6 +385,17 @@ pub async fn open_agent_stream(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<pb::ManagerMessage, tonic::Status> {
+    agent_stream(addr, ca, identity)
+        .await
+        .map(|(first, _)| first)
+}
+
+/// Like `open_agent_stream`, also returning the open stream.
+pub async fn agent_stream(
+    addr: &SocketAddr,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<(pb::ManagerMessage, tonic::Streaming<pb::ManagerMessage>), tonic::Status> {
     let ch = tls::channel(&addr.to_string(), client_tls(ca, identity), DEADLINE).expect("channel");
     let mut client = AgentServiceClient::new(ch);
     let hello = pb::AgentMessage {
@@ -399,9 +410,29 @@ pub async fn open_agent_stream(
         tokio_stream::StreamExt::chain(tokio_stream::iter(vec![hello]), tokio_stream::pending());
     let mut inbound = client.connect(outbound).await?.into_inner();
     match inbound.message().await? {
-        Some(m) => Ok(m),
+        Some(m) => Ok((m, inbound)),
         None => Err(tonic::Status::unknown("stream ended without a message")),
     }
+}
+
+/// How a stream ended within `within`: `None` when it closed cleanly,
+/// the status otherwise. Panics if it is still open then.
+pub async fn stream_end<T>(
+    stream: &mut tonic::Streaming<T>,
+    within: Duration,
+    what: &str,
+) -> Option<tonic::Status> {
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: still open after {within:?}"))
 }
 
 /// An enrolled agent's data dir (from the real `edge-agent join`).
@@ -674,6 +705,13 @@ impl Drop for OwnerWatch {
 /// with TLS 1.3, where the client's certificate is checked after the client
 /// already considers the handshake done); a status made by a handler never
 /// carries a transport error as its source.
+/// Trust anchors for verifying the members of the pool whose CA is
+/// `pool_ca_pem` (`Pool.ca_pem`): the pool CA itself, as the agents use it.
+pub fn pool_roots(pool_ca_pem: &str) -> rustls::RootCertStore {
+    let ca = edgepool_common::tls::certs_from_pem(pool_ca_pem, "pool CA").unwrap();
+    edgepool_common::trust::member_roots(&ca[0]).unwrap()
+}
+
 pub fn refused_at_tls(err: &tonic::Status) -> bool {
     let transport = std::error::Error::source(err)
         .is_some_and(|s| s.downcast_ref::<tonic::transport::Error>().is_some());
