@@ -257,69 +257,86 @@ impl Session {
                 tracing::info!(node = %self.node_id, "stream replaced by a newer one");
                 break;
             }
-            match msg.msg {
-                Some(Up::Telemetry(t)) => self.live.record_sample(Sample::from(t)),
-                Some(Up::PeerCheckResult(r)) => {
-                    let answer = crate::liveness::CheckAnswer {
-                        reachable: r.reachable,
-                        error: r.error.chars().take(256).collect(),
-                    };
-                    self.manager
-                        .failover()
-                        .answer_check(&self.node_id, r.request_id, answer);
-                }
-                Some(Up::Pong(p)) => {
-                    self.live.seen();
-                    self.live.pong(p.nonce);
-                }
-                Some(Up::PeerLiveness(l)) => {
-                    let peers = l
-                        .peers
-                        .into_iter()
-                        .map(|p| crate::liveness::PeerAlive {
-                            slot: p.slot,
-                            node_id: p.node_id,
-                            reachable: p.reachable,
-                            silent_ms: p.silent_ms,
-                        })
-                        .collect();
-                    self.manager
-                        .failover()
-                        .record_liveness(&self.node_id, peers);
-                }
-                Some(Up::AppReport(r)) => {
-                    self.manager
-                        .streams()
-                        .record_report(&self.node_id, &self.live, AppReport::from(r))
-                        .await;
-                }
-                Some(Up::Heartbeat(h)) => {
-                    self.live.seen();
-                    // A failed-over node heard from again on a stream that
-                    // never dropped (it was frozen, or cut and healed
-                    // quickly) is fenced, as if it had reconnected. Its
-                    // app reports come only when they change, so this is
-                    // the sign of life to look at (a look at the snapshot;
-                    // work only for a failed node).
-                    if let Err(e) = self.manager.failover().fence_if_failed(&self.node_id).await {
-                        tracing::warn!(node = %self.node_id, error = %e, "could not fence a failed node");
-                    }
+            let Some(up) = msg.msg else { continue };
+            match handle_up(&self.manager, &self.node_id, &self.live, up).await {
+                Reply::Nothing => {}
+                Reply::Ack(seq) => {
                     // Acks are advisory: if the agent is not reading, drop them.
                     let _ = self
                         .tx
-                        .try_send(down(Down::HeartbeatAck(pb::HeartbeatAck { seq: h.seq })));
+                        .try_send(down(Down::HeartbeatAck(pb::HeartbeatAck { seq })));
                 }
-                Some(Up::Hello(_)) => {
-                    let _ = self
-                        .tx
-                        .try_send(Err(Status::invalid_argument("hello sent twice")));
+                Reply::End(status) => {
+                    let _ = self.tx.try_send(Err(status));
                     break;
                 }
-                None => {}
             }
         }
         self.manager
             .streams()
             .close_stream(&self.node_id, &self.live, self.conn_id);
     }
+}
+
+/// What the session does after one agent message.
+pub(crate) enum Reply {
+    Nothing,
+    /// Acknowledge heartbeat `seq`.
+    Ack(u64),
+    /// End the stream with this status.
+    End(Status),
+}
+
+/// Handles one message of an open agent stream (after its hello): the
+/// whole per-message work, shared by `Session` and the fuzz harness.
+pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode, up: Up) -> Reply {
+    match up {
+        Up::Telemetry(t) => live.record_sample(Sample::from(t)),
+        Up::PeerCheckResult(r) => {
+            let answer = crate::liveness::CheckAnswer {
+                reachable: r.reachable,
+                error: r.error.chars().take(256).collect(),
+            };
+            manager
+                .failover()
+                .answer_check(node_id, r.request_id, answer);
+        }
+        Up::Pong(p) => {
+            live.seen();
+            live.pong(p.nonce);
+        }
+        Up::PeerLiveness(l) => {
+            let peers = l
+                .peers
+                .into_iter()
+                .map(|p| crate::liveness::PeerAlive {
+                    slot: p.slot,
+                    node_id: p.node_id,
+                    reachable: p.reachable,
+                    silent_ms: p.silent_ms,
+                })
+                .collect();
+            manager.failover().record_liveness(node_id, peers);
+        }
+        Up::AppReport(r) => {
+            manager
+                .streams()
+                .record_report(node_id, live, AppReport::from(r))
+                .await;
+        }
+        Up::Heartbeat(h) => {
+            live.seen();
+            // A failed-over node heard from again on a stream that never
+            // dropped (it was frozen, or cut and healed quickly) is fenced,
+            // as if it had reconnected. Its app reports come only when they
+            // change, so this is the sign of life to look at (a look at the
+            // snapshot; work only for a failed node).
+            if let Err(e) = manager.failover().fence_if_failed(node_id).await {
+                tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
+            }
+            return Reply::Ack(h.seq);
+        }
+        Up::Hello(_) => return Reply::End(Status::invalid_argument("hello sent twice")),
+    }
+    Reply::Nothing
 }

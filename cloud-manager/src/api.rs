@@ -28,7 +28,7 @@ const MAX_APPS: usize = 1000;
 /// Largest number of nodes in one pool.
 const MAX_NODES: usize = 1000;
 
-fn apps_from(apps: Vec<pb::AppSpec>) -> Result<Vec<AppDef>, Status> {
+pub(crate) fn apps_from(apps: Vec<pb::AppSpec>) -> Result<Vec<AppDef>, Status> {
     if apps.len() > MAX_APPS {
         return Err(Status::invalid_argument(format!(
             "apps: at most {MAX_APPS} apps per pool"

@@ -17,6 +17,8 @@ pub mod etcd_store;
 pub mod events;
 pub mod failover;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod live;
 pub mod liveness;
 pub mod manager;
