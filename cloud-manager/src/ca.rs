@@ -50,6 +50,8 @@ pub enum CaError {
     BadCsr(String),
     #[error("invalid server name {0:?}")]
     BadServerName(String),
+    #[error("{path}: {why}")]
+    BadFile { path: PathBuf, why: String },
 }
 
 /// Paths of the CA files in a data directory.
@@ -347,6 +349,41 @@ pub fn init(
     })
 }
 
+/// Issues the first tenant bundle (`tenant.pem`, `tenant.key`) again when
+/// it has ended or ends within `margin`, for tenant `tenant`: `dev` keeps
+/// its data dir for longer than a tenant certificate lasts. Returns whether
+/// it did.
+pub fn renew_tenant_bundle(
+    files: &CaFiles,
+    domain: &str,
+    tenant: &str,
+    margin: Duration,
+) -> Result<bool, CaError> {
+    let path = files.tenant_cert();
+    let bad = |why: String| CaError::BadFile {
+        path: path.clone(),
+        why,
+    };
+    let pem = read(&path)?;
+    let der =
+        edgepool_common::tls::certs_from_pem(&pem, "tenant.pem").map_err(|e| bad(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der[0].as_ref()).map_err(|e| bad(e.to_string()))?;
+    let ends = cert.validity().not_after.timestamp();
+    if ends > (OffsetDateTime::now_utc() + margin).unix_timestamp() {
+        return Ok(false);
+    }
+    let ca = Ca::load(files, domain)?;
+    let bundle = ca.issue_tenant_client(
+        tenant,
+        "admin",
+        Duration::days(i64::from(DEFAULT_TENANT_CERT_DAYS)),
+    )?;
+    write(&files.tenant_key(), bundle.key_pem.as_bytes(), true)?;
+    write(&files.tenant_cert(), bundle.cert_pem.as_bytes(), false)?;
+    Ok(true)
+}
+
 /// Writes the server key and its chain (server certificate, then root).
 pub fn write_server(files: &CaFiles, server: &IssuedWithKey, ca: &Ca) -> Result<(), CaError> {
     write(&files.server_key(), server.key_pem.as_bytes(), true)?;
@@ -532,6 +569,37 @@ mod tests {
                 rustls::pki_types::UnixTime::now(),
             )
             .unwrap();
+    }
+
+    #[test]
+    fn a_tenant_bundle_ending_within_the_margin_is_issued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        init(
+            dir.path(),
+            "test.local",
+            &[],
+            "default",
+            Duration::days(1),
+            false,
+        )
+        .unwrap();
+        let files = CaFiles::new(dir.path());
+        let before = std::fs::read_to_string(files.tenant_cert()).unwrap();
+        assert!(renew_tenant_bundle(&files, "test.local", "default", Duration::days(7)).unwrap());
+        let after = std::fs::read_to_string(files.tenant_cert()).unwrap();
+        assert_ne!(before, after);
+        // Now it lasts 30 days: nothing to do.
+        assert!(!renew_tenant_bundle(&files, "test.local", "default", Duration::days(7)).unwrap());
+        let der = edgepool_common::tls::certs_from_pem(&after, "t").unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref()).unwrap();
+        let days = (cert.validity().not_after.timestamp()
+            - OffsetDateTime::now_utc().unix_timestamp())
+            / 86_400;
+        assert_eq!(days, i64::from(DEFAULT_TENANT_CERT_DAYS));
+        assert!(matches!(
+            Identity::from_cert_der(der[0].as_ref()).unwrap(),
+            Identity::Tenant { .. }
+        ));
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // Binds first, then takes the store's lock: a taken port or a dir in
     // use by another manager fails here, before anything is written.
     let server = crate::server::build(config).await?;
+    renew_tenant_bundle(&dir, &tenant)?;
     let addr = server.local_addr();
     let manager = server.manager();
     let manager_task = tokio::spawn(server.run_with_drain(shutdown.clone(), DRAIN));
@@ -652,4 +653,21 @@ pub(crate) fn print_banner(
             String::new()
         },
     );
+}
+
+/// A dev dir outlives its tenant certificate (30 days): issue it again when
+/// it ends within a week, so `DIR/tenant.pem` always works.
+pub(crate) fn renew_tenant_bundle(dir: &std::path::Path, tenant: &str) -> anyhow::Result<()> {
+    let files = crate::ca::CaFiles::new(dir);
+    let renewed = crate::ca::renew_tenant_bundle(
+        &files,
+        &ManagerConfig::default().trust_domain,
+        tenant,
+        time::Duration::days(7),
+    )
+    .with_context(|| format!("renewing {}", files.tenant_cert().display()))?;
+    if renewed {
+        tracing::info!(path = %files.tenant_cert().display(), "issued the tenant certificate again (the old one ended within a week)");
+    }
+    Ok(())
 }

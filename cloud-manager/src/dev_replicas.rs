@@ -201,6 +201,7 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<String> {
         )
         .with_context(|| format!("creating the CA in {}", dir.display()))?;
     }
+    crate::dev::renew_tenant_bundle(dir, "default")?;
     crate::sealing::Sealer::load_or_create(dir)
         .with_context(|| format!("making the store key in {}", dir.display()))?;
     let pem = std::fs::read_to_string(files.ca_cert())
