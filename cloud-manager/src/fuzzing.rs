@@ -248,6 +248,187 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// Starting inputs for the fuzz targets (`scripts/fuzz.sh` writes them
+/// into each target's corpus): one well-formed input per path, so the
+/// fuzzer starts past the decoders.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use pb::agent_message::Msg;
+    let mut out = Vec::new();
+    let stream = |pick: u8, msgs: Vec<Msg>| {
+        let mut data = vec![pick];
+        for msg in msgs {
+            let m = pb::AgentMessage { msg: Some(msg) };
+            m.encode_length_delimited(&mut data).unwrap_or_default();
+        }
+        data
+    };
+    let hello = Msg::Hello(pb::Hello {
+        agent_version: "seed".into(),
+        peer_address: "127.0.0.1:7444".into(),
+        capacity: Some(pb::Resources {
+            cpu_millis: 2000,
+            memory_mb: 1024,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let report = Msg::AppReport(pb::AppReport {
+        pool: "p".into(),
+        generation: 1,
+        apps: vec![pb::Placement {
+            app: "a".into(),
+            pid: 42,
+            ..Default::default()
+        }],
+        offloads: vec![pb::OffloadRecord {
+            app: "a".into(),
+            from_node: "n1".into(),
+            to_node: "n2".into(),
+            to_slot: 2,
+            resource: "cpu".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    out.push((
+        "agent_stream",
+        stream(
+            0,
+            vec![
+                hello.clone(),
+                Msg::Telemetry(pb::Telemetry::default()),
+                report,
+                Msg::PeerLiveness(pb::PeerLiveness {
+                    peers: vec![pb::PeerAlive {
+                        slot: 2,
+                        node_id: "n2".into(),
+                        reachable: false,
+                        silent_ms: 5000,
+                    }],
+                }),
+                Msg::PeerCheckResult(pb::PeerCheckResult::default()),
+                Msg::Pong(pb::Pong { nonce: 1 }),
+                Msg::Heartbeat(pb::Heartbeat { seq: 1 }),
+            ],
+        ),
+    ));
+    out.push(("agent_stream", stream(1, vec![hello.clone(), hello])));
+    let app = |name: &str| pb::AppSpec {
+        name: name.into(),
+        command: vec!["sleep".into(), "100".into()],
+        resources: Some(pb::Resources {
+            cpu_millis: 100,
+            memory_mb: 64,
+            ..Default::default()
+        }),
+        offloadable: true,
+        ..Default::default()
+    };
+    let policy = pb::Policy {
+        cpu: Some(pb::Threshold {
+            high: 0.8,
+            low: 0.5,
+        }),
+        sustain_seconds: 3,
+        ..Default::default()
+    };
+    let request = |method: u8, msg: &dyn Fn(&mut Vec<u8>)| {
+        let mut data = vec![method];
+        msg(&mut data);
+        data
+    };
+    let create = pb::CreatePoolRequest {
+        name: "p".into(),
+        node_ids: vec!["n1".into(), "n2".into()],
+        apps: vec![app("a"), app("b"), app("c")],
+        policy: Some(policy),
+        ..Default::default()
+    };
+    let mut tenant = vec![
+        request(0, &|d| create.encode(d).unwrap_or_default()),
+        request(1, &|d| {
+            pb::UpdateAppsRequest {
+                pool: "p".into(),
+                apps: vec![app("a"), app("d")],
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }),
+        request(2, &|d| {
+            pb::UpdatePolicyRequest {
+                pool: "p".into(),
+                policy: Some(policy),
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }),
+        request(3, &|d| {
+            pb::ListNodesRequest {
+                page_size: 2,
+                ..Default::default()
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }),
+        request(4, &|d| {
+            pb::CreateJoinTokenRequest {
+                ttl_seconds: 60,
+                ..Default::default()
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }),
+        request(6, &|d| {
+            pb::GetNodeRequest {
+                node_id: "n1".into(),
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }),
+        request(7, &|d| {
+            pb::DeletePoolRequest { name: "p".into() }
+                .encode(d)
+                .unwrap_or_default()
+        }),
+    ];
+    if let Ok(key) = rcgen::KeyPair::generate()
+        && let Ok(csr) = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+    {
+        tenant.push(request(5, &|d| {
+            pb::EnrollRequest {
+                token: format!("ept_{}", "0".repeat(43)),
+                node_id: "n9".into(),
+                csr_pem: csr.clone(),
+                force: false,
+            }
+            .encode(d)
+            .unwrap_or_default()
+        }));
+        out.push(("certificates", csr.into_bytes()));
+    }
+    out.extend(tenant.into_iter().map(|t| ("tenant_requests", t)));
+    if let Ok(ca) = Ca::generate("edgepool.local")
+        && let Ok(bundle) = ca.issue_tenant_client(TENANT, "admin", time::Duration::days(1))
+    {
+        if let Ok(der) = edgepool_common::tls::certs_from_pem(&bundle.cert_pem, "seed") {
+            out.push(("certificates", der[0].to_vec()));
+        }
+        out.push(("certificates", bundle.cert_pem.into_bytes()));
+        out.push(("certificates", ca.cert_pem().as_bytes().to_vec()));
+    }
+    out.push((
+        "certificates",
+        b"spiffe://edgepool.local/tenant/t/pool/p/member/1".to_vec(),
+    ));
+    out.push((
+        "config_files",
+        include_str!("../manager.example.toml").as_bytes().to_vec(),
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +478,40 @@ mod tests {
             config(junk);
         }
         config(b"listen = \"127.0.0.1:1\"\nevents_per_tenant = 0\n");
+    }
+
+    /// Every seed runs through its target; with `EDGEPOOL_FUZZ_SEEDS_DIR`
+    /// set (`scripts/fuzz.sh`), they are also written there, one directory
+    /// per target.
+    #[test]
+    fn every_seed_runs() {
+        let h = Harness::new();
+        let ca = Ca::generate("edgepool.local").unwrap();
+        let seeds = seeds();
+        for target in [
+            "agent_stream",
+            "tenant_requests",
+            "certificates",
+            "config_files",
+        ] {
+            assert!(
+                seeds.iter().any(|(t, _)| *t == target),
+                "no seed for {target}"
+            );
+        }
+        let out = std::env::var_os("EDGEPOOL_FUZZ_SEEDS_DIR").map(std::path::PathBuf::from);
+        for (i, (target, data)) in seeds.iter().enumerate() {
+            match *target {
+                "agent_stream" => h.agent_stream(data),
+                "tenant_requests" => h.tenant_request(data),
+                "certificates" => certificates(&ca, data),
+                _ => config(data),
+            }
+            if let Some(dir) = &out {
+                let dir = dir.join(target);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(format!("seed-{i}")), data).unwrap();
+            }
+        }
     }
 }
