@@ -154,6 +154,11 @@ pub fn server_config_with_verifier(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session skips the client
+    // certificate check, so a certificate revoked (or a membership changed)
+    // since would pass the handshake unchecked.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 

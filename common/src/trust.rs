@@ -397,6 +397,29 @@ impl rustls::client::danger::ServerCertVerifier for MemberServerVerifier {
 mod tests {
     use super::*;
 
+    /// A resumed TLS session would skip the client certificate check (and
+    /// with it revocation and membership): servers keep no sessions.
+    #[test]
+    fn servers_with_an_issuer_verifier_never_resume_sessions() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).unwrap();
+        let verifier =
+            IssuerVerifier::new(RootIssued::new(root.der()).unwrap(), None, false, |_, _| {
+                Ok(())
+            });
+        let config = crate::tls::server_config_with_verifier(
+            vec![root.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            verifier,
+        )
+        .unwrap();
+        assert!(!config.session_storage.can_cache());
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.ticketer.enabled());
+    }
+
     #[test]
     fn der_lengths_use_the_long_form_past_127_bytes() {
         assert_eq!(der(0x86, b"ab"), vec![0x86, 2, b'a', b'b']);
