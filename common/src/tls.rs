@@ -24,8 +24,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::gate::{Gate, GateState, Gated};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -543,11 +543,27 @@ pub fn fixed(config: Arc<ServerConfig>) -> ConfigSource {
 /// may run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcceptLimits {
-    /// Handshakes in progress at most (at least 1).
+    /// Handshakes computing at once (after the client's hello; at least 1).
     pub max_handshakes: usize,
-    /// A handshake not finished in this time is dropped, freeing its slot.
+    /// A connection whose handshake is not finished this long after it was
+    /// accepted is closed.
     pub handshake_timeout: Duration,
 }
+
+/// Accepted connections not yet handed to the server, per handshake slot
+/// (at least `MIN_PENDING`): each costs a file descriptor and a small task
+/// while it waits for its client's hello or for a slot.
+pub const PENDING_PER_HANDSHAKE: usize = 16;
+/// The least number of accepted connections a listener keeps waiting, so
+/// that a few thousand silent connections (the cheapest flood there is)
+/// are held open without turning anyone else away.
+pub const MIN_PENDING: usize = 4096;
+/// A connection that has not sent its whole ClientHello this long after it
+/// was accepted may be closed to make room for a new one when the pending
+/// connections are at their cap (never sooner than half the handshake
+/// timeout). A client on any real network sends its hello one round trip
+/// after connecting.
+pub const SILENT_EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 
 impl AcceptLimits {
     pub fn new(max_handshakes: usize, handshake_timeout: Duration) -> Self {
@@ -555,6 +571,17 @@ impl AcceptLimits {
             max_handshakes: max_handshakes.max(1),
             handshake_timeout,
         }
+    }
+
+    /// Accepted connections waiting at most: for a hello or for a slot.
+    pub fn max_pending(&self) -> usize {
+        self.max_handshakes
+            .saturating_mul(PENDING_PER_HANDSHAKE)
+            .max(MIN_PENDING)
+    }
+
+    fn evictable_after(&self) -> Duration {
+        SILENT_EVICTABLE_AFTER.min(self.handshake_timeout / 2)
     }
 }
 
@@ -564,14 +591,23 @@ impl AcceptLimits {
 /// untrusted client certificate where one is required, wrong CA, garbage)
 /// are logged at debug level and dropped. The stream ends when `stop` fires.
 ///
-/// At most `limits.max_handshakes` handshakes run at once: the loop takes a
-/// slot *before* it accepts, so connections above the cap wait in the
-/// kernel's listen queue (bounded by the listen backlog; a client's own
-/// connect timeout bounds its wait) and cost no task, buffer or file
-/// descriptor here. A slot is held until the handshaken stream is handed to
-/// the server, and `limits.handshake_timeout` frees a slot that a slow or
-/// silent client holds. This is what shapes a reconnect storm (a fleet
-/// coming back after a manager restart) into a steady flow.
+/// Two stages, so that silent clients cost no handshake slot:
+/// - every accepted connection first waits for its client's whole
+///   ClientHello, which costs no CPU; at most `limits.max_pending()`
+///   connections are accepted and not yet served. At that cap the oldest
+///   connection still without its hello after `SILENT_EVICTABLE_AFTER` is
+///   closed to make room; when there is none (every pending client spoke:
+///   a real reconnect storm), accepting pauses and new connections wait in
+///   the kernel's listen queue.
+/// - then it takes one of `limits.max_handshakes` slots for the rest of the
+///   handshake (the signatures and certificate checks), held until the
+///   stream is handed to the server. This shapes a reconnect storm (a fleet
+///   coming back after a manager restart) into a steady flow.
+///
+/// Every connection not handed to the server within
+/// `limits.handshake_timeout` of its accept is closed, so a slow or silent
+/// client holds nothing for longer; thousands of them do not keep members
+/// or tenants out.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ConfigSource,
@@ -608,16 +644,13 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
+    let book = Arc::new(Pending::new(limits.max_pending()));
     tokio::spawn(async move {
         loop {
-            let slot = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => break,
-                s = slots.clone().acquire_owned() => match s {
-                    Ok(s) => s,
-                    // Never closed; if it were, nothing could be accepted.
-                    Err(_) => break,
-                },
-            };
+                () = book.room(limits.evictable_after()) => {}
+            }
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
                 a = listener.accept() => a,
@@ -635,23 +668,173 @@ where
             let Some(stream) = wrap(tcp) else {
                 continue;
             };
-            // Taken per connection, so a new certificate applies at once.
-            let acceptor = TlsAcceptor::from(config());
-            let tx = tx.clone();
+            let entry = book.enter();
+            let (config, slots, tx) = (config.clone(), slots.clone(), tx.clone());
             tokio::spawn(async move {
-                let handshake = acceptor.accept(stream);
-                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-                    Ok(Ok(tls)) => {
+                let mut entry = entry;
+                let evicted = entry.evicted.clone();
+                let work = async {
+                    let start = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        stream,
+                    )
+                    .await?;
+                    if !entry.heard() {
+                        return Err(io::Error::other("closed while silent"));
+                    }
+                    let slot = slots
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| io::Error::other("accept loop gone"))?;
+                    // Taken per connection, so a new certificate applies at once.
+                    let tls = start.into_stream(config()).await?;
+                    Ok::<_, io::Error>((tls, slot))
+                };
+                let done = tokio::select! {
+                    _ = evicted.cancelled() => {
+                        tracing::debug!(%remote, "silent connection closed to make room");
+                        return;
+                    }
+                    done = tokio::time::timeout(limits.handshake_timeout, work) => done,
+                };
+                match done {
+                    Ok(Ok((tls, slot))) => {
                         let _ = tx.send(Ok(tls)).await;
+                        drop(slot);
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
-                drop(slot);
+                drop(entry);
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The accepted connections of one listener not yet handed to the server,
+/// and which of them have not sent their ClientHello yet.
+struct Pending {
+    state: Mutex<PendingState>,
+    /// Rung when a connection leaves the book.
+    left: tokio::sync::Notify,
+}
+
+struct PendingState {
+    max: usize,
+    /// Accepted and not yet handed over (silent ones included).
+    count: usize,
+    /// Silent connections by accept order: when accepted, and how to close.
+    silent:
+        std::collections::BTreeMap<u64, (std::time::Instant, tokio_util::sync::CancellationToken)>,
+    next: u64,
+}
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Pending {
+            state: Mutex::new(PendingState {
+                max: max.max(1),
+                count: 0,
+                silent: std::collections::BTreeMap::new(),
+                next: 0,
+            }),
+            left: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Returns when one more connection may be accepted: below the cap, or
+    /// after closing the oldest connection silent for `evictable_after`.
+    async fn room(&self, evictable_after: Duration) {
+        loop {
+            let wait = {
+                let Ok(mut s) = self.state.lock() else {
+                    return;
+                };
+                if s.count < s.max {
+                    return;
+                }
+                match s
+                    .silent
+                    .first_key_value()
+                    .map(|(id, (since, _))| (*id, since.elapsed()))
+                {
+                    Some((id, age)) if age >= evictable_after => {
+                        if let Some((_, token)) = s.silent.remove(&id) {
+                            token.cancel();
+                        }
+                        s.count -= 1;
+                        return;
+                    }
+                    Some((_, age)) => evictable_after - age,
+                    // Every pending client spoke: wait for one to leave.
+                    None => Duration::from_secs(3600),
+                }
+            };
+            tokio::select! {
+                _ = self.left.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Books a connection just accepted, as silent.
+    fn enter(self: &Arc<Self>) -> Entry {
+        let evicted = tokio_util::sync::CancellationToken::new();
+        let id = match self.state.lock() {
+            Ok(mut s) => {
+                let id = s.next;
+                s.next += 1;
+                s.count += 1;
+                s.silent
+                    .insert(id, (std::time::Instant::now(), evicted.clone()));
+                Some(id)
+            }
+            Err(_) => None,
+        };
+        Entry {
+            book: self.clone(),
+            id,
+            spoke: false,
+            evicted,
+        }
+    }
+}
+
+/// One booked connection; leaves the book when dropped.
+struct Entry {
+    book: Arc<Pending>,
+    id: Option<u64>,
+    spoke: bool,
+    evicted: tokio_util::sync::CancellationToken,
+}
+
+impl Entry {
+    /// Marks the connection as having sent its hello; false if it was
+    /// closed to make room meanwhile.
+    fn heard(&mut self) -> bool {
+        let (Some(id), Ok(mut s)) = (self.id, self.book.state.lock()) else {
+            return false;
+        };
+        self.spoke = s.silent.remove(&id).is_some();
+        self.spoke
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let Some(id) = self.id else {
+            return;
+        };
+        if let Ok(mut s) = self.book.state.lock() {
+            // Evicted entries were already taken off the count.
+            let counted = s.silent.remove(&id).is_some() || self.spoke;
+            if counted {
+                s.count -= 1;
+            }
+        }
+        self.book.left.notify_one();
+    }
 }
 
 #[cfg(test)]
