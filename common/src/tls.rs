@@ -608,12 +608,17 @@ impl AcceptLimits {
 /// `limits.handshake_timeout` of its accept is closed, so a slow or silent
 /// client holds nothing for longer; thousands of them do not keep members
 /// or tenants out.
+///
+/// After the handshake the client must send something (a legitimate HTTP/2
+/// client sends its preface and acknowledges the server's settings) within
+/// the handshake timeout too (`MustSpeak`), so a client that completes the
+/// handshake and then says nothing does not keep its connection.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ConfigSource,
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<TcpStream>>, io::Error>> {
     incoming(listener, config, limits, stop, Some)
 }
 
@@ -625,7 +630,8 @@ pub fn tls_incoming_gated(
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
     gate: Option<Gate>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<Gated<TcpStream>>, io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<Gated<TcpStream>>>, io::Error>>
+{
     incoming(listener, config, limits, stop, move |tcp| match &gate {
         Some(g) if g.state() == GateState::Cut => None,
         g => Some(Gated::new(tcp, g.as_ref())),
@@ -638,7 +644,7 @@ fn incoming<S>(
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
     wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<S>, io::Error>>
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<S>>, io::Error>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -668,6 +674,7 @@ where
             let Some(stream) = wrap(tcp) else {
                 continue;
             };
+            let stream = MustSpeak::new(stream);
             let entry = book.enter();
             let (config, slots, tx) = (config.clone(), slots.clone(), tx.clone());
             tokio::spawn(async move {
@@ -687,7 +694,8 @@ where
                         .await
                         .map_err(|_| io::Error::other("accept loop gone"))?;
                     // Taken per connection, so a new certificate applies at once.
-                    let tls = start.into_stream(config()).await?;
+                    let mut tls = start.into_stream(config()).await?;
+                    tls.get_mut().0.expect_words(limits.handshake_timeout);
                     Ok::<_, io::Error>((tls, slot))
                 };
                 let done = tokio::select! {
@@ -710,6 +718,106 @@ where
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// An accepted socket whose client, once the TLS handshake is done
+/// (`expect_words`), must send at least one more byte within a deadline:
+/// until then a read that finds nothing waits at most until the deadline,
+/// then fails (`TimedOut`), which closes the connection. Afterwards it only
+/// passes reads and writes through.
+pub struct MustSpeak<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> MustSpeak<S> {
+    fn new(inner: S) -> Self {
+        MustSpeak {
+            inner,
+            deadline: None,
+        }
+    }
+
+    /// From now on, the client has `within` to send something.
+    fn expect_words(&mut self, within: Duration) {
+        self.deadline = Some(Box::pin(tokio::time::sleep(within)));
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for MustSpeak<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.deadline = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let overdue = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if overdue {
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing after the TLS handshake",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for MustSpeak<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for MustSpeak<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 /// The accepted connections of one listener not yet handed to the server,

@@ -562,3 +562,49 @@ async fn enroll_through_a_standby_is_limited_by_the_callers_address() {
         tonic::Code::ResourceExhausted
     );
 }
+
+/// A client that completes the TLS handshake and then sends nothing (no
+/// HTTP/2 preface) is closed after the handshake timeout too, while a
+/// tenant's connection that goes quiet between calls is kept.
+#[tokio::test]
+async fn a_client_silent_after_its_handshake_is_closed() {
+    let tmp = TempDir::new().unwrap();
+    let m = Manager::start_on(
+        &tmp.path().join("m"),
+        "127.0.0.1:0".parse().unwrap(),
+        &["--handshake-timeout-ms", "1000"],
+    )
+    .await;
+    let mut tenant = m.tenant();
+    list_nodes(&mut tenant).await;
+
+    let (addr, config) = (m.addr, client_tls(&m.ca(), None));
+    let closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp).unwrap();
+        }
+        let done = Instant::now();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 1024];
+        // The server's HTTP/2 settings come first; reading ends when the
+        // server closes.
+        while let Ok(n) = rustls::Stream::new(&mut tls, &mut tcp).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        done.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(closed >= Duration::from_millis(900), "{closed:?}");
+    assert!(closed < Duration::from_secs(10), "{closed:?}");
+
+    // The tenant's channel, quiet for longer than the timeout, still works.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    list_nodes(&mut tenant).await;
+}
