@@ -968,6 +968,39 @@ mod tests {
         assert!(manager_addresses(" , ").is_err());
     }
 
+    /// At the cap, the oldest connection silent long enough makes room;
+    /// one that spoke never does, and leaving frees a place.
+    #[tokio::test]
+    async fn pending_connections_make_room_by_closing_the_oldest_silent_one() {
+        let after = Duration::from_millis(100);
+        let book = Arc::new(Pending::new(2));
+        let first = book.enter();
+        let mut second = book.enter();
+        assert!(second.heard());
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), book.room(after))
+            .await
+            .expect("room once the silent one is old enough");
+        assert!(started.elapsed() >= Duration::from_millis(80));
+        assert!(first.evicted.is_cancelled());
+        assert!(!second.evicted.is_cancelled());
+        drop(first);
+        // One place left (the evicted one was taken off at once): a new
+        // connection fills it; then only the one that spoke is pending
+        // besides it, and nothing is old enough: no room until one leaves.
+        let third = book.enter();
+        let mut third = third;
+        assert!(third.heard());
+        let waiting = tokio::time::timeout(Duration::from_millis(300), book.room(after)).await;
+        assert!(waiting.is_err(), "no silent connection to close");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), book.room(after))
+            .await
+            .expect("room once one left");
+        drop(third);
+        assert_eq!(book.state.lock().unwrap().count, 0);
+    }
+
     #[test]
     fn server_names() {
         assert!(server_name_of("127.0.0.1:7443").is_ok());
