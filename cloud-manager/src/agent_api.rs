@@ -101,7 +101,8 @@ impl AgentService for AgentApi {
         if let Some(ip) = source
             && let Err(wait) = self.enrolls.take(ip, std::time::Instant::now())
         {
-            tracing::info!(source = %ip, "too many enrollments from one address; refused");
+            // Debug: a flood would otherwise flood the log too.
+            tracing::debug!(source = %ip, "too many enrollments from one address; refused");
             return Err(edgepool_common::grpc::exhausted(
                 "too many enrollments from this address",
                 wait.max(Duration::from_millis(10)),
