@@ -18,9 +18,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Trust, caller};
 use crate::errors::to_status;
+use crate::forward::FORWARDED_FOR;
 use crate::live::{Command, LiveNode};
 use crate::manager::Manager;
 use crate::model::{AppReport, Hello, Sample};
+use crate::rate_limit::RateLimit;
+use crate::registry::{EnrollError, token_well_formed};
+use edgepool_common::identity::validate_name;
 
 /// The agent must send its hello this soon after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +48,8 @@ pub struct AgentApi {
     opens: Arc<Semaphore>,
     /// The retry hint of a `Connect` refused for want of a permit.
     retry_after: Duration,
+    /// `Enroll` calls per source address.
+    enrolls: RateLimit,
 }
 
 impl AgentApi {
@@ -58,6 +64,7 @@ impl AgentApi {
             (config.max_concurrent_stream_opens as usize).max(1),
         ));
         let retry_after = Duration::from_millis(u64::from(config.stream_open_retry_ms));
+        let enrolls = RateLimit::new(config.enroll_rate_per_second, config.enroll_burst);
         AgentApi {
             manager,
             trust,
@@ -65,6 +72,7 @@ impl AgentApi {
             tracker,
             opens,
             retry_after,
+            enrolls,
         }
     }
 }
@@ -82,10 +90,30 @@ impl AgentService for AgentApi {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
+        // Refused before any lock or copy of the registry: anyone may call
+        // Enroll (no certificate needed), so its shape is checked first,
+        // then how often this source calls.
+        let source = source_address(&request, self.manager.trust_domain());
         let req = request.into_inner();
         tracing::Span::current().record("node_id", req.node_id.as_str());
+        if !token_well_formed(&req.token) {
+            return Err(to_status(EnrollError::MalformedToken.into()));
+        }
+        if let Err(e) = validate_name("node id", &req.node_id) {
+            return Err(to_status(EnrollError::BadNodeId(e.to_string()).into()));
+        }
         if req.csr_pem.len() > MAX_CSR_BYTES {
             return Err(Status::invalid_argument("csr_pem is too large"));
+        }
+        if let Some(ip) = source
+            && let Err(wait) = self.enrolls.take(ip, std::time::Instant::now())
+        {
+            // Debug: a flood would otherwise flood the log too.
+            tracing::debug!(source = %ip, "too many enrollments from one address; refused");
+            return Err(edgepool_common::grpc::exhausted(
+                "too many enrollments from this address",
+                wait.max(Duration::from_millis(10)),
+            ));
         }
         let manager = self.manager.clone();
         // Signing and the fsync'd state write are blocking work.
@@ -339,4 +367,23 @@ pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode,
         Up::Hello(_) => return Reply::End(Status::invalid_argument("hello sent twice")),
     }
     Reply::Nothing
+}
+
+/// The caller's address, for per-source limits. A call that a standby
+/// replica forwarded comes from the replica: then the address is the one
+/// the replica saw, in `x-edgepool-forwarded-for`, honoured only on a
+/// connection whose client certificate is a replica's (the only one,
+/// signed by the root: see `auth`); a client cannot set it for itself.
+fn source_address<T>(request: &Request<T>, domain: &str) -> Option<std::net::IpAddr> {
+    let from_replica = request.peer_certs().is_some_and(|certs| {
+        certs.len() == 1 && crate::auth::is_replica(certs[0].as_ref(), domain)
+    });
+    if from_replica {
+        return request
+            .metadata()
+            .get(FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+    }
+    request.remote_addr().map(|a| a.ip())
 }

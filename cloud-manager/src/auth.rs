@@ -128,7 +128,7 @@ pub fn caller<T>(request: &Request<T>, trust: &Trust) -> Result<Caller, Status> 
 
 /// Whether `der` is a replica's certificate: the manager identity of
 /// `domain`.
-fn is_replica(der: &[u8], domain: &str) -> bool {
+pub(crate) fn is_replica(der: &[u8], domain: &str) -> bool {
     matches!(Identity::from_cert_der(der), Ok(Identity::Manager { domain: d }) if d == domain)
 }
 

@@ -124,12 +124,19 @@ pub struct ServeArgs {
     /// Events kept per tenant (the newest).
     #[arg(long, env = "EDGEPOOL_EVENTS_PER_TENANT")]
     pub events_per_tenant: Option<u32>,
-    /// TLS handshakes in progress at once; more connections wait.
+    /// TLS handshakes computing at once; more connections wait.
     #[arg(long, env = "EDGEPOOL_MAX_CONCURRENT_HANDSHAKES")]
     pub max_concurrent_handshakes: Option<u32>,
-    /// A TLS handshake not finished in this time is dropped (ms).
+    /// A connection not through its TLS handshake in this time is closed
+    /// (ms).
     #[arg(long, env = "EDGEPOOL_HANDSHAKE_TIMEOUT_MS")]
     pub handshake_timeout_ms: Option<u32>,
+    /// Enroll calls per second from one source address (0 = no limit).
+    #[arg(long, env = "EDGEPOOL_ENROLL_RATE_PER_SECOND")]
+    pub enroll_rate_per_second: Option<u32>,
+    /// Enroll calls one source address may make at once.
+    #[arg(long, env = "EDGEPOOL_ENROLL_BURST")]
+    pub enroll_burst: Option<u32>,
     /// Agent streams being opened at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "EDGEPOOL_MAX_CONCURRENT_STREAM_OPENS")]
     pub max_concurrent_stream_opens: Option<u32>,
@@ -230,6 +237,8 @@ impl ServeArgs {
                 &mut c.max_concurrent_handshakes,
             ),
             (self.handshake_timeout_ms, &mut c.handshake_timeout_ms),
+            (self.enroll_rate_per_second, &mut c.enroll_rate_per_second),
+            (self.enroll_burst, &mut c.enroll_burst),
             (
                 self.max_concurrent_stream_opens,
                 &mut c.max_concurrent_stream_opens,

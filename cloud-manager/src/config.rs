@@ -97,14 +97,27 @@ pub struct ManagerConfig {
     /// ends with DATA_LOSS. Memory: about 300 bytes per kept event.
     /// Default 1000.
     pub events_per_tenant: u32,
-    /// TLS handshakes in progress at once on the manager's port. Above it,
-    /// new connections wait in the kernel's listen queue until a slot
-    /// frees, so a fleet reconnecting at once (after a manager restart)
-    /// is served at a steady rate instead of all at once. Default 256.
+    /// TLS handshakes computing at once on the manager's port (after the
+    /// client's hello: clients that have not sent it hold no slot). Above
+    /// it, connections wait for a slot, so a fleet reconnecting at once
+    /// (after a manager restart) is served at a steady rate instead of all
+    /// at once. Up to max(16 x this, 4096) accepted connections wait; at
+    /// that cap the oldest one silent for 1 s is closed to make room, and
+    /// when every waiting client has spoken, new ones wait in the kernel's
+    /// listen queue. Default 256.
     pub max_concurrent_handshakes: u32,
-    /// A TLS handshake not finished in this time is dropped, so a slow or
-    /// silent client cannot hold a handshake slot. Default 10000.
+    /// A connection whose TLS handshake is not finished this long after it
+    /// was accepted is closed, so a slow or silent client holds nothing
+    /// for longer. Default 10000.
     pub handshake_timeout_ms: u32,
+    /// `Enroll` calls per second from one source address (IPv6: one /64),
+    /// after a burst of `enroll_burst`; above it `Enroll` answers
+    /// RESOURCE_EXHAUSTED with a retry hint (`edge-agent join` waits and
+    /// tries again). 0 = no limit. Default 10.
+    pub enroll_rate_per_second: u32,
+    /// `Enroll` calls one source may make at once before the rate applies.
+    /// Default 20.
+    pub enroll_burst: u32,
     /// Agent streams (`Connect`) being opened at once: from the stream's
     /// start until its hello is handled and recorded. Above it `Connect`
     /// answers RESOURCE_EXHAUSTED with a retry hint. Default 64.
@@ -186,6 +199,8 @@ impl Default for ManagerConfig {
             events_per_tenant: crate::events::DEFAULT_EVENTS_PER_TENANT as u32,
             max_concurrent_handshakes: 256,
             handshake_timeout_ms: 10_000,
+            enroll_rate_per_second: 10,
+            enroll_burst: 20,
             max_concurrent_stream_opens: 64,
             stream_open_retry_ms: 1000,
             store: StoreKind::Redb,
@@ -312,6 +327,15 @@ impl ManagerConfig {
                     &format!("must be between 1 and {MAX_CONCURRENT_OPENS}"),
                 ));
             }
+        }
+        if self.enroll_rate_per_second > 100_000 {
+            return Err(invalid(
+                "enroll_rate_per_second",
+                "must be at most 100000 (0 = no limit)",
+            ));
+        }
+        if !(1..=100_000).contains(&self.enroll_burst) {
+            return Err(invalid("enroll_burst", "must be between 1 and 100000"));
         }
         if self.store == StoreKind::Etcd {
             if self.etcd_endpoints.is_empty() {

@@ -115,6 +115,13 @@ impl Enrollment {
     ) -> Result<EnrollGrant, ManagerError> {
         let validity =
             time::Duration::hours(i64::from(self.control.config.node_cert_validity_hours));
+        // Decided first on the committed registry, which takes no lock and
+        // copies nothing: an unknown, used or expired token (a guess) is
+        // refused without touching the head lock that every change takes.
+        // The plan is made again under that lock, where it counts.
+        self.control
+            .registry()?
+            .plan_enroll(token, node_id, force, now_ms())?;
         let (grant, replaces, push) = self.control.mutate(|r| {
             let now = now_ms();
             let plan = r.plan_enroll(token, node_id, force, now)?;

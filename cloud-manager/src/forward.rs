@@ -12,8 +12,9 @@
 //! of the same root.
 //!
 //! The caller's verified client certificate travels in the
-//! `x-edgepool-forwarded-cert` header (hex DER; a value a client sent is
-//! always replaced). The leader honours that header only on a connection
+//! `x-edgepool-forwarded-cert` header (hex DER), and its address in
+//! `x-edgepool-forwarded-for` (for the leader's per-source limit on
+//! `Enroll`); a value a client sent is always replaced. The leader honours that header only on a connection
 //! whose client is a replica, and then checks the forwarded identity
 //! exactly as if its owner had called directly (`auth::caller`); without
 //! it a forwarded call has no client certificate (`Enroll`).
@@ -42,6 +43,9 @@ use crate::ca::{Ca, CaFiles};
 
 /// The header that carries a forwarded call's client certificate.
 pub const FORWARDED_CERT: &str = "x-edgepool-forwarded-cert";
+/// The header that carries a forwarded call's source address (the IP the
+/// standby saw), for the leader's per-source limits (`Enroll`).
+pub const FORWARDED_FOR: &str = "x-edgepool-forwarded-for";
 
 /// A standby makes a new replica certificate (valid 30 days) this often.
 const RENEW_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -188,16 +192,24 @@ impl<S> Service<http::Request<Body>> for Forward<S> {
 
 async fn forward(link: &LeaderLink, request: http::Request<Body>) -> http::Response<Body> {
     let (mut head, body) = request.into_parts();
-    let cert = head
-        .extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
+    let info = head.extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+    let cert = info
         .and_then(|info| info.peer_certs())
         .and_then(|certs| certs.first().map(|c| hex(c.as_ref())));
+    let source = info
+        .and_then(|info| info.get_ref().remote_addr())
+        .map(|a| a.ip().to_string());
     head.headers.remove(FORWARDED_CERT);
+    head.headers.remove(FORWARDED_FOR);
     if let Some(cert) = cert
         && let Ok(value) = http::HeaderValue::from_str(&cert)
     {
         head.headers.insert(FORWARDED_CERT, value);
+    }
+    if let Some(source) = source
+        && let Ok(value) = http::HeaderValue::from_str(&source)
+    {
+        head.headers.insert(FORWARDED_FOR, value);
     }
     // This side's connection details stay here.
     head.extensions = http::Extensions::new();

@@ -29,6 +29,7 @@ pub mod nodes;
 pub mod partition;
 pub mod pool;
 pub mod pools;
+pub mod rate_limit;
 pub mod registry;
 pub mod resources;
 pub mod revocations;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use edgepool_common::grpc::max_request;
 use edgepool_common::proto::agent_service_server::AgentServiceServer;
 use edgepool_common::proto::tenant_service_server::TenantServiceServer;
 use edgepool_common::tls;
@@ -181,7 +182,7 @@ async fn serve_standby(
     link: Arc<LeaderLink>,
     stop: CancellationToken,
 ) {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = edgepool_common::grpc::health();
     reporter
         .set_service_status(LEADER_SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
@@ -282,7 +283,7 @@ impl ManagerServer {
         drain: Duration,
     ) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
-        let (health_reporter, health) = tonic_health::server::health_reporter();
+        let (health_reporter, health) = edgepool_common::grpc::health();
         health_reporter
             .set_serving::<TenantServiceServer<TenantApi>>()
             .await;
@@ -328,13 +329,15 @@ impl ManagerServer {
             self.manager.clone(),
             self.trust.clone(),
             shutdown.clone(),
-        ));
+        ))
+        .max_decoding_message_size(max_request::TENANT);
         let agent = AgentServiceServer::new(AgentApi::new(
             self.manager.clone(),
             self.trust.clone(),
             shutdown.clone(),
             tracker.clone(),
-        ));
+        ))
+        .max_decoding_message_size(max_request::AGENT);
         self.manager.start(&tracker, &shutdown);
         let config = self.manager.config();
         let limits = tls::AcceptLimits::new(

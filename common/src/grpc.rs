@@ -32,8 +32,38 @@ pub fn exhausted(what: &str, retry_after: std::time::Duration) -> tonic::Status 
     )
 }
 
+/// The largest request message each service decodes (tonic's default is
+/// 4 MiB for every service). A larger one is refused with OUT_OF_RANGE
+/// from its length prefix, before its body is buffered.
+pub mod max_request {
+    /// `TenantService`: a pool of up to 1000 apps with their argv,
+    /// environment and requests fits with room to spare.
+    pub const TENANT: usize = 2 * 1024 * 1024;
+    /// `AgentService`: `Enroll` (a CSR of at most 16 KiB) and each message
+    /// of the agent's stream (an app report names at most 4096 apps).
+    pub const AGENT: usize = 1024 * 1024;
+    /// `PeerService`: probes, beats, and offers of one app.
+    pub const PEER: usize = 256 * 1024;
+    /// Health checks and reflection requests: a service or symbol name.
+    pub const SMALL: usize = 16 * 1024;
+}
+
+/// The health service (and its reporter), its requests capped at
+/// `max_request::SMALL`.
+pub fn health() -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    (
+        reporter,
+        server.max_decoding_message_size(max_request::SMALL),
+    )
+}
+
 /// Server reflection for `edge.v1` and `grpc.health.v1`, in both protocol
 /// versions: v1 for current clients, v1alpha for older grpcurl builds.
+/// Requests are capped at `max_request::SMALL`.
 #[allow(clippy::type_complexity)]
 pub fn reflection() -> Result<
     (
@@ -45,11 +75,13 @@ pub fn reflection() -> Result<
     let v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(max_request::SMALL);
     let v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()?
+        .max_decoding_message_size(max_request::SMALL);
     Ok((v1, v1alpha))
 }
 

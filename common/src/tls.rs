@@ -24,8 +24,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::gate::{Gate, GateState, Gated};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -563,11 +563,27 @@ pub fn fixed(config: Arc<ServerConfig>) -> ConfigSource {
 /// may run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcceptLimits {
-    /// Handshakes in progress at most (at least 1).
+    /// Handshakes computing at once (after the client's hello; at least 1).
     pub max_handshakes: usize,
-    /// A handshake not finished in this time is dropped, freeing its slot.
+    /// A connection whose handshake is not finished this long after it was
+    /// accepted is closed.
     pub handshake_timeout: Duration,
 }
+
+/// Accepted connections not yet handed to the server, per handshake slot
+/// (at least `MIN_PENDING`): each costs a file descriptor and a small task
+/// while it waits for its client's hello or for a slot.
+pub const PENDING_PER_HANDSHAKE: usize = 16;
+/// The least number of accepted connections a listener keeps waiting, so
+/// that a few thousand silent connections (the cheapest flood there is)
+/// are held open without turning anyone else away.
+pub const MIN_PENDING: usize = 4096;
+/// A connection that has not sent its whole ClientHello this long after it
+/// was accepted may be closed to make room for a new one when the pending
+/// connections are at their cap (never sooner than half the handshake
+/// timeout). A client on any real network sends its hello one round trip
+/// after connecting.
+pub const SILENT_EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 
 impl AcceptLimits {
     pub fn new(max_handshakes: usize, handshake_timeout: Duration) -> Self {
@@ -575,6 +591,17 @@ impl AcceptLimits {
             max_handshakes: max_handshakes.max(1),
             handshake_timeout,
         }
+    }
+
+    /// Accepted connections waiting at most: for a hello or for a slot.
+    pub fn max_pending(&self) -> usize {
+        self.max_handshakes
+            .saturating_mul(PENDING_PER_HANDSHAKE)
+            .max(MIN_PENDING)
+    }
+
+    fn evictable_after(&self) -> Duration {
+        SILENT_EVICTABLE_AFTER.min(self.handshake_timeout / 2)
     }
 }
 
@@ -584,20 +611,34 @@ impl AcceptLimits {
 /// untrusted client certificate where one is required, wrong CA, garbage)
 /// are logged at debug level and dropped. The stream ends when `stop` fires.
 ///
-/// At most `limits.max_handshakes` handshakes run at once: the loop takes a
-/// slot *before* it accepts, so connections above the cap wait in the
-/// kernel's listen queue (bounded by the listen backlog; a client's own
-/// connect timeout bounds its wait) and cost no task, buffer or file
-/// descriptor here. A slot is held until the handshaken stream is handed to
-/// the server, and `limits.handshake_timeout` frees a slot that a slow or
-/// silent client holds. This is what shapes a reconnect storm (a fleet
-/// coming back after a manager restart) into a steady flow.
+/// Two stages, so that silent clients cost no handshake slot:
+/// - every accepted connection first waits for its client's whole
+///   ClientHello, which costs no CPU; at most `limits.max_pending()`
+///   connections are accepted and not yet served. At that cap the oldest
+///   connection still without its hello after `SILENT_EVICTABLE_AFTER` is
+///   closed to make room; when there is none (every pending client spoke:
+///   a real reconnect storm), accepting pauses and new connections wait in
+///   the kernel's listen queue.
+/// - then it takes one of `limits.max_handshakes` slots for the rest of the
+///   handshake (the signatures and certificate checks), held until the
+///   stream is handed to the server. This shapes a reconnect storm (a fleet
+///   coming back after a manager restart) into a steady flow.
+///
+/// Every connection not handed to the server within
+/// `limits.handshake_timeout` of its accept is closed, so a slow or silent
+/// client holds nothing for longer; thousands of them do not keep members
+/// or tenants out.
+///
+/// After the handshake the client must send something (a legitimate HTTP/2
+/// client sends its preface and acknowledges the server's settings) within
+/// the handshake timeout too (`MustSpeak`), so a client that completes the
+/// handshake and then says nothing does not keep its connection.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ConfigSource,
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<TcpStream>>, io::Error>> {
     incoming(listener, config, limits, stop, Some)
 }
 
@@ -609,7 +650,8 @@ pub fn tls_incoming_gated(
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
     gate: Option<Gate>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<Gated<TcpStream>>, io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<Gated<TcpStream>>>, io::Error>>
+{
     incoming(listener, config, limits, stop, move |tcp| match &gate {
         Some(g) if g.state() == GateState::Cut => None,
         g => Some(Gated::new(tcp, g.as_ref())),
@@ -622,22 +664,19 @@ fn incoming<S>(
     limits: AcceptLimits,
     stop: tokio_util::sync::CancellationToken,
     wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<S>, io::Error>>
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<MustSpeak<S>>, io::Error>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
+    let book = Arc::new(Pending::new(limits.max_pending()));
     tokio::spawn(async move {
         loop {
-            let slot = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => break,
-                s = slots.clone().acquire_owned() => match s {
-                    Ok(s) => s,
-                    // Never closed; if it were, nothing could be accepted.
-                    Err(_) => break,
-                },
-            };
+                () = book.room(limits.evictable_after()) => {}
+            }
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
                 a = listener.accept() => a,
@@ -655,23 +694,275 @@ where
             let Some(stream) = wrap(tcp) else {
                 continue;
             };
-            // Taken per connection, so a new certificate applies at once.
-            let acceptor = TlsAcceptor::from(config());
-            let tx = tx.clone();
+            let stream = MustSpeak::new(stream);
+            let entry = book.enter();
+            let (config, slots, tx) = (config.clone(), slots.clone(), tx.clone());
             tokio::spawn(async move {
-                let handshake = acceptor.accept(stream);
-                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-                    Ok(Ok(tls)) => {
+                let mut entry = entry;
+                let evicted = entry.evicted.clone();
+                let work = async {
+                    let start = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        stream,
+                    )
+                    .await?;
+                    if !entry.heard() {
+                        return Err(io::Error::other("closed while silent"));
+                    }
+                    let slot = slots
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| io::Error::other("accept loop gone"))?;
+                    // Taken per connection, so a new certificate applies at once.
+                    let mut tls = start.into_stream(config()).await?;
+                    tls.get_mut().0.expect_words(limits.handshake_timeout);
+                    Ok::<_, io::Error>((tls, slot))
+                };
+                let done = tokio::select! {
+                    _ = evicted.cancelled() => {
+                        tracing::debug!(%remote, "silent connection closed to make room");
+                        return;
+                    }
+                    done = tokio::time::timeout(limits.handshake_timeout, work) => done,
+                };
+                match done {
+                    Ok(Ok((tls, slot))) => {
                         let _ = tx.send(Ok(tls)).await;
+                        drop(slot);
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
-                drop(slot);
+                drop(entry);
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// An accepted socket whose client, once the TLS handshake is done
+/// (`expect_words`), must send at least one more byte within a deadline:
+/// until then a read that finds nothing waits at most until the deadline,
+/// then fails (`TimedOut`), which closes the connection. Afterwards it only
+/// passes reads and writes through.
+pub struct MustSpeak<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> MustSpeak<S> {
+    fn new(inner: S) -> Self {
+        MustSpeak {
+            inner,
+            deadline: None,
+        }
+    }
+
+    /// From now on, the client has `within` to send something.
+    fn expect_words(&mut self, within: Duration) {
+        self.deadline = Some(Box::pin(tokio::time::sleep(within)));
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for MustSpeak<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.deadline = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let overdue = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if overdue {
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing after the TLS handshake",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for MustSpeak<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for MustSpeak<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The accepted connections of one listener not yet handed to the server,
+/// and which of them have not sent their ClientHello yet.
+struct Pending {
+    state: Mutex<PendingState>,
+    /// Rung when a connection leaves the book.
+    left: tokio::sync::Notify,
+}
+
+struct PendingState {
+    max: usize,
+    /// Accepted and not yet handed over (silent ones included).
+    count: usize,
+    /// Silent connections by accept order: when accepted, and how to close.
+    silent:
+        std::collections::BTreeMap<u64, (std::time::Instant, tokio_util::sync::CancellationToken)>,
+    next: u64,
+}
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Pending {
+            state: Mutex::new(PendingState {
+                max: max.max(1),
+                count: 0,
+                silent: std::collections::BTreeMap::new(),
+                next: 0,
+            }),
+            left: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Returns when one more connection may be accepted: below the cap, or
+    /// after closing the oldest connection silent for `evictable_after`.
+    async fn room(&self, evictable_after: Duration) {
+        loop {
+            let wait = {
+                let Ok(mut s) = self.state.lock() else {
+                    return;
+                };
+                if s.count < s.max {
+                    return;
+                }
+                match s
+                    .silent
+                    .first_key_value()
+                    .map(|(id, (since, _))| (*id, since.elapsed()))
+                {
+                    Some((id, age)) if age >= evictable_after => {
+                        if let Some((_, token)) = s.silent.remove(&id) {
+                            token.cancel();
+                        }
+                        s.count -= 1;
+                        return;
+                    }
+                    Some((_, age)) => evictable_after - age,
+                    // Every pending client spoke: wait for one to leave.
+                    None => Duration::from_secs(3600),
+                }
+            };
+            tokio::select! {
+                _ = self.left.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Books a connection just accepted, as silent.
+    fn enter(self: &Arc<Self>) -> Entry {
+        let evicted = tokio_util::sync::CancellationToken::new();
+        let id = match self.state.lock() {
+            Ok(mut s) => {
+                let id = s.next;
+                s.next += 1;
+                s.count += 1;
+                s.silent
+                    .insert(id, (std::time::Instant::now(), evicted.clone()));
+                Some(id)
+            }
+            Err(_) => None,
+        };
+        Entry {
+            book: self.clone(),
+            id,
+            spoke: false,
+            evicted,
+        }
+    }
+}
+
+/// One booked connection; leaves the book when dropped.
+struct Entry {
+    book: Arc<Pending>,
+    id: Option<u64>,
+    spoke: bool,
+    evicted: tokio_util::sync::CancellationToken,
+}
+
+impl Entry {
+    /// Marks the connection as having sent its hello; false if it was
+    /// closed to make room meanwhile.
+    fn heard(&mut self) -> bool {
+        let (Some(id), Ok(mut s)) = (self.id, self.book.state.lock()) else {
+            return false;
+        };
+        self.spoke = s.silent.remove(&id).is_some();
+        self.spoke
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let Some(id) = self.id else {
+            return;
+        };
+        if let Ok(mut s) = self.book.state.lock() {
+            // Evicted entries were already taken off the count.
+            let counted = s.silent.remove(&id).is_some() || self.spoke;
+            if counted {
+                s.count -= 1;
+            }
+        }
+        self.book.left.notify_one();
+    }
 }
 
 #[cfg(test)]
@@ -695,6 +986,39 @@ mod tests {
         );
         assert!(manager_addresses("a:1,b").is_err());
         assert!(manager_addresses(" , ").is_err());
+    }
+
+    /// At the cap, the oldest connection silent long enough makes room;
+    /// one that spoke never does, and leaving frees a place.
+    #[tokio::test]
+    async fn pending_connections_make_room_by_closing_the_oldest_silent_one() {
+        let after = Duration::from_millis(100);
+        let book = Arc::new(Pending::new(2));
+        let first = book.enter();
+        let mut second = book.enter();
+        assert!(second.heard());
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), book.room(after))
+            .await
+            .expect("room once the silent one is old enough");
+        assert!(started.elapsed() >= Duration::from_millis(80));
+        assert!(first.evicted.is_cancelled());
+        assert!(!second.evicted.is_cancelled());
+        drop(first);
+        // One place left (the evicted one was taken off at once): a new
+        // connection fills it; then only the one that spoke is pending
+        // besides it, and nothing is old enough: no room until one leaves.
+        let third = book.enter();
+        let mut third = third;
+        assert!(third.heard());
+        let waiting = tokio::time::timeout(Duration::from_millis(300), book.room(after)).await;
+        assert!(waiting.is_err(), "no silent connection to close");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), book.room(after))
+            .await
+            .expect("room once one left");
+        drop(third);
+        assert_eq!(book.state.lock().unwrap().count, 0);
     }
 
     #[test]

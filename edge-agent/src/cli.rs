@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// TLS handshakes in progress at once on the peer port (default 32).
     #[arg(long, env = "EDGE_AGENT_PEER_MAX_CONCURRENT_HANDSHAKES")]
     pub peer_max_concurrent_handshakes: Option<u32>,
+    /// A peer-port TLS handshake not done in this time is dropped (ms,
+    /// default 10000).
+    #[arg(long, env = "EDGE_AGENT_PEER_HANDSHAKE_TIMEOUT_MS")]
+    pub peer_handshake_timeout_ms: Option<u32>,
     /// How often pool members probe each other (ms, default 2000).
     #[arg(long, env = "EDGE_AGENT_PEER_PROBE_INTERVAL_MS")]
     pub peer_probe_interval_ms: Option<u64>,
@@ -221,6 +225,9 @@ impl RunArgs {
         }
         if let Some(v) = self.peer_max_concurrent_handshakes {
             c.peer_max_concurrent_handshakes = v;
+        }
+        if let Some(v) = self.peer_handshake_timeout_ms {
+            c.peer_handshake_timeout_ms = v;
         }
         if let Some(v) = self.peer_probe_interval_ms {
             c.peer_probe_interval_ms = v;

@@ -36,10 +36,14 @@ pub struct AgentConfig {
     pub reconnect_min_ms: u64,
     /// Largest reconnect delay (exponential backoff, jittered). Default 10000.
     pub reconnect_max_ms: u64,
-    /// TLS handshakes in progress at once on the peer port; more
-    /// connections wait in the kernel's listen queue. A handshake not done
-    /// in 10 s is dropped. Default 32 (a pool has few members).
+    /// TLS handshakes computing at once on the peer port (after the
+    /// client's hello; clients that have not sent it hold no slot). Beyond
+    /// it connections wait for a slot. Default 32 (a pool has few members).
     pub peer_max_concurrent_handshakes: u32,
+    /// A peer-port connection whose TLS handshake is not done this long
+    /// after it was accepted is closed, so silent or slow clients hold
+    /// nothing for longer. Default 10000.
+    pub peer_handshake_timeout_ms: u32,
     /// How often a pool member probes the other members' peer ports for
     /// their capacity and usage (offload decisions, `GetNode.peers`).
     /// Default 2000.
@@ -121,6 +125,7 @@ impl Default for AgentConfig {
             reconnect_min_ms: 200,
             reconnect_max_ms: 10_000,
             peer_max_concurrent_handshakes: 32,
+            peer_handshake_timeout_ms: 10_000,
             peer_probe_interval_ms: 2000,
             peer_liveness_interval_ms: 200,
             peer_suspect_ms: 600,
@@ -181,6 +186,12 @@ impl AgentConfig {
             return Err(invalid(
                 "peer_max_concurrent_handshakes",
                 "must be between 1 and 65536",
+            ));
+        }
+        if !(100..=600_000).contains(&self.peer_handshake_timeout_ms) {
+            return Err(invalid(
+                "peer_handshake_timeout_ms",
+                "must be between 100 and 600000",
             ));
         }
         if self.peer_probe_interval_ms < 100 {

@@ -57,6 +57,39 @@ pub enum JoinError {
     BadAnswer(String),
 }
 
+/// How long `join` waits in all for a manager that limits how often one
+/// address may enroll (many nodes behind one address joining at once).
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(120);
+
+/// Calls `Enroll`, waiting and calling again while the manager answers
+/// RESOURCE_EXHAUSTED with a retry hint (its per-address limit), for at
+/// most `MAX_BUSY_WAIT` in all. Nothing was used up by such an answer.
+async fn enroll_when_allowed(
+    mut client: AgentServiceClient<tonic::transport::Channel>,
+    request: pb::EnrollRequest,
+) -> Result<tonic::Response<pb::EnrollResponse>, tonic::Status> {
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut waited = Duration::ZERO;
+    loop {
+        match client.enroll(request.clone()).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && waited < MAX_BUSY_WAIT => {
+                let Some(hint) = edgepool_common::grpc::retry_after(&s) else {
+                    return Err(s);
+                };
+                let wait = backoff.after_hint(hint.min(Duration::from_secs(10)));
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "the manager is busy enrolling; trying again"
+                );
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs the enrollment and returns what was stored.
 pub async fn join(req: JoinRequest) -> Result<NodeInfo, JoinError> {
     let data = DataDir::new(&req.data_dir);
@@ -93,13 +126,13 @@ pub async fn join(req: JoinRequest) -> Result<NodeInfo, JoinError> {
     let mut last = None;
     for addr in &addrs {
         let channel = tls::channel(addr, client_config.clone(), Duration::from_secs(10))?;
-        let result = AgentServiceClient::new(channel)
-            .enroll(pb::EnrollRequest {
-                token: req.token.clone(),
-                node_id: req.node_id.clone(),
-                csr_pem: csr_pem.clone(),
-                force: req.force,
-            })
+        let request = pb::EnrollRequest {
+            token: req.token.clone(),
+            node_id: req.node_id.clone(),
+            csr_pem: csr_pem.clone(),
+            force: req.force,
+        };
+        let result = enroll_when_allowed(AgentServiceClient::new(channel), request)
             .await
             .map_err(|s| match s.code() {
                 // The TLS handshake failed on our side: the manager

@@ -100,7 +100,22 @@ pub struct Machine {
 
 /// Loads the identity, measures capacity and binds the peer port.
 pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
+    raise_fd_limit();
     build_on(config, Machine::default()).await
+}
+
+/// Every peer-port connection waiting for its handshake is a file
+/// descriptor (up to `tls::MIN_PENDING` of them under a flood of idle
+/// connections): raise the soft limit to the hard limit, as the manager
+/// does.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
 }
 
 /// `build` on the given machine (see [`Machine`]).
@@ -214,7 +229,7 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         peer_listener,
         peer_limits: tls::AcceptLimits::new(
             config.peer_max_concurrent_handshakes as usize,
-            tls::HANDSHAKE_TIMEOUT,
+            Duration::from_millis(u64::from(config.peer_handshake_timeout_ms)),
         ),
         peer_addr,
         lazy_peer_server: machine.lazy_peer_server,

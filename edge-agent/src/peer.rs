@@ -47,7 +47,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = edgepool_common::grpc::health();
     reporter.set_serving::<PeerServiceServer<PeerApi>>().await;
     let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
     let source_shared = shared.clone();
@@ -63,7 +63,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(PeerServiceServer::new(PeerApi { shared }))
+        .add_service(
+            PeerServiceServer::new(PeerApi { shared })
+                .max_decoding_message_size(edgepool_common::grpc::max_request::PEER),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let deadline = async {
         shutdown.cancelled().await;

@@ -43,7 +43,7 @@ pub async fn probe_as(
 
 /// The member identity of `node` in `pool` (member cert + pool CA + the
 /// node's own key, read from its data dir).
-fn member_identity(
+pub(crate) fn member_identity(
     f: &Fleet,
     pool: &pb::Pool,
     node: &str,

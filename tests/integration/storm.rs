@@ -1,6 +1,6 @@
 //! Reconnect storms are shaped: the manager runs at most
-//! `max_concurrent_handshakes` TLS handshakes at once (the others wait in
-//! the listen queue, silent clients time out), opens at most
+//! `max_concurrent_handshakes` TLS handshakes at once (counted from the
+//! client's hello, so silent clients hold no slot; they time out), opens at most
 //! `max_concurrent_stream_opens` agent streams at once (the others get
 //! RESOURCE_EXHAUSTED with a retry hint), and agents come back by
 //! themselves.
@@ -13,12 +13,12 @@ use edgepool_tests::*;
 use pb::agent_service_client::AgentServiceClient;
 use tokio::io::AsyncReadExt;
 
-/// With 2 handshake slots and a 1 s handshake timeout, 6 clients that
-/// connect and never speak are closed in three waves of two (so never more
-/// than two handshakes ran at once), and a tenant call queued behind them
-/// succeeds as soon as a slot frees.
+/// Silent clients hold no handshake slot: with 2 slots and a 1 s
+/// handshake timeout, 6 clients that connect and never speak are all
+/// closed about 1 s after they connected (together, not in waves of two),
+/// and a tenant call made meanwhile is answered at once.
 #[tokio::test]
-async fn silent_clients_wait_for_a_slot_and_time_out() {
+async fn silent_clients_hold_no_slot_and_time_out() {
     let tmp = TempDir::new().unwrap();
     let m = Manager::start_on(
         &tmp.path().join("m"),
@@ -45,9 +45,8 @@ async fn silent_clients_wait_for_a_slot_and_time_out() {
             start.elapsed()
         }));
     }
-    // Queued behind the six: served once a slot frees, not after all of
-    // them in turn.
     let mut tenant = m.tenant();
+    let asked = Instant::now();
     let nodes = tokio::time::timeout(
         Duration::from_secs(15),
         tenant.list_nodes(pb::ListNodesRequest::default()),
@@ -55,20 +54,19 @@ async fn silent_clients_wait_for_a_slot_and_time_out() {
     .await
     .expect("tenant call answered while the port was flooded");
     nodes.expect("ListNodes");
+    let answered = asked.elapsed();
 
     let mut closed = Vec::new();
     for s in silent {
         closed.push(s.await.unwrap());
     }
     closed.sort();
-    assert!(
-        closed.iter().all(|t| *t < Duration::from_secs(10)),
-        "silent clients were not closed: {closed:?}"
-    );
-    // The first two timed out after about 1 s; the last ones waited for
-    // two rounds of slots first. Without the cap all six close after 1 s.
+    // All six after about 1 s; with slots held by silent clients the last
+    // two would wait for two rounds (about 3 s).
     assert!(closed[0] >= Duration::from_millis(900), "{closed:?}");
-    assert!(closed[5] >= Duration::from_millis(2700), "{closed:?}");
+    assert!(closed[5] < Duration::from_millis(2500), "{closed:?}");
+    // Queued behind them it would wait for their timeouts (about 3 s).
+    assert!(answered < Duration::from_secs(2), "{answered:?}");
 }
 
 /// A Connect that holds the only stream-open slot (it never sends its

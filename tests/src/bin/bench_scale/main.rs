@@ -124,7 +124,14 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
         None => Dir::Temp(tempfile::TempDir::new()?),
     };
     let n = args.agents;
-    let mut m = Manager::start(&dir.path().join("manager")).await;
+    // Thousands of enrollments from one address: no per-source limit.
+    let unlimited = ["--enroll-rate-per-second", "0"];
+    let mut m = Manager::start_on(
+        &dir.path().join("manager"),
+        "127.0.0.1:0".parse()?,
+        &unlimited,
+    )
+    .await;
     eprintln!("bench-scale: manager on {}", m.addr);
     // Pools an earlier run on this data dir left go first, before any agent
     // connects: their members are not all coming back.
@@ -188,7 +195,7 @@ async fn run(args: &Args) -> anyhow::Result<Figures> {
         let addr = m.addr;
         let storm = Instant::now();
         m.proc.kill();
-        m = Manager::start_on(&dir.path().join("manager"), addr, &[]).await;
+        m = Manager::start_on(&dir.path().join("manager"), addr, &unlimited).await;
         let s = setup::wait_all_connected(&m, &mut swarm, n, storm, Duration::from_secs(300))
             .await
             .context("reconnect storm")?;
