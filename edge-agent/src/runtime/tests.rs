@@ -50,6 +50,7 @@ fn spec(name: &str, command: &[&str]) -> AppSpec {
         name: name.into(),
         command: command.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::new(),
+        limits: Default::default(),
     }
 }
 

@@ -116,6 +116,8 @@ pub struct AppFile {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub resources: ResourcesFile,
+    /// Hard limits (absent or 0 in a field: the request is the limit).
+    pub limits: Option<ResourcesFile>,
     #[serde(default)]
     pub priority: i32,
     #[serde(default = "yes")]
@@ -144,6 +146,18 @@ pub struct ResourcesFile {
     pub network_mbps: u64,
     #[serde(default)]
     pub disk_io_kbps: u64,
+}
+
+impl ResourcesFile {
+    fn to_proto(self) -> pb::Resources {
+        pb::Resources {
+            cpu_millis: self.cpu_millis,
+            memory_mb: self.memory_mb,
+            disk_mb: self.disk_mb,
+            network_mbps: self.network_mbps,
+            disk_io_kbps: self.disk_io_kbps,
+        }
+    }
 }
 
 /// Parses a pool file's text.
@@ -230,13 +244,8 @@ impl AppFile {
             name: self.name.clone(),
             command: self.command.clone(),
             env: self.env.clone().into_iter().collect(),
-            resources: Some(pb::Resources {
-                cpu_millis: self.resources.cpu_millis,
-                memory_mb: self.resources.memory_mb,
-                disk_mb: self.resources.disk_mb,
-                network_mbps: self.resources.network_mbps,
-                disk_io_kbps: self.resources.disk_io_kbps,
-            }),
+            resources: Some(self.resources.to_proto()),
+            limits: self.limits.map(|l| l.to_proto()),
             priority: self.priority,
             offloadable: self.offloadable,
             slot: self.slot,
