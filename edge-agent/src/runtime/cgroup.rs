@@ -8,8 +8,12 @@
 //! `<mount><own>/apps-<tag>/<app>` in each of the `memory`, `cpu` and
 //! `cpuacct` hierarchies, `<own>` being the agent's path there. `<tag>`
 //! tells apart the agents of one machine that share a cgroup (tests,
-//! `cloud-manager dev`). The apps' parent gets a lower CPU weight than the
-//! agent, which stays responsive when the apps saturate the CPU.
+//! `cloud-manager dev`). The agent weighs more than all its apps together
+//! (v2: `cpu.weight` 1000 for `<own>/agent` against 100 for the apps; v1:
+//! the agent moves into `<own cpu>/agent-<tag>` with `cpu.shares` 2048,
+//! its apps' parent has 1024, one ordinary process's worth), so it stays
+//! responsive when its apps saturate the CPU. Empty groups that killed
+//! agents left behind are removed by the next agent that starts.
 //!
 //! When neither works (not root, read-only cgroup file system, no
 //! delegation) one warning says so and apps run without limits; usage then
@@ -26,8 +30,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// agent's leaf: the agent wins a contended CPU 10 to 1 against all apps.
 const V2_APPS_WEIGHT: u32 = 100;
 const V2_AGENT_WEIGHT: u32 = 1000;
-/// v1 `cpu.shares` of the apps' parent (default 1024 per task of the agent).
-const V1_APPS_SHARES: u32 = 256;
+/// v1 `cpu.shares` of the apps' parent: all apps together weigh as much as
+/// one ordinary process, against the other processes of the machine.
+const V1_APPS_SHARES: u32 = 1024;
+/// v1 `cpu.shares` of the agent's own group (`agent-<tag>`, next to the
+/// apps' parent in the cpu hierarchy): twice all its apps together.
+const V1_AGENT_SHARES: u32 = 2048;
 /// How long rmdir of an app's cgroup is retried after its processes died
 /// (the kernel frees a cgroup a moment after its last process is reaped).
 const RMDIR_WAIT: Duration = Duration::from_secs(2);
@@ -89,6 +97,7 @@ impl Cgroups {
             Some((mount, path)) => match setup_v2(&mount, &path, tag) {
                 Ok(apps) => {
                     tracing::info!(cgroup = %apps.display(), "app cgroups: v2");
+                    remove_stale_siblings(&apps);
                     return Cgroups::V2 { apps };
                 }
                 Err(e) => Some(e),
@@ -98,7 +107,11 @@ impl Cgroups {
         match setup_v1(&own, &mounts, tag) {
             Ok(v1) => {
                 tracing::info!(memory = %v1.memory.display(), cpu = %v1.cpu.display(), "app cgroups: v1");
-                Cgroups::V1(v1)
+                let cgroups = Cgroups::V1(v1);
+                for parent in cgroups.parents() {
+                    remove_stale_siblings(parent);
+                }
+                cgroups
             }
             Err(v1_error) => {
                 let v2 = v2_error.map(|e| e.to_string()).unwrap_or_else(|| {
@@ -122,6 +135,11 @@ impl Cgroups {
 
     /// Creates (or reuses) the app's cgroup and sets its limits.
     pub(super) fn create(&self, app: &str, limits: Limits) -> Result<(), CgroupError> {
+        match self {
+            Cgroups::Off => return Ok(()),
+            Cgroups::V2 { apps } => v2_parent(apps)?,
+            Cgroups::V1(v1) => v1_parents(v1)?,
+        }
         for dir in self.dirs(app) {
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
@@ -232,6 +250,18 @@ impl Cgroups {
     pub(super) fn remove(&self, app: &str) {
         for dir in self.dirs(app) {
             remove_dir(&dir);
+        }
+    }
+
+    /// Removes this agent's (empty) parents of the app cgroups: on a clean
+    /// exit with every app stopped. One that still has a child stays.
+    pub(super) fn remove_parents(&self) {
+        for dir in self.parents() {
+            if let Err(e) = std::fs::remove_dir(dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "app cgroup parent kept");
+            }
         }
     }
 
@@ -363,9 +393,8 @@ pub(super) fn setup_v2_in(root: &Path, tag: &str, pid: u32) -> Result<PathBuf, C
     }
     write(&agent.join("cgroup.procs"), &pid.to_string())?;
     write(&root.join("cgroup.subtree_control"), "+memory +cpu")?;
-    write(&apps.join("cgroup.subtree_control"), "+memory +cpu")?;
     write(&agent.join("cpu.weight"), &V2_AGENT_WEIGHT.to_string())?;
-    write(&apps.join("cpu.weight"), &V2_APPS_WEIGHT.to_string())?;
+    v2_parent(&apps)?;
     Ok(apps)
 }
 
@@ -389,23 +418,79 @@ fn setup_v1(own: &str, mounts: &str, tag: &str) -> Result<V1, CgroupError> {
         what: format!("no cgroup v1 {c} hierarchy"),
         source: io::Error::from(io::ErrorKind::NotFound),
     };
-    let memory = dir("memory").ok_or_else(|| missing("memory"))?;
-    let cpu = dir("cpu").ok_or_else(|| missing("cpu"))?;
-    let cpuacct = dir("cpuacct");
-    mkdir(&memory)?;
-    mkdir(&cpu)?;
-    if let Some(acct) = &cpuacct {
+    let v1 = V1 {
+        memory: dir("memory").ok_or_else(|| missing("memory"))?,
+        cpu: dir("cpu").ok_or_else(|| missing("cpu"))?,
+        cpuacct: dir("cpuacct"),
+    };
+    v1_parents(&v1)?;
+    // The agent's own group, for its higher weight. Without it the agent
+    // still competes as an ordinary process: not fatal.
+    if let Some(dir) = v1.cpu.parent() {
+        let agent = dir.join(format!("agent-{tag}"));
+        let moved = mkdir(&agent)
+            .and_then(|()| write(&agent.join("cpu.shares"), &V1_AGENT_SHARES.to_string()))
+            .and_then(|()| write(&agent.join("cgroup.procs"), &std::process::id().to_string()));
+        if let Err(e) = moved {
+            tracing::warn!(error = %e, "the agent keeps its cpu cgroup (no higher weight than its apps)");
+        }
+    }
+    Ok(v1)
+}
+
+/// Makes (again) the v1 parents of the app cgroups.
+fn v1_parents(v1: &V1) -> Result<(), CgroupError> {
+    mkdir(&v1.memory)?;
+    mkdir(&v1.cpu)?;
+    if let Some(acct) = &v1.cpuacct {
         mkdir(acct)?;
     }
-    // Without it a limit set on a child after the fact would not apply to
-    // its tasks' hierarchy: harmless where the file does not exist.
-    let _ = std::fs::write(memory.join("memory.use_hierarchy"), "1");
-    write(&cpu.join("cpu.shares"), &V1_APPS_SHARES.to_string())?;
-    Ok(V1 {
-        memory,
-        cpu,
-        cpuacct,
-    })
+    // Limits of children count for the whole subtree (fails, harmlessly,
+    // once the parent has children or where the file does not exist).
+    let _ = std::fs::write(v1.memory.join("memory.use_hierarchy"), "1");
+    write(&v1.cpu.join("cpu.shares"), &V1_APPS_SHARES.to_string())
+}
+
+/// Makes (again) the v2 parent of the app cgroups.
+fn v2_parent(apps: &Path) -> Result<(), CgroupError> {
+    mkdir(apps)?;
+    write(&apps.join("cgroup.subtree_control"), "+memory +cpu")?;
+    write(&apps.join("cpu.weight"), &V2_APPS_WEIGHT.to_string())
+}
+
+/// Removes the empty app cgroups (and v1 agent groups) of other agents on this machine that
+/// ended without cleaning up (killed: tests, `cloud-manager dev`). Only
+/// empty cgroups can be removed, so a live agent's running apps stay; a
+/// live agent whose empty parent goes makes it again on its next start.
+fn remove_stale_siblings(parent: &Path) {
+    let (Some(dir), Some(ours)) = (parent.parent(), parent.file_name()) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let stale = name != ours
+            && name.to_str().is_some_and(|n| {
+                n.strip_prefix("apps-")
+                    .or_else(|| n.strip_prefix("agent-"))
+                    .is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            });
+        if !stale {
+            continue;
+        }
+        let path = entry.path();
+        if let Ok(apps) = std::fs::read_dir(&path) {
+            for app in apps
+                .flatten()
+                .filter(|a| a.file_type().is_ok_and(|t| t.is_dir()))
+            {
+                let _ = std::fs::remove_dir(app.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&path);
+    }
 }
 
 fn mkdir(dir: &Path) -> Result<(), CgroupError> {

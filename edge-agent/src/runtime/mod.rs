@@ -281,6 +281,13 @@ impl Runtime {
             .filter_map(|(name, entry)| entry.cancel().map(|task| (name.clone(), task)))
             .collect();
         join_supervisors(tasks).await;
+        // No app left: this agent's cgroup parents go too.
+        if let Some(sandbox) = inner.sandbox.clone() {
+            let removed = tokio::task::spawn_blocking(move || sandbox.cgroups.remove_parents());
+            if let Err(e) = removed.await {
+                tracing::warn!(error = %e, "removing the apps' cgroups failed");
+            }
+        }
     }
 }
 

@@ -41,6 +41,10 @@ The pool file (TOML; unknown keys are errors):
                                       # optional; what the app needs (millicores, MiB, MiB,
                                       # Mbit/s, KiB/s); all but disk_io_kbps are packed
                                       # against node capacity
+  limits = { cpu_millis = 500, memory_mb = 128 }
+                                      # optional; hard limits on the node (CPU
+                                      # quota, memory cap: OOM-killed past it);
+                                      # absent or 0 = the request is the limit
   priority = 0                        # optional; lower is offloaded first
   offloadable = true                  # optional, default true
   slot = 1                            # optional explicit group 1..M
@@ -370,6 +374,7 @@ offloadable = false
         "command",
         "env",
         "resources",
+        "limits",
         "cpu_millis",
         "memory_mb",
         "disk_mb",
@@ -420,13 +425,14 @@ offloadable = false
             command: _,
             env,
             resources: _,
+            limits,
             priority: _,
             offloadable: _,
             slot,
             artifact: _, // not supported yet: deliberately not shown
             on_disconnect: _,
         } = &apps[0];
-        assert!(!env.is_empty() && slot.is_some());
+        assert!(!env.is_empty() && slot.is_some() && limits.is_some());
         for key in KEYS {
             assert!(
                 sample.contains(&format!("{key} =")),
