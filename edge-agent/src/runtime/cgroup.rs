@@ -10,8 +10,9 @@
 //! tells apart the agents of one machine that share a cgroup (tests,
 //! `cloud-manager dev`). The agent weighs more than all its apps together
 //! (v2: `cpu.weight` 1000 for `<own>/agent` against 100 for the apps; v1:
-//! the agent moves into `<own cpu>/agent-<tag>` with `cpu.shares` 2048,
-//! its apps' parent has 1024, one ordinary process's worth), so it stays
+//! the agent moves into `<own cpu>/agent-<tag>` with twice the
+//! `cpu.shares` of its apps' parent, which has one ordinary process's
+//! worth per CPU), so it stays
 //! responsive when its apps saturate the CPU. Empty groups that killed
 //! agents left behind are removed by the next agent that starts.
 //!
@@ -30,12 +31,18 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// agent's leaf: the agent wins a contended CPU 10 to 1 against all apps.
 const V2_APPS_WEIGHT: u32 = 100;
 const V2_AGENT_WEIGHT: u32 = 1000;
-/// v1 `cpu.shares` of the apps' parent: all apps together weigh as much as
-/// one ordinary process, against the other processes of the machine.
-const V1_APPS_SHARES: u32 = 1024;
-/// v1 `cpu.shares` of the agent's own group (`agent-<tag>`, next to the
-/// apps' parent in the cpu hierarchy): twice all its apps together.
-const V1_AGENT_SHARES: u32 = 2048;
+/// v1 `cpu.shares` of one ordinary process. The apps' parent gets one per
+/// CPU (all apps together weigh as much as one busy process per CPU, as
+/// separate processes would on a machine shared with others), the agent's
+/// own group (`agent-<tag>`, next to it) twice that.
+const V1_SHARES_PER_CPU: u64 = 1024;
+
+/// v1 `cpu.shares` of the apps' parent and of the agent's group.
+fn v1_shares() -> (u64, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let apps = V1_SHARES_PER_CPU * cpus;
+    (apps, 2 * apps)
+}
 /// How long rmdir of an app's cgroup is retried after its processes died
 /// (the kernel frees a cgroup a moment after its last process is reaped).
 const RMDIR_WAIT: Duration = Duration::from_secs(2);
@@ -69,7 +76,7 @@ pub(super) enum Cgroups {
     V1(V1),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct V1 {
     memory: PathBuf,
     cpu: PathBuf,
@@ -97,7 +104,6 @@ impl Cgroups {
             Some((mount, path)) => match setup_v2(&mount, &path, tag) {
                 Ok(apps) => {
                     tracing::info!(cgroup = %apps.display(), "app cgroups: v2");
-                    remove_stale_siblings(&apps);
                     return Cgroups::V2 { apps };
                 }
                 Err(e) => Some(e),
@@ -107,9 +113,11 @@ impl Cgroups {
         match setup_v1(&own, &mounts, tag) {
             Ok(v1) => {
                 tracing::info!(memory = %v1.memory.display(), cpu = %v1.cpu.display(), "app cgroups: v1");
-                let cgroups = Cgroups::V1(v1);
-                for parent in cgroups.parents() {
-                    remove_stale_siblings(parent);
+                let cgroups = Cgroups::V1(v1.clone());
+                if let Some(agents) = v1.cpu.parent() {
+                    for parent in cgroups.parents() {
+                        remove_stale_siblings(parent, agents);
+                    }
                 }
                 cgroups
             }
@@ -429,7 +437,7 @@ fn setup_v1(own: &str, mounts: &str, tag: &str) -> Result<V1, CgroupError> {
     if let Some(dir) = v1.cpu.parent() {
         let agent = dir.join(format!("agent-{tag}"));
         let moved = mkdir(&agent)
-            .and_then(|()| write(&agent.join("cpu.shares"), &V1_AGENT_SHARES.to_string()))
+            .and_then(|()| write(&agent.join("cpu.shares"), &v1_shares().1.to_string()))
             .and_then(|()| write(&agent.join("cgroup.procs"), &std::process::id().to_string()));
         if let Err(e) = moved {
             tracing::warn!(error = %e, "the agent keeps its cpu cgroup (no higher weight than its apps)");
@@ -448,7 +456,7 @@ fn v1_parents(v1: &V1) -> Result<(), CgroupError> {
     // Limits of children count for the whole subtree (fails, harmlessly,
     // once the parent has children or where the file does not exist).
     let _ = std::fs::write(v1.memory.join("memory.use_hierarchy"), "1");
-    write(&v1.cpu.join("cpu.shares"), &V1_APPS_SHARES.to_string())
+    write(&v1.cpu.join("cpu.shares"), &v1_shares().0.to_string())
 }
 
 /// Makes (again) the v2 parent of the app cgroups.
@@ -458,11 +466,13 @@ fn v2_parent(apps: &Path) -> Result<(), CgroupError> {
     write(&apps.join("cpu.weight"), &V2_APPS_WEIGHT.to_string())
 }
 
-/// Removes the empty app cgroups (and v1 agent groups) of other agents on this machine that
-/// ended without cleaning up (killed: tests, `cloud-manager dev`). Only
-/// empty cgroups can be removed, so a live agent's running apps stay; a
-/// live agent whose empty parent goes makes it again on its next start.
-fn remove_stale_siblings(parent: &Path) {
+/// v1: removes the app cgroups and agent groups of other agents on this
+/// machine that were killed without cleaning up (tests, `cloud-manager
+/// dev`). An agent is alive while its `agent-<tag>` group in the cpu
+/// hierarchy (in `agents`) holds a process: its groups are left alone.
+/// Only empty cgroups can be removed at all, so no process loses its own.
+/// (v2 has no such sweep: one agent per delegated cgroup.)
+fn remove_stale_siblings(parent: &Path, agents: &Path) {
     let (Some(dir), Some(ours)) = (parent.parent(), parent.file_name()) else {
         return;
     };
@@ -478,6 +488,14 @@ fn remove_stale_siblings(parent: &Path) {
                     .is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
             });
         if !stale {
+            continue;
+        }
+        let tag = name.to_string_lossy();
+        let tag = tag.rsplit('-').next().unwrap_or_default();
+        let alive =
+            std::fs::read_to_string(agents.join(format!("agent-{tag}")).join("cgroup.procs"))
+                .is_ok_and(|procs| !procs.trim().is_empty());
+        if alive {
             continue;
         }
         let path = entry.path();

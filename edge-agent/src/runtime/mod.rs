@@ -268,6 +268,21 @@ impl Runtime {
             .collect()
     }
 
+    /// The directories that hold an app's files: its records and logs, and
+    /// (sandboxed) its working directory. Their size is its disk use.
+    pub fn app_dirs(&self, app: &str) -> Vec<PathBuf> {
+        match &self.backend {
+            Backend::Processes(inner) => {
+                let mut dirs = vec![inner.apps_dir.join(app)];
+                if let Some(sandbox) = &inner.sandbox {
+                    dirs.push(sandbox.apps_dir.join(app));
+                }
+                dirs
+            }
+            Backend::Simulated(_) => Vec::new(),
+        }
+    }
+
     /// Stops every app (SIGTERM to its process group, SIGKILL after
     /// `stop_grace`) and waits. The apps stay listed as `Stopped`.
     pub async fn stop_all(&self) {
