@@ -252,3 +252,33 @@ async fn apps_are_held_to_their_memory_and_cpu_limits() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_agent_whose_run_as_user_does_not_exist_refuses_to_start() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let m = Manager::start(&tmp.path().join("m")).await;
+    let agent = enroll(&m, tmp.path(), "node-1").await;
+    let mut cmd = std::process::Command::new(bin("edge-agent"));
+    cmd.args(["run", "--new-session", "--data-dir"])
+        .arg(&agent.dir)
+        .args(["--manager", &m.addr.to_string()])
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .args(["--run-as", "no-such-user-edgepool"]);
+    let mut p = Proc::spawn_session("node-1", &mut cmd, &tmp.path().join("agent.log"));
+    let status = tokio::task::spawn_blocking(move || {
+        let status = p.wait_exit(DEADLINE);
+        (status, p.log_text())
+    });
+    let (status, log) = status.await.unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{log}");
+    assert!(
+        log.contains("there is no user \"no-such-user-edgepool\"")
+            && log.contains("run_as")
+            && log.contains("--run-as"),
+        "{log}"
+    );
+}
