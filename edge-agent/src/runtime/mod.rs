@@ -382,6 +382,7 @@ impl Inner {
             .collect();
         join_supervisors(tasks).await;
         lock(&self.apps).retain(|name, _| desired.contains_key(name));
+        lock(&self.cgroup_usage).retain(|name, _| desired.contains_key(name));
     }
 
     /// Deals with processes recorded in `apps_dir/*/app.json` that this
@@ -504,6 +505,7 @@ impl Inner {
         let supervisor = Supervisor {
             dir: self.apps_dir.join(&wanted.spec.name),
             sandbox: self.sandbox.clone(),
+            oom_baseline: Mutex::new(None),
             spec: wanted.spec.clone(),
             spec_hash: wanted.hash.clone(),
             options: self.options.clone(),
@@ -640,6 +642,8 @@ fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
 struct Supervisor {
     spec: AppSpec,
     sandbox: Option<Arc<Sandbox>>,
+    /// OOM kills in the app's cgroup before the current run started.
+    oom_baseline: Mutex<Option<u64>>,
     spec_hash: String,
     dir: PathBuf,
     options: RuntimeOptions,
@@ -655,7 +659,10 @@ impl Supervisor {
         let mut failures = 0u32;
         loop {
             let next = match adopted.take() {
-                Some(running) => Ok(running),
+                Some(running) => {
+                    *lock(&self.oom_baseline) = self.oom_kills().await;
+                    Ok(running)
+                }
                 None => self.launch().await,
             };
             let mut running = match next {
@@ -671,10 +678,9 @@ impl Supervisor {
             };
             self.update(|l| (l.state, l.pid) = (AppState::Running, Some(running.pid())));
             let started = Instant::now();
-            let ooms = self.oom_kills().await;
             tokio::select! {
                 exit = running.wait() => {
-                    let exit = self.explain(exit, ooms).await;
+                    let exit = self.explain(exit).await;
                     tracing::warn!(app = %app, pid = running.pid(), exit = %exit, "app exited");
                     self.update(|l| (l.state, l.last_exit) = (AppState::Backoff, Some(exit)));
                     // Whatever the app left running in its group would
@@ -719,8 +725,9 @@ impl Supervisor {
 
     /// How the run ended, saying so when the kernel's OOM killer ended it
     /// (a kill in the app's cgroup since it started).
-    async fn explain(&self, exit: String, ooms_before: Option<u64>) -> String {
-        let (Some(before), Some(now)) = (ooms_before, self.oom_kills().await) else {
+    async fn explain(&self, exit: String) -> String {
+        let before = *lock(&self.oom_baseline);
+        let (Some(before), Some(now)) = (before, self.oom_kills().await) else {
             return exit;
         };
         if now <= before {
@@ -735,6 +742,13 @@ impl Supervisor {
     /// Spawns the app and records it in app.json for re-adoption.
     async fn launch(&self) -> Result<Running, String> {
         self.update(|l| (l.state, l.pid) = (AppState::Starting, None));
+        // Before the start: an app may be killed at once. A cgroup not made
+        // yet has had no kill.
+        let before = match self.sandbox.as_ref().filter(|s| s.cgroups.enabled()) {
+            Some(_) => Some(self.oom_kills().await.unwrap_or(0)),
+            None => None,
+        };
+        *lock(&self.oom_baseline) = before;
         let (child, pid) = match &self.sandbox {
             None => spawn_app(&self.spec, &self.dir),
             Some(sandbox) => spawn_sandboxed(&self.spec, &self.dir, sandbox.clone()).await,
