@@ -206,6 +206,7 @@ impl From<pb::AppSpec> for AppDef {
                 Ok(pb::OnDisconnect::Stop) => OnDisconnect::Stop,
                 _ => OnDisconnect::KeepRunning,
             },
+            limits: a.limits.map(Into::into),
         }
     }
 }
@@ -225,6 +226,7 @@ impl From<&AppDef> for pb::AppSpec {
                 OnDisconnect::KeepRunning => pb::OnDisconnect::KeepRunning,
                 OnDisconnect::Stop => pb::OnDisconnect::Stop,
             } as i32,
+            limits: a.limits.map(Into::into),
         }
     }
 }

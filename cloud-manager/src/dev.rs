@@ -218,6 +218,27 @@ async fn start_agent(
     })
 }
 
+/// As root, the dev agents run their apps as `nobody` (no package made
+/// `edgepool-app` here), in working dirs under the temp dir: `DIR` may sit
+/// where `nobody` cannot go (under /root, say). Not root: none needed.
+fn sandbox_args(agent_dir: &Path) -> Vec<std::ffi::OsString> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Vec::new();
+    }
+    let abs = std::path::absolute(agent_dir).unwrap_or_else(|_| agent_dir.to_path_buf());
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in abs.as_os_str().as_encoded_bytes() {
+        hash = (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+    }
+    let apps = std::env::temp_dir().join(format!("edgepool-dev-apps-{hash:08x}"));
+    vec![
+        "--run-as".into(),
+        "nobody".into(),
+        "--apps-dir".into(),
+        apps.into_os_string(),
+    ]
+}
+
 /// Starts one agent process in its own session. Its log is appended to
 /// (a line marks each start), so a crashed agent's last words survive.
 pub(crate) fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<Child> {
@@ -245,6 +266,7 @@ pub(crate) fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<C
             "--data-dir",
         ])
         .arg(agent_dir)
+        .args(sandbox_args(agent_dir))
         .args(["--manager", &launch.manager_addr])
         // All dev agents share this machine's interfaces: count network
         // per app so one agent's traffic does not count against the others.
@@ -460,6 +482,7 @@ pub(crate) fn demo_apps() -> Vec<AppDef> {
         slot: None,
         artifact: String::new(),
         on_disconnect: OnDisconnect::KeepRunning,
+        limits: None,
     };
     vec![
         sh(

@@ -23,6 +23,10 @@ pub struct AppDef {
     /// What an isolated node does with the app (see `OnDisconnect`).
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
+    /// Hard limits on the node (None or a 0 field: the request in
+    /// `resources` is the limit). A nonzero field is >= its request.
+    #[serde(default)]
+    pub limits: Option<Resources>,
 }
 
 /// What a node cut off from the manager and from every peer for longer
@@ -281,12 +285,37 @@ pub fn validate_apps(apps: &[AppDef], m: usize) -> Result<(), PoolError> {
                 "artifacts are not supported yet; leave it empty and name the program in `command`",
             ));
         }
+        if let Some(limits) = &app.limits {
+            validate_limits(i, limits, &app.resources)?;
+        }
         if let Some(slot) = app.slot
             && (slot == 0 || slot as usize > m)
         {
             return Err(invalid(
                 format!("apps[{i}].slot"),
                 format!("{slot} is outside 1..={m}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A limit below its request could never be met: refused, naming the field.
+fn validate_limits(i: usize, limits: &Resources, request: &Resources) -> Result<(), PoolError> {
+    for (field, limit, want) in [
+        ("cpu_millis", limits.cpu_millis, request.cpu_millis),
+        ("memory_mb", limits.memory_mb, request.memory_mb),
+        ("disk_mb", limits.disk_mb, request.disk_mb),
+        ("network_mbps", limits.network_mbps, request.network_mbps),
+        ("disk_io_kbps", limits.disk_io_kbps, request.disk_io_kbps),
+    ] {
+        if limit != 0 && limit < want {
+            return Err(invalid(
+                format!("apps[{i}].limits.{field}"),
+                format!(
+                    "{limit} is below the request resources.{field} ({want}); a limit must be \
+                     >= its request (or 0: the request is the limit)"
+                ),
             ));
         }
     }
@@ -402,7 +431,40 @@ mod tests {
             slot: None,
             artifact: String::new(),
             on_disconnect: OnDisconnect::KeepRunning,
+            limits: None,
         }
+    }
+
+    #[test]
+    fn limits_below_the_request_are_refused_naming_the_field() {
+        let asks = Resources {
+            cpu_millis: 200,
+            memory_mb: 64,
+            ..Resources::default()
+        };
+        let limited = |cpu_millis, memory_mb| AppDef {
+            resources: asks,
+            limits: Some(Resources {
+                cpu_millis,
+                memory_mb,
+                ..Resources::default()
+            }),
+            ..app("b")
+        };
+        match validate_apps(&[app("a"), limited(500, 32)], 2) {
+            Err(PoolError::Invalid { field, why }) => {
+                assert_eq!(field, "apps[1].limits.memory_mb");
+                assert!(why.contains("64"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match validate_apps(&[app("a"), limited(100, 0)], 2) {
+            Err(PoolError::Invalid { field, .. }) => assert_eq!(field, "apps[1].limits.cpu_millis"),
+            other => panic!("{other:?}"),
+        }
+        // 0 = the request; equal or above is fine.
+        validate_apps(&[app("a"), limited(0, 64)], 2).unwrap();
+        validate_apps(&[app("a"), limited(1000, 0)], 2).unwrap();
     }
 
     #[test]

@@ -81,6 +81,13 @@ pub struct RunArgs {
     /// Data directory (from join).
     #[arg(long, env = "EDGE_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Parent of the apps' working directories (default `<data-dir>-apps`).
+    #[arg(long, env = "EDGE_AGENT_APPS_DIR")]
+    pub apps_dir: Option<PathBuf>,
+    /// User the apps run as when the agent runs as root (default
+    /// edgepool-app; empty = root).
+    #[arg(long, env = "EDGE_AGENT_RUN_AS")]
+    pub run_as: Option<String>,
     /// Manager address HOST:PORT, or several replicas' comma-separated: the
     /// stream moves to the next one when its manager fails (default: what
     /// join used).
@@ -187,6 +194,12 @@ impl RunArgs {
         };
         if let Some(v) = &self.data_dir {
             c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.apps_dir {
+            c.apps_dir = v.clone();
+        }
+        if let Some(v) = &self.run_as {
+            c.run_as = v.clone();
         }
         if let Some(v) = &self.manager {
             c.manager = v.clone();

@@ -12,9 +12,21 @@ use crate::offload_state::MAX_LEASE_MS;
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Where the node key, certificates and local state live.
+    /// Where the node key, certificates and local state live. Made
+    /// owner-only (0700) at start: no app may read or traverse it.
     /// Default `/var/lib/edge-agent`.
     pub data_dir: PathBuf,
+    /// Parent of the apps' working directories (`<apps_dir>/<app>/`, owned
+    /// by the app user, mode 0700; the app's HOME). Must not be inside
+    /// `data_dir`, and its parents must be traversable by `run_as`. Empty =
+    /// `<data_dir>-apps` (`/var/lib/edge-agent-apps` by default).
+    pub apps_dir: PathBuf,
+    /// The unprivileged user apps run as when the agent runs as root (with
+    /// a clean environment, see docs/install.md). An agent that is not root
+    /// runs its apps as itself and ignores this. A user that does not exist
+    /// stops the agent at start. Empty = apps run as root (tests only).
+    /// Default `edgepool-app` (made by the edge-agent package).
+    pub run_as: String,
     /// Manager address `HOST:PORT`, or several (`HOST:PORT,HOST:PORT`,
     /// replicas tried in turn). Empty = what `join` recorded.
     pub manager: String,
@@ -115,6 +127,8 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             data_dir: PathBuf::from("/var/lib/edge-agent"),
+            apps_dir: PathBuf::new(),
+            run_as: DEFAULT_RUN_AS.to_string(),
             manager: String::new(),
             peer_listen: SocketAddr::from(([0, 0, 0, 0], 7444)),
             peer_advertise: String::new(),
@@ -153,7 +167,20 @@ pub enum ConfigError {
     Invalid { field: &'static str, why: String },
 }
 
+/// The user the edge-agent package makes for apps.
+pub const DEFAULT_RUN_AS: &str = "edgepool-app";
+
 impl AgentConfig {
+    /// `apps_dir`, or its default next to `data_dir`.
+    pub fn apps_dir(&self) -> PathBuf {
+        if !self.apps_dir.as_os_str().is_empty() {
+            return self.apps_dir.clone();
+        }
+        let mut dir = self.data_dir.clone().into_os_string();
+        dir.push("-apps");
+        PathBuf::from(dir)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -233,13 +260,59 @@ impl AgentConfig {
         if !self.peer_advertise.is_empty() && !self.peer_advertise.contains(':') {
             return Err(invalid("peer_advertise", "expected HOST:PORT"));
         }
+        let data = lexical(&self.data_dir);
+        if lexical(&self.apps_dir()).starts_with(&data) {
+            return Err(invalid(
+                "apps_dir",
+                "must not be inside data_dir (apps must not reach the agent's keys and state)",
+            ));
+        }
         Ok(())
     }
+}
+
+/// `path` made absolute (against the current directory) without `.`
+/// components, for comparing directories that may not exist yet.
+fn lexical(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apps_dir_is_next_to_the_data_dir_and_never_inside() {
+        let c = AgentConfig::default();
+        assert_eq!(c.apps_dir(), PathBuf::from("/var/lib/edge-agent-apps"));
+        let inside = AgentConfig {
+            apps_dir: "/var/lib/edge-agent/./apps".into(),
+            ..Default::default()
+        };
+        let err = inside.validate().unwrap_err().to_string();
+        assert!(err.contains("apps_dir"), "{err}");
+        let other = AgentConfig {
+            apps_dir: "/srv/apps".into(),
+            ..Default::default()
+        };
+        other.validate().unwrap();
+        assert_eq!(other.apps_dir(), PathBuf::from("/srv/apps"));
+    }
 
     #[test]
     fn example_file_is_the_defaults() {

@@ -98,6 +98,26 @@ pub struct Machine {
     pub lazy_peer_server: bool,
 }
 
+/// The confinement of this agent's apps: the data dir made owner-only (no
+/// app may traverse it to the keys), the run_as user resolved, the apps'
+/// directory and cgroups set up.
+fn app_sandbox(config: &AgentConfig) -> anyhow::Result<runtime::Sandbox> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} owner-only", config.data_dir.display()))?;
+    let apps_dir = config.apps_dir();
+    // Names this agent's app cgroups apart from those of other agents on
+    // the machine (several in tests and `cloud-manager dev`).
+    let tag = {
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in apps_dir.as_os_str().as_encoded_bytes() {
+            hash = (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+        }
+        format!("{hash:08x}")
+    };
+    Ok(runtime::Sandbox::new(&config.run_as, apps_dir, &tag)?)
+}
+
 /// Loads the identity, measures capacity and binds the peer port.
 pub async fn build(config: AgentConfig) -> anyhow::Result<Agent> {
     raise_fd_limit();
@@ -123,6 +143,11 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
     config.validate()?;
     let data = DataDir::new(&config.data_dir);
     let info = data.load_info()?;
+    // Before anything binds: a run_as user that does not exist stops here.
+    let sandbox = match machine.runtime {
+        Some(_) => None,
+        None => Some(app_sandbox(&config)?),
+    };
     let ca = tls::read_certs(&data.ca())?;
     let chain = tls::read_certs(&data.cert())?;
     let key = tls::read_key(&data.key())?;
@@ -169,12 +194,18 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             .hostname
             .unwrap_or_else(|| sysinfo::System::host_name().unwrap_or_default()),
     };
-    let runtime = machine.runtime.unwrap_or_else(|| {
-        runtime::Runtime::new(
+    let runtime = match (machine.runtime, sandbox) {
+        (Some(runtime), _) => runtime,
+        (None, Some(sandbox)) => runtime::Runtime::sandboxed(
             config.data_dir.join("apps"),
             runtime::RuntimeOptions::default(),
-        )
-    });
+            sandbox,
+        ),
+        (None, None) => runtime::Runtime::new(
+            config.data_dir.join("apps"),
+            runtime::RuntimeOptions::default(),
+        ),
+    };
     let apps = runtime.clone();
     let shared = Arc::new(
         node::Shared::new(

@@ -38,7 +38,7 @@ use crate::heard::Heard;
 use crate::membership::{Membership, MembershipError};
 use crate::offload_state::{OffloadState, Settings, policy_of};
 use crate::resources::Resources;
-use crate::runtime::{AppSpec, AppState, Runtime};
+use crate::runtime::{AppSpec, AppState, Limits, Runtime};
 use crate::state::{DataDir, NodeInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -503,6 +503,9 @@ impl Shared {
                     name: g.name.clone(),
                     command: g.command.clone(),
                     env: g.env.clone(),
+                    // The offer does not carry the owner's limits yet: a
+                    // guest gets a cgroup (exact usage) without limits.
+                    limits: Limits::default(),
                 }),
         );
         self.runtime
@@ -629,6 +632,19 @@ fn app_spec(a: &pb::AppSpec) -> AppSpec {
         name: a.name.clone(),
         command: a.command.clone(),
         env: a.env.clone().into_iter().collect(),
+        limits: app_limits(a),
+    }
+}
+
+/// `AppSpec.limits`, each field 0 or absent falling back to the request in
+/// `resources`: an app that asks for 64 MiB is held to 64 MiB.
+pub fn app_limits(a: &pb::AppSpec) -> Limits {
+    let request = a.resources.unwrap_or_default();
+    let limit = a.limits.unwrap_or_default();
+    let pick = |limit: u64, request: u64| if limit > 0 { limit } else { request };
+    Limits {
+        cpu_millis: pick(limit.cpu_millis, request.cpu_millis),
+        memory_mb: pick(limit.memory_mb, request.memory_mb),
     }
 }
 

@@ -135,7 +135,13 @@ impl Meter {
         let mut out = BTreeMap::new();
         for s in shared.runtime.status() {
             let Some(pid) = s.pid else { continue };
-            let disk_mb = dir_bytes(&shared.data.dir.join("apps").join(&s.name)) / (1024 * 1024);
+            let disk_mb = shared
+                .runtime
+                .app_dirs(&s.name)
+                .iter()
+                .map(|d| dir_bytes(d))
+                .sum::<u64>()
+                / (1024 * 1024);
             let mut kbps = 0;
             if accounting == NetworkAccounting::Process {
                 let bytes = socket_bytes(pid);

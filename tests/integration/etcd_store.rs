@@ -179,6 +179,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let mut cmd = std::process::Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&node.dir)
+        .args(edgepool_tests::sandbox_args(&node.dir))
         .args(["--manager", &format!("{a_addr},{b_str}")])
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"]);
@@ -186,6 +187,7 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let mut cmd = std::process::Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&other.dir)
+        .args(edgepool_tests::sandbox_args(&other.dir))
         .args(["--manager", &b_str])
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"]);

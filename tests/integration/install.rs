@@ -111,6 +111,7 @@ async fn install_flow_init_serve_token_join_with_fingerprint_and_pool() {
             .arg(&agent_toml)
             .arg("--data-dir")
             .arg(&dir)
+            .args(edgepool_tests::sandbox_args(&dir))
             .args(["--peer-listen", &format!("{ip}:0")])
             .args(["--network-accounting", "process"])
             .args(["--peer-probe-interval-ms", "300"]);

@@ -23,6 +23,7 @@ mod packaging;
 mod peers;
 mod pools;
 mod replicas;
+mod sandbox;
 mod scale;
 mod storm;
 mod stream;

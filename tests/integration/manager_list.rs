@@ -38,6 +38,7 @@ async fn agent_and_edgectl_use_the_manager_that_answers_and_move_when_it_goes() 
     let mut cmd = Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&dir)
+        .args(edgepool_tests::sandbox_args(&dir))
         .args(["--manager", &format!("{},{other}", m.addr)])
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "200", "--reconnect-max-ms", "1000"]);

@@ -108,6 +108,7 @@ impl FaultFleet {
         let mut cmd = Command::new(bin("edge-agent"));
         cmd.args(["run", "--new-session", "--data-dir"])
             .arg(&dir.dir)
+            .args(edgepool_tests::sandbox_args(&dir.dir))
             .args(["--manager", &self.f.m.addr.to_string()])
             .args(["--peer-listen", &listen.to_string()])
             .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
@@ -214,13 +215,13 @@ fn hosts(root: &Path, tag: &str) -> Vec<String> {
             !stat.contains(") Z ")
         })
         .filter_map(|pid| {
-            // <node dir>/apps/<app>
+            // <node dir>-apps/<app>
             let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
             if !cwd.starts_with(&root) {
                 return None;
             }
-            let node = cwd.parent()?.parent()?.file_name()?;
-            Some(node.to_string_lossy().into_owned())
+            let apps = cwd.parent()?.file_name()?.to_string_lossy().into_owned();
+            Some(apps.strip_suffix("-apps")?.to_string())
         })
         .collect();
     out.sort();

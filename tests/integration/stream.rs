@@ -89,6 +89,7 @@ async fn heartbeats_do_not_wait_for_slow_sampling() {
     let mut cmd = std::process::Command::new(bin("edge-agent"));
     cmd.args(["run", "--new-session", "--data-dir"])
         .arg(&agent.dir)
+        .args(edgepool_tests::sandbox_args(&agent.dir))
         .args(["--manager", &m.addr.to_string()])
         .args(["--peer-listen", "127.0.0.1:0"])
         .env("EDGEPOOL_FAULT", "slow-sampling");

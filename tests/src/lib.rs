@@ -469,6 +469,32 @@ pub async fn enroll(manager: &Manager, root: &Path, node_id: &str) -> AgentDir {
     }
 }
 
+/// User the tests' agents run their apps as (when the tests run as root):
+/// `nobody` exists everywhere, `edgepool-app` only where the package made it.
+pub const APP_USER: &str = "nobody";
+
+/// Sandbox flags of an `edge-agent run` on `data_dir`: apps run as
+/// `APP_USER`, and the temp dirs above `data_dir` are made traversable
+/// (not listable) so that `APP_USER` reaches its working directory
+/// (`<data_dir>-apps/<app>`) and the programs and scripts a test puts
+/// there. The data dir itself stays owner-only (the agent sees to it).
+pub fn sandbox_args(data_dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = std::env::temp_dir();
+    let mut dir = data_dir.parent();
+    while let Some(d) = dir {
+        if !d.starts_with(&tmp) || d == tmp {
+            break;
+        }
+        if let Ok(m) = std::fs::metadata(d) {
+            let mode = m.permissions().mode();
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011));
+        }
+        dir = d.parent();
+    }
+    vec!["--run-as".into(), APP_USER.into()]
+}
+
 /// Starts `edge-agent run` for an enrolled data dir, in its own session
 /// (so the agent and its apps are killed together at the end), with a
 /// fast peer probe.
@@ -485,6 +511,7 @@ pub fn start_agent_on(agent: &AgentDir, managers: &str, extra: &[&str]) -> Proc 
         .args(["--peer-listen", "127.0.0.1:0"])
         .args(["--reconnect-min-ms", "100", "--reconnect-max-ms", "1000"])
         .args(["--peer-probe-interval-ms", "300"])
+        .args(sandbox_args(&agent.dir))
         .args(extra);
     static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,12 +1,19 @@
 //! The app runtime: a supervisor of apps, each app a real OS process.
 //!
-//! Every app runs in its own process group with `apps_dir/<name>/` as its
-//! working directory. Its stdout and stderr go straight to files opened with
-//! `O_APPEND` (not pipes), so an app keeps running, and keeps logging, when
-//! the agent restarts. On every start the runtime writes `app.json` (pid,
-//! process start time, spec hash); a fresh runtime uses it to adopt the
-//! processes the previous agent left running instead of starting a second
-//! copy, and to kill the ones that are no longer wanted.
+//! Every app runs in its own process group. The runtime keeps what it
+//! knows about an app in `state_dir/<name>/`: its stdout and stderr go
+//! straight to files there opened with `O_APPEND` (not pipes), so an app
+//! keeps running, and keeps logging, when the agent restarts; on every
+//! start the runtime writes `app.json` there (pid, process start time,
+//! spec hash), which a fresh runtime uses to adopt the processes the
+//! previous agent left running instead of starting a second copy, and to
+//! kill the ones that are no longer wanted. A sandboxed runtime (the
+//! agent's; see `sandbox`) gives each app another working directory, one
+//! the app owns, outside the agent's data dir, so that an app can neither
+//! read the agent's keys nor rewrite its own `app.json`; it runs the app
+//! as `run_as` with a clean environment, in a cgroup of its own with its
+//! memory and CPU limits (see `cgroup`). An unsandboxed runtime (tests)
+//! runs apps in `state_dir/<name>/` with the agent's environment.
 //!
 //! One supervisor task per app owns its process: it restarts the app with
 //! exponential backoff when it exits by itself, and on request stops it by
@@ -35,9 +42,15 @@ pub struct AppSpec {
     pub name: String,
     /// `command[0]` is the program (looked up in PATH), the rest its arguments.
     pub command: Vec<String>,
-    /// Added to (or overriding) the agent's own environment.
+    /// A sandboxed app's whole environment besides PATH, HOME and LANG
+    /// (which it may override); added to the agent's own environment in an
+    /// unsandboxed runtime.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Memory and CPU limits (cgroup); a change applies to the running
+    /// process, without a restart.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,9 +161,22 @@ impl Runtime {
     /// Every app gets `apps_dir/<name>/` as working directory, with
     /// stdout.log, stderr.log and app.json inside.
     pub fn new(apps_dir: PathBuf, options: RuntimeOptions) -> Self {
+        Self::with_sandbox(apps_dir, options, None)
+    }
+
+    /// A runtime that confines its apps (see `sandbox`): `state_dir/<name>/`
+    /// holds the agent's records (app.json, logs), the sandbox's
+    /// `apps_dir/<name>/` is the app's working directory.
+    pub fn sandboxed(state_dir: PathBuf, options: RuntimeOptions, sandbox: Sandbox) -> Self {
+        Self::with_sandbox(state_dir, options, Some(sandbox))
+    }
+
+    fn with_sandbox(apps_dir: PathBuf, options: RuntimeOptions, sandbox: Option<Sandbox>) -> Self {
         Runtime {
             backend: Backend::Processes(Arc::new(Inner {
                 apps_dir,
+                sandbox: sandbox.map(Arc::new),
+                cgroup_usage: Mutex::new(HashMap::new()),
                 options,
                 apps: Mutex::new(BTreeMap::new()),
                 serial: tokio::sync::Mutex::new(()),
@@ -201,6 +227,7 @@ impl Runtime {
             source,
         })?;
         inner.stop_unwanted(&desired).await;
+        inner.update_limits(&desired);
         let mut adopted = inner.settle_leftovers(&desired).await;
         for (name, wanted) in desired {
             let adopt = adopted.remove(&name);
@@ -226,10 +253,12 @@ impl Runtime {
         snapshot
             .into_iter()
             .map(|(name, live)| AppStatus {
-                usage: live
-                    .pid
-                    .and_then(|pid| usage.get(&pid).copied())
-                    .unwrap_or_default(),
+                usage: inner.cgroup_usage(
+                    &name,
+                    live.pid
+                        .and_then(|pid| usage.get(&pid).copied())
+                        .unwrap_or_default(),
+                ),
                 name,
                 state: live.state,
                 pid: live.pid,
@@ -237,6 +266,21 @@ impl Runtime {
                 last_exit: live.last_exit,
             })
             .collect()
+    }
+
+    /// The directories that hold an app's files: its records and logs, and
+    /// (sandboxed) its working directory. Their size is its disk use.
+    pub fn app_dirs(&self, app: &str) -> Vec<PathBuf> {
+        match &self.backend {
+            Backend::Processes(inner) => {
+                let mut dirs = vec![inner.apps_dir.join(app)];
+                if let Some(sandbox) = &inner.sandbox {
+                    dirs.push(sandbox.apps_dir.join(app));
+                }
+                dirs
+            }
+            Backend::Simulated(_) => Vec::new(),
+        }
     }
 
     /// Stops every app (SIGTERM to its process group, SIGKILL after
@@ -252,6 +296,13 @@ impl Runtime {
             .filter_map(|(name, entry)| entry.cancel().map(|task| (name.clone(), task)))
             .collect();
         join_supervisors(tasks).await;
+        // No app left: this agent's cgroup parents go too.
+        if let Some(sandbox) = inner.sandbox.clone() {
+            let removed = tokio::task::spawn_blocking(move || sandbox.cgroups.remove_parents());
+            if let Err(e) = removed.await {
+                tracing::warn!(error = %e, "removing the apps' cgroups failed");
+            }
+        }
     }
 }
 
@@ -269,7 +320,11 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 const USAGE_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
 struct Inner {
+    /// Where each app's records live (`<name>/app.json`, logs).
     apps_dir: PathBuf,
+    sandbox: Option<Arc<Sandbox>>,
+    /// CPU time per app cgroup at the last measurement (usec, when).
+    cgroup_usage: Mutex<HashMap<String, CgroupSample>>,
     options: RuntimeOptions,
     apps: Mutex<BTreeMap<String, Entry>>,
     /// Serializes reconcile and stop_all, which await while stopping apps.
@@ -283,6 +338,7 @@ struct Inner {
 /// One supervised app: what the runtime knows and the handle on its task.
 struct Entry {
     spec_hash: String,
+    limits: Limits,
     live: Arc<Mutex<Live>>,
     stop: CancellationToken,
     /// None once the supervisor has been asked to stop.
@@ -326,6 +382,7 @@ impl Inner {
             .collect();
         join_supervisors(tasks).await;
         lock(&self.apps).retain(|name, _| desired.contains_key(name));
+        lock(&self.cgroup_usage).retain(|name, _| desired.contains_key(name));
     }
 
     /// Deals with processes recorded in `apps_dir/*/app.json` that this
@@ -375,7 +432,54 @@ impl Inner {
             ));
         }
         join_supervisors(kills).await;
+        if let Some(sandbox) = &self.sandbox {
+            let sandbox = sandbox.clone();
+            let keep: HashSet<String> = supervised
+                .into_iter()
+                .chain(adopted.keys().cloned())
+                .collect();
+            let adopt: Vec<(String, u32, Limits)> = adopted
+                .iter()
+                .filter_map(|(name, r)| {
+                    Some((name.clone(), r.pid(), desired.get(name)?.spec.limits))
+                })
+                .collect();
+            let settled = tokio::task::spawn_blocking(move || {
+                for (name, pid, limits) in adopt {
+                    adopt_cgroup(&sandbox.cgroups, &name, pid, limits);
+                }
+                remove_stale_cgroups(&sandbox.cgroups, &keep);
+            })
+            .await;
+            if let Err(e) = settled {
+                tracing::warn!(error = %e, "settling app cgroups failed");
+            }
+        }
         adopted
+    }
+
+    /// Applies changed limits to the running apps (no restart needed).
+    fn update_limits(&self, desired: &BTreeMap<String, Wanted>) {
+        let mut apps = lock(&self.apps);
+        for (name, entry) in apps.iter_mut() {
+            let Some(wanted) = desired.get(name) else {
+                continue;
+            };
+            if entry.limits == wanted.spec.limits {
+                continue;
+            }
+            entry.limits = wanted.spec.limits;
+            if let Some(sandbox) = &self.sandbox
+                && sandbox.cgroups.enabled()
+            {
+                match sandbox.cgroups.set_limits(name, wanted.spec.limits) {
+                    Ok(()) => {
+                        tracing::info!(app = %name, limits = ?wanted.spec.limits, "app limits changed")
+                    }
+                    Err(e) => tracing::warn!(app = %name, error = %e, "changing app limits failed"),
+                }
+            }
+        }
     }
 
     /// Starts supervising `wanted` unless it already is supervised.
@@ -400,6 +504,8 @@ impl Inner {
         let stop = CancellationToken::new();
         let supervisor = Supervisor {
             dir: self.apps_dir.join(&wanted.spec.name),
+            sandbox: self.sandbox.clone(),
+            oom_baseline: Mutex::new(None),
             spec: wanted.spec.clone(),
             spec_hash: wanted.hash.clone(),
             options: self.options.clone(),
@@ -409,6 +515,7 @@ impl Inner {
         };
         let entry = Entry {
             spec_hash: wanted.hash,
+            limits: wanted.spec.limits,
             live,
             stop,
             task: Some(tokio::spawn(supervisor.run(adopted))),
@@ -418,6 +525,30 @@ impl Inner {
 
     fn usage(&self, roots: &[u32]) -> HashMap<u32, AppUsage> {
         lock(&self.usage).usage(roots)
+    }
+
+    /// `from_proc` with CPU and memory taken from the app's cgroup, when it
+    /// has one: exact (every process the app ever started, whatever its
+    /// group) and a few small reads.
+    fn cgroup_usage(&self, app: &str, from_proc: AppUsage) -> AppUsage {
+        let Some(sandbox) = self.sandbox.as_ref().filter(|s| s.cgroups.enabled()) else {
+            return from_proc;
+        };
+        let mut samples = lock(&self.cgroup_usage);
+        let now = Instant::now();
+        let sample = samples.entry(app.to_string()).or_default();
+        if sample
+            .at
+            .is_none_or(|at| now.duration_since(at) >= USAGE_MIN_INTERVAL)
+        {
+            let counters = sandbox.cgroups.counters(app);
+            sample.update(counters, now);
+        }
+        AppUsage {
+            cpu_millis: sample.cpu_millis.unwrap_or(from_proc.cpu_millis),
+            memory_mb: sample.memory_mb.unwrap_or(from_proc.memory_mb),
+            ..from_proc
+        }
     }
 
     /// Starts the log size check on first use; `new` cannot, as it may be
@@ -510,6 +641,9 @@ fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
 /// The task that owns one app's process.
 struct Supervisor {
     spec: AppSpec,
+    sandbox: Option<Arc<Sandbox>>,
+    /// OOM kills in the app's cgroup before the current run started.
+    oom_baseline: Mutex<Option<u64>>,
     spec_hash: String,
     dir: PathBuf,
     options: RuntimeOptions,
@@ -525,7 +659,10 @@ impl Supervisor {
         let mut failures = 0u32;
         loop {
             let next = match adopted.take() {
-                Some(running) => Ok(running),
+                Some(running) => {
+                    *lock(&self.oom_baseline) = self.oom_kills().await;
+                    Ok(running)
+                }
                 None => self.launch().await,
             };
             let mut running = match next {
@@ -543,6 +680,7 @@ impl Supervisor {
             let started = Instant::now();
             tokio::select! {
                 exit = running.wait() => {
+                    let exit = self.explain(exit).await;
                     tracing::warn!(app = %app, pid = running.pid(), exit = %exit, "app exited");
                     self.update(|l| (l.state, l.last_exit) = (AppState::Backoff, Some(exit)));
                     // Whatever the app left running in its group would
@@ -565,14 +703,57 @@ impl Supervisor {
         }
         self.update(|l| (l.state, l.pid) = (AppState::Stopped, None));
         remove_record(&self.dir);
+        if let Some(sandbox) = self.sandbox.clone().filter(|s| s.cgroups.enabled()) {
+            let name = app.clone();
+            let removed = tokio::task::spawn_blocking(move || sandbox.cgroups.remove(&name)).await;
+            if let Err(e) = removed {
+                tracing::warn!(app = %app, error = %e, "removing the app cgroup failed");
+            }
+        }
         tracing::info!(app = %app, "app stopped");
+    }
+
+    /// The OOM kills in the app's cgroup so far (None: not known).
+    async fn oom_kills(&self) -> Option<u64> {
+        let sandbox = self.sandbox.clone().filter(|s| s.cgroups.enabled())?;
+        let name = self.spec.name.clone();
+        tokio::task::spawn_blocking(move || sandbox.cgroups.counters(&name).oom_kills)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// How the run ended, saying so when the kernel's OOM killer ended it
+    /// (a kill in the app's cgroup since it started).
+    async fn explain(&self, exit: String) -> String {
+        let before = *lock(&self.oom_baseline);
+        let (Some(before), Some(now)) = (before, self.oom_kills().await) else {
+            return exit;
+        };
+        if now <= before {
+            return exit;
+        }
+        format!(
+            "killed by the kernel: out of memory (limit {} MiB; {exit})",
+            self.spec.limits.memory_mb
+        )
     }
 
     /// Spawns the app and records it in app.json for re-adoption.
     async fn launch(&self) -> Result<Running, String> {
         self.update(|l| (l.state, l.pid) = (AppState::Starting, None));
-        let (child, pid) =
-            spawn_app(&self.spec, &self.dir).map_err(|e| format!("start failed: {e}"))?;
+        // Before the start: an app may be killed at once. A cgroup not made
+        // yet has had no kill.
+        let before = match self.sandbox.as_ref().filter(|s| s.cgroups.enabled()) {
+            Some(_) => Some(self.oom_kills().await.unwrap_or(0)),
+            None => None,
+        };
+        *lock(&self.oom_baseline) = before;
+        let (child, pid) = match &self.sandbox {
+            None => spawn_app(&self.spec, &self.dir),
+            Some(sandbox) => spawn_sandboxed(&self.spec, &self.dir, sandbox.clone()).await,
+        }
+        .map_err(|e| format!("start failed: {e}"))?;
         // The start time tells this process apart from a later one that
         // reuses the pid; it is set at fork and readable until reaped.
         let Some(stat) = procfs::stat(pid) else {
@@ -902,9 +1083,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+mod cgroup;
 mod procfs;
+mod sandbox;
 mod simulated;
 mod usage;
+
+pub use cgroup::Limits;
+pub use sandbox::{APP_LANG, APP_PATH, AppUser, Sandbox, SandboxError};
+use sandbox::{CgroupSample, adopt_cgroup, remove_stale_cgroups, spawn as spawn_sandboxed};
 
 pub use usage::process_tree;
 

@@ -90,6 +90,7 @@ mod tests {
             name: name.into(),
             command: vec!["sleep".into(), arg.into()],
             env: Default::default(),
+            limits: Default::default(),
         }
     }
 

@@ -50,6 +50,7 @@ fn spec(name: &str, command: &[&str]) -> AppSpec {
         name: name.into(),
         command: command.iter().map(|s| s.to_string()).collect(),
         env: BTreeMap::new(),
+        limits: Default::default(),
     }
 }
 
@@ -438,4 +439,112 @@ async fn every_state_change_is_told() {
         .await
         .expect("no notice that the app stopped");
     rt.stop_all().await;
+}
+
+/// The directory of `pid`'s cgroup in the hierarchy that holds `file`
+/// (v1 memory or cpu, or v2).
+fn cgroup_file(pid: u32, file: &str) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let controller = file.split('.').next()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let dir = if controllers.is_empty() {
+            PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'))
+        } else if controllers.split(',').any(|c| c == controller) {
+            PathBuf::from("/sys/fs/cgroup")
+                .join(controllers)
+                .join(path.trim_start_matches('/'))
+        } else {
+            return None;
+        };
+        let f = dir.join(file);
+        f.exists().then_some(f)
+    })
+}
+
+#[tokio::test]
+async fn sandboxed_apps_get_a_cgroup_whose_limits_change_live_and_that_goes_with_them() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tag = format!("t{}", std::process::id());
+    let sandbox = Sandbox::new("nobody", fx.dir.path().join("work"), &tag).unwrap();
+    if !sandbox.cgroups.enabled() {
+        eprintln!("skipped: no writable cgroups");
+        return;
+    }
+    let rt = Runtime::sandboxed(fx.apps(), options(), sandbox);
+    let argv = ["sleep", "1000043"];
+    let mut s = spec("cg", &argv);
+    s.limits = Limits {
+        cpu_millis: 100,
+        memory_mb: 32,
+    };
+    rt.reconcile(vec![s.clone()]).await.unwrap();
+    let pid = running_pid(&rt, "cg").await;
+    let (limit, v1) = match cgroup_file(pid, "memory.limit_in_bytes") {
+        Some(f) => (f, true),
+        None => (cgroup_file(pid, "memory.max").unwrap(), false),
+    };
+    assert!(
+        limit.to_string_lossy().contains(&format!("apps-{tag}/cg/")),
+        "{limit:?}"
+    );
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    assert_eq!(read(&limit), (32u64 << 20).to_string());
+    let quota = if v1 { "cpu.cfs_quota_us" } else { "cpu.max" };
+    let cpu = cgroup_file(pid, quota).unwrap();
+    assert!(read(&cpu).starts_with("10000"), "{}", read(&cpu));
+    // The process runs as nobody, in its own working dir, with a clean env.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert!(
+        status.contains(&format!("Uid:\t{0}\t{0}", nobody.uid)),
+        "{status}"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let mut vars: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .filter_map(|v| String::from_utf8(v.to_vec()).ok())
+        .collect();
+    vars.sort();
+    let home = fx.dir.path().join("work/cg");
+    assert_eq!(
+        vars,
+        [
+            format!("HOME={}", home.display()),
+            format!("LANG={APP_LANG}"),
+            format!("PATH={APP_PATH}"),
+            // Set by the /bin/sh that holds the app until it is placed.
+            format!("PWD={}", home.display()),
+        ]
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        home
+    );
+
+    // New limits apply without a restart.
+    s.limits.memory_mb = 48;
+    rt.reconcile(vec![s.clone()]).await.unwrap();
+    assert_eq!(read(&limit), (48u64 << 20).to_string());
+    assert_eq!(running_pid(&rt, "cg").await, pid);
+
+    // The cgroup goes with the app.
+    let dir = limit.parent().unwrap().to_path_buf();
+    rt.reconcile(vec![]).await.unwrap();
+    assert!(!dir.exists(), "{dir:?} is left behind");
+    assert_eq!(count_processes(&argv), 0);
+    // And this runtime's parent when it stops.
+    rt.stop_all().await;
+    assert!(
+        !dir.parent().unwrap().exists(),
+        "{dir:?}'s parent is left behind"
+    );
 }

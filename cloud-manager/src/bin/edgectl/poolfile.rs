@@ -41,6 +41,10 @@ The pool file (TOML; unknown keys are errors):
                                       # optional; what the app needs (millicores, MiB, MiB,
                                       # Mbit/s, KiB/s); all but disk_io_kbps are packed
                                       # against node capacity
+  limits = { cpu_millis = 500, memory_mb = 128 }
+                                      # optional; hard limits on the node (CPU
+                                      # quota, memory cap: OOM-killed past it);
+                                      # absent or 0 = the request is the limit
   priority = 0                        # optional; lower is offloaded first
   offloadable = true                  # optional, default true
   slot = 1                            # optional explicit group 1..M
@@ -116,6 +120,8 @@ pub struct AppFile {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub resources: ResourcesFile,
+    /// Hard limits (absent or 0 in a field: the request is the limit).
+    pub limits: Option<ResourcesFile>,
     #[serde(default)]
     pub priority: i32,
     #[serde(default = "yes")]
@@ -144,6 +150,18 @@ pub struct ResourcesFile {
     pub network_mbps: u64,
     #[serde(default)]
     pub disk_io_kbps: u64,
+}
+
+impl ResourcesFile {
+    fn to_proto(self) -> pb::Resources {
+        pb::Resources {
+            cpu_millis: self.cpu_millis,
+            memory_mb: self.memory_mb,
+            disk_mb: self.disk_mb,
+            network_mbps: self.network_mbps,
+            disk_io_kbps: self.disk_io_kbps,
+        }
+    }
 }
 
 /// Parses a pool file's text.
@@ -230,13 +248,8 @@ impl AppFile {
             name: self.name.clone(),
             command: self.command.clone(),
             env: self.env.clone().into_iter().collect(),
-            resources: Some(pb::Resources {
-                cpu_millis: self.resources.cpu_millis,
-                memory_mb: self.resources.memory_mb,
-                disk_mb: self.resources.disk_mb,
-                network_mbps: self.resources.network_mbps,
-                disk_io_kbps: self.resources.disk_io_kbps,
-            }),
+            resources: Some(self.resources.to_proto()),
+            limits: self.limits.map(|l| l.to_proto()),
             priority: self.priority,
             offloadable: self.offloadable,
             slot: self.slot,
@@ -361,6 +374,7 @@ offloadable = false
         "command",
         "env",
         "resources",
+        "limits",
         "cpu_millis",
         "memory_mb",
         "disk_mb",
@@ -411,13 +425,14 @@ offloadable = false
             command: _,
             env,
             resources: _,
+            limits,
             priority: _,
             offloadable: _,
             slot,
             artifact: _, // not supported yet: deliberately not shown
             on_disconnect: _,
         } = &apps[0];
-        assert!(!env.is_empty() && slot.is_some());
+        assert!(!env.is_empty() && slot.is_some() && limits.is_some());
         for key in KEYS {
             assert!(
                 sample.contains(&format!("{key} =")),
