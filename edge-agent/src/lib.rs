@@ -294,15 +294,18 @@ impl Agent {
             self.measure_now,
         ));
         let measurer = tokio::spawn(self.measurer.run(shutdown.clone()));
-        let scheduler = tokio::spawn(offload::scheduler_loop(
+        let scheduler = tokio::spawn(offload::scheduling::scheduler_loop(
             shared.clone(),
             self.scheduler_every,
             self.network_accounting,
             self.reserve,
             shutdown.clone(),
         ));
-        let reconciler = tokio::spawn(offload::reconcile_loop(shared.clone(), shutdown.clone()));
-        let leases = tokio::spawn(offload::lease_loop(shared.clone(), shutdown.clone()));
+        let reconciler = tokio::spawn(offload::owner::reconcile_loop(
+            shared.clone(),
+            shutdown.clone(),
+        ));
+        let leases = tokio::spawn(offload::host::lease_loop(shared.clone(), shutdown.clone()));
         let isolation = tokio::spawn(isolation_loop(
             shared.clone(),
             self.link.clone(),

@@ -484,7 +484,7 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
-        // Guests run here for their owners (see offload.rs); an app that is
+        // Guests run here for their owners (see `offload::host`); an app that is
         // now one of our own runs as ours.
         let own: Vec<String> = lock(&self.applied)
             .as_ref()

@@ -902,10 +902,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+mod measure;
 mod procfs;
 mod simulated;
 mod usage;
 
+pub use measure::MeasuredUsage;
 pub use usage::process_tree;
 
 #[cfg(test)]

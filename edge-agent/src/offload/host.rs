@@ -1,0 +1,301 @@
+//! The host's side of offloading, behind PeerService (`crate::peer` answers
+//! `Offer` and `Release` with [`admit`] and [`release`]): admission of a
+//! guest against this node's high watermarks with the reservations of
+//! guests not measured yet, starting it and answering once it runs, lease
+//! renewals, releases, and the lease check that stops a guest its owner no
+//! longer renews ([`lease_loop`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgepool_common::proto as pb;
+use tokio_util::sync::CancellationToken;
+
+use super::offer::valid_offer_id;
+use crate::clock::now_ms;
+use crate::node::Shared;
+use crate::offload_state::{Guest, MAX_LEASE_MS};
+use crate::scheduler::{self, Resource};
+
+/// How long a peer waits for an admitted guest to run before it gives up.
+const START_WAIT: Duration = Duration::from_secs(4);
+/// Longest sleep of the lease check (it also wakes when a lease runs out
+/// and when a guest is admitted).
+const LEASE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the host's side of the leases until shutdown: guests whose lease
+/// ran out stop.
+pub async fn lease_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        // Until the first lease runs out, or a guest is admitted.
+        let now = now_ms();
+        let first = shared.with_offload(|s| s.guests.values().map(|g| g.lease_until_ms).min());
+        let wait = first.map_or(LEASE_POLL, |t| {
+            Duration::from_millis(t.saturating_sub(now)).min(LEASE_POLL)
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.guest_admitted() => {}
+        }
+        let now = now_ms();
+        if !shared.with_offload(|s| s.guests.values().any(|g| g.lease_until_ms <= now)) {
+            continue;
+        }
+        let mut expired = Vec::new();
+        shared.update_offload(|s| expired = s.expire_guests(now));
+        for g in &expired {
+            tracing::warn!(app = %g.name, owner = %g.from_node, offer_id = %g.offer_id, "the owner did not renew the guest's lease: stopping it");
+        }
+        if let Err(e) = shared.sync_apps().await {
+            tracing::warn!(error = %e, "could not stop the expired guests");
+        }
+    }
+}
+
+/// What admission decided for a new offer.
+enum Admission {
+    /// The caller's offer with this id is already here.
+    Repeated,
+    Admitted,
+    Refused(Resource),
+}
+
+/// Peer side of `Offer`: admission, start, wait until it runs; or, with
+/// `renew`, a lease renewal.
+pub async fn admit(
+    shared: &Shared,
+    caller_slot: u32,
+    req: pb::OfferRequest,
+) -> Result<u32, tonic::Status> {
+    let spec = req
+        .app
+        .ok_or_else(|| tonic::Status::invalid_argument("app: required"))?;
+    if req.offer_id.is_empty() {
+        return Err(tonic::Status::invalid_argument("offer_id: required"));
+    }
+    if !valid_offer_id(&req.offer_id) {
+        return Err(tonic::Status::invalid_argument(
+            "offer_id: at most 64 lowercase hex digits",
+        ));
+    }
+    if u64::from(req.lease_ms) > MAX_LEASE_MS {
+        return Err(tonic::Status::invalid_argument(format!(
+            "lease_ms: at most {MAX_LEASE_MS}"
+        )));
+    }
+    let m = shared
+        .membership()
+        .ok_or_else(|| tonic::Status::failed_precondition("not a pool member"))?;
+    let policy = shared
+        .policy()
+        .ok_or_else(|| tonic::Status::failed_precondition("no policy"))?;
+    let from = m
+        .members
+        .iter()
+        .find(|p| p.slot == caller_slot)
+        .map(|p| p.node_id.clone())
+        .ok_or_else(|| tonic::Status::permission_denied("unknown caller slot"))?;
+    let settings = shared.offload_settings();
+    let lease_ms = match u64::from(req.lease_ms) {
+        0 => settings.lease_ms(),
+        l => l,
+    };
+    let env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
+    let offer_id = req.offer_id.clone();
+    let ours = |g: &Guest| g.from_slot == caller_slot && g.offer_id == offer_id;
+    if req.renew {
+        let mut found = false;
+        let mut changed = false;
+        shared.update_offload(|s| {
+            if let Some(g) = s.guests.get_mut(&spec.name).filter(|g| ours(g)) {
+                found = true;
+                g.lease_until_ms = g.lease_until_ms.max(now_ms().saturating_add(lease_ms));
+                // The owner's group may have changed the app: follow it.
+                if g.command != spec.command || g.env != env {
+                    g.command = spec.command.clone();
+                    g.env = env.clone();
+                    changed = true;
+                }
+            }
+        });
+        if !found {
+            return Err(tonic::Status::not_found(format!(
+                "no guest {:?} with offer {offer_id} of this caller",
+                spec.name
+            )));
+        }
+        if changed && let Err(e) = shared.sync_apps().await {
+            return Err(tonic::Status::internal(format!(
+                "could not restart {}: {e}",
+                spec.name
+            )));
+        }
+        return Ok(running_pid(shared, &spec.name).unwrap_or(0));
+    }
+    if shared.own_apps().iter().any(|a| a.name == spec.name) {
+        return Err(tonic::Status::already_exists(format!(
+            "{} is one of this node's own apps",
+            spec.name
+        )));
+    }
+    let u = req.usage.unwrap_or_default();
+    let usage = [
+        u.cpu_millis,
+        u.memory_mb,
+        u.disk_mb,
+        u.network_mbps,
+        u.disk_io_kbps,
+    ];
+    let capacity = shared.capacity_amounts();
+    let window = settings.reservation.as_millis() as u64;
+    // Admission and the guest's record in one critical section: a
+    // concurrent offer sees this guest's reservation.
+    let mut admission = Admission::Admitted;
+    shared.update_offload(|s| {
+        let now = now_ms();
+        // While it starts the guest is safe from the lease check; its lease
+        // proper starts when we answer.
+        let lease_until = now
+            .saturating_add(lease_ms)
+            .saturating_add(START_WAIT.as_millis() as u64);
+        if let Some(g) = s.guests.get_mut(&spec.name).filter(|g| ours(g)) {
+            g.lease_until_ms = g.lease_until_ms.max(lease_until);
+            admission = Admission::Repeated;
+            return;
+        }
+        // Another move of the same app (an older offer of this caller, or
+        // the app's previous owner) is replaced: its reservation and its
+        // measurement are this app's.
+        let reservations = s.reservations(&shared.app_usage(), Some(&spec.name));
+        let need = scheduler::add(
+            shared.measured_need(),
+            scheduler::reserved(&reservations, now, window),
+        );
+        if let Some(over) = scheduler::over_high(need, capacity, &policy.marks, usage) {
+            admission = Admission::Refused(over);
+            return;
+        }
+        shared.kick_leases();
+        s.guests.insert(
+            spec.name.clone(),
+            Guest {
+                name: spec.name.clone(),
+                command: spec.command.clone(),
+                env: env.clone(),
+                from_node: from.clone(),
+                from_slot: caller_slot,
+                offer_id: offer_id.clone(),
+                lease_until_ms: lease_until,
+                usage,
+                admitted_at_ms: now,
+            },
+        );
+    });
+    match admission {
+        Admission::Refused(over) => {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "would cross this node's high watermark for {}",
+                over.name()
+            )));
+        }
+        Admission::Repeated => {
+            tracing::info!(app = %spec.name, %offer_id, "repeated offer: answering again");
+        }
+        Admission::Admitted => {
+            tracing::info!(app = %spec.name, %offer_id, owner = %from, "admitted a guest");
+        }
+    }
+    let drop_guest = || {
+        shared.update_offload(|s| {
+            if s.guests.get(&spec.name).is_some_and(&ours) {
+                s.guests.remove(&spec.name);
+            }
+        })
+    };
+    if let Err(e) = shared.sync_apps().await {
+        drop_guest();
+        let _ = shared.sync_apps().await;
+        return Err(tonic::Status::internal(format!(
+            "could not start {}: {e}",
+            spec.name
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    let pid = loop {
+        if let Some(pid) = running_pid(shared, &spec.name) {
+            break pid;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            drop_guest();
+            let _ = shared.sync_apps().await;
+            return Err(tonic::Status::unavailable(format!(
+                "{} did not start here",
+                spec.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if let Some(hold) = settings.faults.hold_offer_answer {
+        tracing::warn!(app = %spec.name, ?hold, "fault injected: holding the offer's answer");
+        tokio::time::sleep(hold).await;
+    }
+    // The lease proper starts with the answer.
+    shared.update_offload(|s| {
+        if let Some(g) = s.guests.get_mut(&spec.name).filter(|g| ours(g)) {
+            g.lease_until_ms = now_ms().saturating_add(lease_ms);
+        }
+    });
+    shared.kick_leases();
+    if settings.faults.drop_offer_answer {
+        tracing::warn!(app = %spec.name, %offer_id, "fault injected: dropping the offer's answer");
+        return Err(tonic::Status::unavailable(
+            "fault injected: the offer's answer was lost",
+        ));
+    }
+    Ok(pid)
+}
+
+/// The pid of `app` if it runs here.
+fn running_pid(shared: &Shared, app: &str) -> Option<u32> {
+    shared
+        .runtime
+        .status()
+        .into_iter()
+        .find(|s| s.name == app && s.state == crate::runtime::AppState::Running)
+        .and_then(|s| s.pid)
+}
+
+/// Peer side of `Release`: stop a guest of the caller. Idempotent: nothing
+/// to stop is a success.
+pub async fn release(
+    shared: &Shared,
+    caller_slot: u32,
+    app: &str,
+    offer_id: &str,
+) -> Result<(), tonic::Status> {
+    if shared.offload_settings().faults.refuse_release() {
+        tracing::warn!(%app, "fault injected: refusing a release");
+        return Err(tonic::Status::unavailable(
+            "fault injected: release refused",
+        ));
+    }
+    let mut removed = false;
+    shared.update_offload(|s| {
+        if s.guests.get(app).is_some_and(|g| {
+            g.from_slot == caller_slot && (offer_id.is_empty() || g.offer_id == offer_id)
+        }) {
+            s.guests.remove(app);
+            removed = true;
+        }
+    });
+    if !removed {
+        return Ok(());
+    }
+    tracing::info!(%app, "released a guest");
+    shared
+        .sync_apps()
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))
+}
