@@ -172,10 +172,13 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             sampler.capacity(),
         )?
         .with_peer_suspect(Duration::from_millis(config.peer_suspect_ms))
-        .with_offload_settings(offload_state::Settings::new(
-            config.offload_lease_ms,
-            config.scheduler_interval_ms,
-        ))
+        .with_offload_settings(
+            offload_state::Settings::new(config.offload_lease_ms, config.scheduler_interval_ms)
+                .with_guest_limits(offload_state::GuestLimits {
+                    count: config.max_guests_per_member,
+                    percent: config.max_guest_percent_per_member,
+                }),
+        )
         .with_peer_gate(machine.peer_gate),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());

@@ -336,6 +336,14 @@ impl Shared {
         }
     }
 
+    /// The pool catalog's entry for `app` (from the applied assignment):
+    /// the slot whose group holds it and its spec's digest.
+    pub fn catalog_app(&self, app: &str) -> Option<pb::CatalogApp> {
+        lock(&self.applied)
+            .as_ref()
+            .and_then(|a| a.catalog.iter().find(|c| c.name == app).cloned())
+    }
+
     /// The apps of our group (from the applied assignment).
     pub fn own_apps(&self) -> Vec<pb::AppSpec> {
         lock(&self.applied)

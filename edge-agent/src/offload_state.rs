@@ -33,7 +33,27 @@ pub struct Settings {
     /// How long admission keeps reserving a new guest's declared usage
     /// (until the scheduler has measured it).
     pub reservation: Duration,
+    /// What one member may run here as guests.
+    pub guest_limits: GuestLimits,
     pub faults: Faults,
+}
+
+/// Bounds on one member's guests on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// Guests at once.
+    pub count: u32,
+    /// Percent of each resource of this node's capacity.
+    pub percent: u32,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            count: 16,
+            percent: 75,
+        }
+    }
 }
 
 impl Settings {
@@ -41,8 +61,14 @@ impl Settings {
         Settings {
             lease: Duration::from_millis(lease_ms),
             reservation: Duration::from_millis((4 * scheduler_interval_ms).max(5_000)),
+            guest_limits: GuestLimits::default(),
             faults: Faults::from_env(),
         }
+    }
+
+    pub fn with_guest_limits(mut self, guest_limits: GuestLimits) -> Self {
+        self.guest_limits = guest_limits;
+        self
     }
 
     pub fn lease_ms(&self) -> u64 {
@@ -55,6 +81,7 @@ impl Default for Settings {
         Settings {
             lease: Duration::from_millis(6_000),
             reservation: Duration::from_secs(5),
+            guest_limits: GuestLimits::default(),
             faults: Faults::default(),
         }
     }

@@ -1,9 +1,11 @@
 //! The host's side of offloading, behind PeerService (`crate::peer` answers
-//! `Offer` and `Release` with [`admit`] and [`release`]): admission of a
-//! guest against this node's high watermarks with the reservations of
-//! guests not measured yet, starting it and answering once it runs, lease
-//! renewals, releases, and the lease check that stops a guest its owner no
-//! longer renews ([`lease_loop`]).
+//! `Offer` and `Release` with [`admit`] and [`release`]): only the pool
+//! catalog's app of the caller's slot, exactly as the catalog has it, and
+//! never in place of a guest already here; admission of a guest within the
+//! caller's per-member bounds and this node's high watermarks with the
+//! reservations of guests not measured yet, starting it and answering once
+//! it runs, lease renewals, releases, and the lease check that stops a
+//! guest its owner no longer renews ([`lease_loop`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,11 +14,12 @@ use std::time::Duration;
 use edgepool_common::proto as pb;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{admitted_amounts, larger, over_member_bound, vet};
 use super::offer::valid_offer_id;
 use crate::clock::now_ms;
 use crate::node::Shared;
 use crate::offload_state::{Guest, MAX_LEASE_MS};
-use crate::scheduler::{self, Resource};
+use crate::scheduler::{self, Amounts, Resource};
 
 /// How long a peer waits for an admitted guest to run before it gives up.
 const START_WAIT: Duration = Duration::from_secs(4);
@@ -56,15 +59,35 @@ pub async fn lease_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// What admission decided for a new offer.
 enum Admission {
-    /// The caller's offer with this id is already here.
+    /// The caller's offer with this id (and this spec) is already here.
     Repeated,
     Admitted,
+    /// A guest of this name runs here under another offer: it is not
+    /// replaced. The slot that offered it.
+    Taken(u32),
+    /// The caller's guests would cross a per-member bound (why).
+    OverMember(String),
     Refused(Resource),
 }
 
 /// Peer side of `Offer`: admission, start, wait until it runs; or, with
-/// `renew`, a lease renewal.
+/// `renew`, a lease renewal. A refusal is logged with its reason.
 pub async fn admit(
+    shared: &Shared,
+    caller_slot: u32,
+    req: pb::OfferRequest,
+) -> Result<u32, tonic::Status> {
+    let app = req.app.as_ref().map(|a| a.name.clone()).unwrap_or_default();
+    let offer_id = req.offer_id.clone();
+    let renew = req.renew;
+    let answer = offer(shared, caller_slot, req).await;
+    if let Err(e) = &answer {
+        tracing::warn!(%app, caller_slot, %offer_id, renew, code = ?e.code(), reason = e.message(), "offer refused");
+    }
+    answer
+}
+
+async fn offer(
     shared: &Shared,
     caller_slot: u32,
     req: pb::OfferRequest,
@@ -97,42 +120,20 @@ pub async fn admit(
         .find(|p| p.slot == caller_slot)
         .map(|p| p.node_id.clone())
         .ok_or_else(|| tonic::Status::permission_denied("unknown caller slot"))?;
+    // Only the pool's own apps, each from its own slot, exactly as the
+    // manager defined them: a member cannot make this node run anything
+    // else (another argv, another environment, another member's app).
+    vet(shared.catalog_app(&spec.name).as_ref(), caller_slot, &spec)
+        .map_err(tonic::Status::permission_denied)?;
     let settings = shared.offload_settings();
     let lease_ms = match u64::from(req.lease_ms) {
         0 => settings.lease_ms(),
         l => l,
     };
-    let env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
+    let usage = admitted_amounts(&spec, req.usage);
     let offer_id = req.offer_id.clone();
-    let ours = |g: &Guest| g.from_slot == caller_slot && g.offer_id == offer_id;
     if req.renew {
-        let mut found = false;
-        let mut changed = false;
-        shared.update_offload(|s| {
-            if let Some(g) = s.guests.get_mut(&spec.name).filter(|g| ours(g)) {
-                found = true;
-                g.lease_until_ms = g.lease_until_ms.max(now_ms().saturating_add(lease_ms));
-                // The owner's group may have changed the app: follow it.
-                if g.command != spec.command || g.env != env {
-                    g.command = spec.command.clone();
-                    g.env = env.clone();
-                    changed = true;
-                }
-            }
-        });
-        if !found {
-            return Err(tonic::Status::not_found(format!(
-                "no guest {:?} with offer {offer_id} of this caller",
-                spec.name
-            )));
-        }
-        if changed && let Err(e) = shared.sync_apps().await {
-            return Err(tonic::Status::internal(format!(
-                "could not restart {}: {e}",
-                spec.name
-            )));
-        }
-        return Ok(running_pid(shared, &spec.name).unwrap_or(0));
+        return renew(shared, caller_slot, &spec, &offer_id, lease_ms, usage).await;
     }
     if shared.own_apps().iter().any(|a| a.name == spec.name) {
         return Err(tonic::Status::already_exists(format!(
@@ -140,14 +141,8 @@ pub async fn admit(
             spec.name
         )));
     }
-    let u = req.usage.unwrap_or_default();
-    let usage = [
-        u.cpu_millis,
-        u.memory_mb,
-        u.disk_mb,
-        u.network_mbps,
-        u.disk_io_kbps,
-    ];
+    let env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
+    let ours = |g: &Guest| g.from_slot == caller_slot && g.offer_id == offer_id;
     let capacity = shared.capacity_amounts();
     let window = settings.reservation.as_millis() as u64;
     // Admission and the guest's record in one critical section: a
@@ -160,15 +155,29 @@ pub async fn admit(
         let lease_until = now
             .saturating_add(lease_ms)
             .saturating_add(START_WAIT.as_millis() as u64);
-        if let Some(g) = s.guests.get_mut(&spec.name).filter(|g| ours(g)) {
-            g.lease_until_ms = g.lease_until_ms.max(lease_until);
-            admission = Admission::Repeated;
+        if let Some(g) = s.guests.get_mut(&spec.name) {
+            // The same offer again (a retry after a lost answer) is
+            // answered again; anything else would replace a running guest.
+            admission = if ours(g) && g.command == spec.command && g.env == env {
+                g.lease_until_ms = g.lease_until_ms.max(lease_until);
+                Admission::Repeated
+            } else {
+                Admission::Taken(g.from_slot)
+            };
             return;
         }
-        // Another move of the same app (an older offer of this caller, or
-        // the app's previous owner) is replaced: its reservation and its
-        // measurement are this app's.
-        let reservations = s.reservations(&shared.app_usage(), Some(&spec.name));
+        let measured = shared.app_usage();
+        let held: Vec<Amounts> = s
+            .guests
+            .values()
+            .filter(|g| g.from_slot == caller_slot)
+            .map(|g| larger(g.usage, measured.get(&g.name).copied().unwrap_or_default()))
+            .collect();
+        if let Some(why) = over_member_bound(&held, usage, capacity, settings.guest_limits) {
+            admission = Admission::OverMember(why);
+            return;
+        }
+        let reservations = s.reservations(&measured, None);
         let need = scheduler::add(
             shared.measured_need(),
             scheduler::reserved(&reservations, now, window),
@@ -198,6 +207,16 @@ pub async fn admit(
             return Err(tonic::Status::resource_exhausted(format!(
                 "would cross this node's high watermark for {}",
                 over.name()
+            )));
+        }
+        Admission::OverMember(why) => {
+            return Err(tonic::Status::resource_exhausted(why));
+        }
+        Admission::Taken(slot) => {
+            return Err(tonic::Status::already_exists(format!(
+                "{} already runs here as a guest of slot {slot} under another offer; \
+                 it is not replaced until it is released or its lease ends",
+                spec.name
             )));
         }
         Admission::Repeated => {
@@ -255,6 +274,52 @@ pub async fn admit(
         ));
     }
     Ok(pid)
+}
+
+/// A lease renewal of the caller's guest under `offer_id`: extends its
+/// lease and follows a changed spec (already checked against the catalog:
+/// the pool's apps after an update).
+async fn renew(
+    shared: &Shared,
+    caller_slot: u32,
+    spec: &pb::AppSpec,
+    offer_id: &str,
+    lease_ms: u64,
+    usage: Amounts,
+) -> Result<u32, tonic::Status> {
+    let env: BTreeMap<String, String> = spec.env.clone().into_iter().collect();
+    let mut found = false;
+    let mut changed = false;
+    shared.update_offload(|s| {
+        if let Some(g) = s
+            .guests
+            .get_mut(&spec.name)
+            .filter(|g| g.from_slot == caller_slot && g.offer_id == offer_id)
+        {
+            found = true;
+            g.lease_until_ms = g.lease_until_ms.max(now_ms().saturating_add(lease_ms));
+            // The owner's group may have changed the app: follow it.
+            if g.command != spec.command || g.env != env {
+                g.command = spec.command.clone();
+                g.env = env.clone();
+                g.usage = larger(g.usage, usage);
+                changed = true;
+            }
+        }
+    });
+    if !found {
+        return Err(tonic::Status::not_found(format!(
+            "no guest {:?} with offer {offer_id} of this caller",
+            spec.name
+        )));
+    }
+    if changed && let Err(e) = shared.sync_apps().await {
+        return Err(tonic::Status::internal(format!(
+            "could not restart {}: {e}",
+            spec.name
+        )));
+    }
+    Ok(running_pid(shared, &spec.name).unwrap_or(0))
 }
 
 /// The pid of `app` if it runs here.

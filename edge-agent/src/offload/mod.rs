@@ -18,8 +18,12 @@
 //!
 //! Offload protocol (PeerService, mutual TLS, pool members only): `Offer`
 //! (spec, measured usage, a fresh random offer id, the lease) -> the peer
-//! admits only if it stays under its own high watermarks counting what it
-//! reserved for guests it has not measured yet, records the guest and starts
+//! considers only the pool catalog's app of our slot with exactly the
+//! catalog's spec (`Assignment.catalog`), never replaces a guest it runs,
+//! bounds each member's guests, and admits only if it stays under its own
+//! high watermarks (with the larger of the app's declared resources and
+//! our stated usage) counting what it reserved for guests it has not
+//! measured yet, records the guest and starts
 //! it (admission and record in one critical section), and answers once it
 //! runs -> we record it as moved out and stop our copy. No answer (lost,
 //! timed out, the peer crashed) is not a refusal: we repeat the offer once
@@ -48,12 +52,15 @@
 //!   under the same id, refused vs unanswered);
 //! - `owner`: the owner's side of the leases (renewals, take-backs,
 //!   releases);
-//! - `host`: the host's side (admission, release, guest leases).
+//! - `host`: the host's side (admission, release, guest leases), with
+//!   `admission`, its pure rules (the pool catalog, what an app counts
+//!   for, the bounds on one member's guests).
 //!
 //! They share state only through `node::Shared` (which holds
 //! `crate::offload_state`); `scheduling` and `owner` use `offer`, and
 //! `host` uses `offer` for the offer id's form.
 
+pub mod admission;
 pub mod host;
 pub mod meter;
 pub mod offer;
