@@ -157,7 +157,7 @@ pub struct RunArgs {
     #[arg(long, env = "EDGE_AGENT_MAX_GUESTS_PER_MEMBER")]
     pub max_guests_per_member: Option<u32>,
     /// Largest percentage of each resource of this node's capacity one other
-    /// member's guests may hold (default 75).
+    /// member's guests may hold (default 90).
     #[arg(long, env = "EDGE_AGENT_MAX_GUEST_PERCENT_PER_MEMBER")]
     pub max_guest_percent_per_member: Option<u32>,
     /// Network accounting: interface (default) or process.

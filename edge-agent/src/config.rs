@@ -72,7 +72,7 @@ pub struct AgentConfig {
     /// Largest share of this node's capacity, in percent of each resource,
     /// that one member's guests may hold (each guest counted at the larger
     /// of what it was admitted with and what it measures); an offer above
-    /// it is refused. Default 75.
+    /// it is refused. Default 90.
     pub max_guest_percent_per_member: u32,
     /// How the node's network use is measured: `interface` (rx+tx of the
     /// measured interfaces; one agent per machine) or `process` (each app's
@@ -137,7 +137,7 @@ impl Default for AgentConfig {
             scheduler_interval_ms: 1000,
             offload_lease_ms: 6000,
             max_guests_per_member: 16,
-            max_guest_percent_per_member: 75,
+            max_guest_percent_per_member: 90,
             network_accounting: NetworkAccounting::Interface,
             reserve: CapacityConfig::default(),
             log_format: LogFormat::Plain,

@@ -51,7 +51,7 @@ impl Default for GuestLimits {
     fn default() -> Self {
         GuestLimits {
             count: 16,
-            percent: 75,
+            percent: 90,
         }
     }
 }
