@@ -82,7 +82,8 @@ pub async fn admit(
     let renew = req.renew;
     let answer = offer(shared, caller_slot, req).await;
     if let Err(e) = &answer {
-        tracing::warn!(%app, caller_slot, %offer_id, renew, code = ?e.code(), reason = e.message(), "offer refused");
+        // The caller chose the name and the id: logged escaped.
+        tracing::warn!(app = ?app, caller_slot, offer_id = ?offer_id, renew, code = ?e.code(), reason = e.message(), "offer refused");
     }
     answer
 }
