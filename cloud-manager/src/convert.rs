@@ -5,6 +5,7 @@ mod nodes;
 
 pub use nodes::page_token;
 
+use edgepool_common::catalog::app_digest;
 use edgepool_common::proto as pb;
 
 use crate::events::{EventKind, EventRecord};
@@ -378,6 +379,15 @@ impl From<&NodeAssignment> for pb::Assignment {
             pool_ca_pem: a.pool_ca_pem.clone(),
             members: a.members.iter().map(Into::into).collect(),
             policy: a.policy.as_ref().map(Into::into),
+            catalog: a
+                .catalog
+                .iter()
+                .map(|(slot, app)| pb::CatalogApp {
+                    name: app.name.clone(),
+                    slot: *slot,
+                    digest: app_digest(&app.into()).to_vec(),
+                })
+                .collect(),
         }
     }
 }

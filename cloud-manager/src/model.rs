@@ -86,6 +86,9 @@ pub struct NodeAssignment {
     pub pool_ca_pem: String,
     pub members: Vec<MemberView>,
     pub policy: Option<crate::pool::PolicyDef>,
+    /// The pool's catalog: every app of the pool with the slot of its
+    /// group (the agents admit only these as guests, from that slot).
+    pub catalog: Vec<(u32, crate::pool::AppDef)>,
 }
 
 /// Run state of an app as an agent reports it.

@@ -360,6 +360,11 @@ impl Pools {
             pool_ca_pem: pool.ca.cert_pem.clone(),
             members: members_view(&r, pool),
             policy: Some(pool.policy.clone()),
+            catalog: pool
+                .apps
+                .iter()
+                .filter_map(|a| Some((*pool.groups.get(&a.name)?, a.clone())))
+                .collect(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! identity and TLS helpers, logging and small file helpers. No daemon logic.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod fsutil;
 pub mod gate;
 pub mod grpc;

@@ -164,6 +164,13 @@ pub struct RunArgs {
     /// on its host (default 6000; see agent.example.toml).
     #[arg(long, env = "EDGE_AGENT_OFFLOAD_LEASE_MS")]
     pub offload_lease_ms: Option<u64>,
+    /// Most guests one other member may run here at once (default 16).
+    #[arg(long, env = "EDGE_AGENT_MAX_GUESTS_PER_MEMBER")]
+    pub max_guests_per_member: Option<u32>,
+    /// Largest percentage of each resource of this node's capacity one other
+    /// member's guests may hold (default 90).
+    #[arg(long, env = "EDGE_AGENT_MAX_GUEST_PERCENT_PER_MEMBER")]
+    pub max_guest_percent_per_member: Option<u32>,
     /// Network accounting: interface (default) or process.
     #[arg(long, env = "EDGE_AGENT_NETWORK_ACCOUNTING")]
     pub network_accounting: Option<crate::config::NetworkAccounting>,
@@ -262,6 +269,12 @@ impl RunArgs {
         }
         if let Some(v) = self.offload_lease_ms {
             c.offload_lease_ms = v;
+        }
+        if let Some(v) = self.max_guests_per_member {
+            c.max_guests_per_member = v;
+        }
+        if let Some(v) = self.max_guest_percent_per_member {
+            c.max_guest_percent_per_member = v;
         }
         if let Some(v) = self.network_accounting {
             c.network_accounting = v;

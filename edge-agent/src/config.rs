@@ -82,6 +82,14 @@ pub struct AgentConfig {
     /// could not renew for this long runs the app at home again. No app
     /// runs on two nodes for longer than this. Default 6000.
     pub offload_lease_ms: u64,
+    /// Most guests (other members' apps run here) one member may have on
+    /// this node at once; an offer above it is refused. Default 16.
+    pub max_guests_per_member: u32,
+    /// Largest share of this node's capacity, in percent of each resource,
+    /// that one member's guests may hold (each guest counted at the larger
+    /// of what it was admitted with and what it measures); an offer above
+    /// it is refused. Default 90.
+    pub max_guest_percent_per_member: u32,
     /// How the node's network use is measured: `interface` (rx+tx of the
     /// measured interfaces; one agent per machine) or `process` (each app's
     /// socket I/O; for several agents on one machine). Default `interface`.
@@ -147,6 +155,8 @@ impl Default for AgentConfig {
             isolation_lease_ms: 10_000,
             scheduler_interval_ms: 1000,
             offload_lease_ms: 6000,
+            max_guests_per_member: 16,
+            max_guest_percent_per_member: 90,
             network_accounting: NetworkAccounting::Interface,
             reserve: CapacityConfig::default(),
             log_format: LogFormat::Plain,
@@ -245,6 +255,18 @@ impl AgentConfig {
             return Err(invalid(
                 "offload_lease_ms",
                 "must be between 300 and 3600000",
+            ));
+        }
+        if !(1..=1024).contains(&self.max_guests_per_member) {
+            return Err(invalid(
+                "max_guests_per_member",
+                "must be between 1 and 1024",
+            ));
+        }
+        if !(1..=100).contains(&self.max_guest_percent_per_member) {
+            return Err(invalid(
+                "max_guest_percent_per_member",
+                "must be between 1 and 100",
             ));
         }
         if self.reconnect_min_ms == 0 {

@@ -6,6 +6,8 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heard;
 pub mod join;
 pub mod liveness;
@@ -218,10 +220,13 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
             sampler.capacity(),
         )?
         .with_peer_suspect(Duration::from_millis(config.peer_suspect_ms))
-        .with_offload_settings(offload_state::Settings::new(
-            config.offload_lease_ms,
-            config.scheduler_interval_ms,
-        ))
+        .with_offload_settings(
+            offload_state::Settings::new(config.offload_lease_ms, config.scheduler_interval_ms)
+                .with_guest_limits(offload_state::GuestLimits {
+                    count: config.max_guests_per_member,
+                    percent: config.max_guest_percent_per_member,
+                }),
+        )
         .with_peer_gate(machine.peer_gate),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
@@ -340,15 +345,18 @@ impl Agent {
             self.measure_now,
         ));
         let measurer = tokio::spawn(self.measurer.run(shutdown.clone()));
-        let scheduler = tokio::spawn(offload::scheduler_loop(
+        let scheduler = tokio::spawn(offload::scheduling::scheduler_loop(
             shared.clone(),
             self.scheduler_every,
             self.network_accounting,
             self.reserve,
             shutdown.clone(),
         ));
-        let reconciler = tokio::spawn(offload::reconcile_loop(shared.clone(), shutdown.clone()));
-        let leases = tokio::spawn(offload::lease_loop(shared.clone(), shutdown.clone()));
+        let reconciler = tokio::spawn(offload::owner::reconcile_loop(
+            shared.clone(),
+            shutdown.clone(),
+        ));
+        let leases = tokio::spawn(offload::host::lease_loop(shared.clone(), shutdown.clone()));
         let isolation = tokio::spawn(isolation_loop(
             shared.clone(),
             self.link.clone(),

@@ -339,6 +339,14 @@ impl Shared {
         }
     }
 
+    /// The pool catalog's entry for `app` (from the applied assignment):
+    /// the slot whose group holds it and its spec's digest.
+    pub fn catalog_app(&self, app: &str) -> Option<pb::CatalogApp> {
+        lock(&self.applied)
+            .as_ref()
+            .and_then(|a| a.catalog.iter().find(|c| c.name == app).cloned())
+    }
+
     /// The apps of our group (from the applied assignment).
     pub fn own_apps(&self) -> Vec<pb::AppSpec> {
         lock(&self.applied)
@@ -488,7 +496,7 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
-        // Guests run here for their owners (see offload.rs); an app that is
+        // Guests run here for their owners (see `offload::host`); an app that is
         // now one of our own runs as ours.
         let own: Vec<String> = lock(&self.applied)
             .as_ref()
@@ -503,9 +511,8 @@ impl Shared {
                     name: g.name.clone(),
                     command: g.command.clone(),
                     env: g.env.clone(),
-                    // The offer does not carry the owner's limits yet: a
-                    // guest gets a cgroup (exact usage) without limits.
-                    limits: Limits::default(),
+                    // The pool's limits: the offered spec is the catalog's.
+                    limits: g.limits,
                 }),
         );
         self.runtime

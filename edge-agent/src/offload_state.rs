@@ -33,7 +33,27 @@ pub struct Settings {
     /// How long admission keeps reserving a new guest's declared usage
     /// (until the scheduler has measured it).
     pub reservation: Duration,
+    /// What one member may run here as guests.
+    pub guest_limits: GuestLimits,
     pub faults: Faults,
+}
+
+/// Bounds on one member's guests on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// Guests at once.
+    pub count: u32,
+    /// Percent of each resource of this node's capacity.
+    pub percent: u32,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            count: 16,
+            percent: 90,
+        }
+    }
 }
 
 impl Settings {
@@ -41,8 +61,14 @@ impl Settings {
         Settings {
             lease: Duration::from_millis(lease_ms),
             reservation: Duration::from_millis((4 * scheduler_interval_ms).max(5_000)),
+            guest_limits: GuestLimits::default(),
             faults: Faults::from_env(),
         }
+    }
+
+    pub fn with_guest_limits(mut self, guest_limits: GuestLimits) -> Self {
+        self.guest_limits = guest_limits;
+        self
     }
 
     pub fn lease_ms(&self) -> u64 {
@@ -55,6 +81,7 @@ impl Default for Settings {
         Settings {
             lease: Duration::from_millis(6_000),
             reservation: Duration::from_secs(5),
+            guest_limits: GuestLimits::default(),
             faults: Faults::default(),
         }
     }
@@ -111,6 +138,11 @@ pub struct Guest {
     pub name: String,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// The memory and CPU limits of the app as its pool defines them (its
+    /// spec is the catalog's), so a guest is held to them here too. Absent
+    /// in state files of older agents: no limits.
+    #[serde(default)]
+    pub limits: crate::runtime::Limits,
     pub from_node: String,
     pub from_slot: u32,
     /// The owner's id of this move. Empty in state files of older agents:
@@ -412,6 +444,7 @@ mod tests {
                     name: name.into(),
                     command: vec!["sleep".into()],
                     env: BTreeMap::new(),
+                    limits: Default::default(),
                     from_node: "n1".into(),
                     from_slot: 1,
                     offer_id: "ab".into(),

@@ -14,7 +14,7 @@
 //!
 //! Liveness: `Beat` streams between members, served here and kept by
 //! `crate::liveness`. Offload: `Offer` and `Release` are answered by
-//! `crate::offload` (`admit`, `release`).
+//! `crate::offload::host` (`admit`, `release`).
 //!
 //! This is the top of the peer side: it depends on `liveness` and
 //! `offload`, which dial other members through `crate::peer_client` and
@@ -157,7 +157,7 @@ impl PeerService for PeerApi {
         request: Request<pb::OfferRequest>,
     ) -> Result<Response<pb::OfferResponse>, Status> {
         let (_, caller_slot) = self.authorize(&request)?;
-        let pid = offload::admit(&self.shared, caller_slot, request.into_inner()).await?;
+        let pid = offload::host::admit(&self.shared, caller_slot, request.into_inner()).await?;
         Ok(Response::new(pb::OfferResponse { pid }))
     }
 
@@ -167,7 +167,7 @@ impl PeerService for PeerApi {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let (_, caller_slot) = self.authorize(&request)?;
         let r = request.into_inner();
-        offload::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
+        offload::host::release(&self.shared, caller_slot, &r.app, &r.offer_id).await?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 

@@ -13,6 +13,7 @@ mod etcd_store;
 mod events;
 mod failover;
 mod grpcurl;
+mod guests;
 mod hostile;
 mod install;
 mod manager_list;

@@ -1084,12 +1084,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 mod cgroup;
+mod measure;
 mod procfs;
 mod sandbox;
 mod simulated;
 mod usage;
 
 pub use cgroup::Limits;
+pub use measure::MeasuredUsage;
 pub use sandbox::{APP_LANG, APP_PATH, AppUser, Sandbox, SandboxError};
 use sandbox::{CgroupSample, adopt_cgroup, remove_stale_cgroups, spawn as spawn_sandboxed};
 
