@@ -38,8 +38,14 @@ fn apps() -> Vec<pb::AppSpec> {
         cpu_millis: 900,
         ..Default::default()
     });
+    // t1 carries a memory limit, which a host applies to it as a guest.
+    let mut t1 = load("t1", 1, &[], true, 0);
+    t1.limits = Some(pb::Resources {
+        memory_mb: 200,
+        ..Default::default()
+    });
     vec![
-        load("t1", 1, &[], true, 0),
+        t1,
         load("t1b", 1, &[], true, 0),
         load("t1c", 1, &[], true, 0),
         big,
@@ -134,6 +140,12 @@ async fn a_member_makes_a_peer_run_only_the_pools_apps_of_its_own_slot() {
         .into_inner()
         .pid;
     assert!(f.hosts("t1").iter().any(|n| n == "node-2"));
+    // The guest runs under the pool's limit for t1, as at home.
+    assert_eq!(
+        cgroup_memory_limit(pid),
+        Some(200 << 20),
+        "t1's guest is not held to its memory limit"
+    );
 
     // The guest cannot be replaced: not by another offer of its owner...
     let e = c1.offer(offer(find("t1"), 11, false)).await.unwrap_err();

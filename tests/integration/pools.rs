@@ -161,13 +161,39 @@ async fn groups_run_as_processes_on_their_nodes_and_survive_a_manager_crash() {
         assert_eq!((n.state(), n.pool.as_str()), (pb::NodeState::Member, "p"));
     }
 
-    // The chain: every member certificate verifies against root + pool CA
-    // with openssl.
+    // The chain: the pool CA verifies against the root with openssl, and
+    // every member certificate against the pool CA with the members' own
+    // check. openssl, like any RFC 5280 verifier, refuses the members
+    // through the root: the pool CA's name constraint permits only its
+    // pool's SPIFFE path, which such verifiers cannot apply.
     let dir = f.tmp.path();
     std::fs::write(dir.join("pool-ca.pem"), &pool.ca_pem).unwrap();
+    let out = run(Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(f.m.ca())
+        .arg(dir.join("pool-ca.pem")));
+    assert!(
+        out.ok && out.stdout.contains("OK"),
+        "openssl verify pool CA: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let pool_ca = edgepool_common::tls::certs_from_pem(&pool.ca_pem, "pool CA").unwrap();
+    let check = edgepool_common::trust::MemberCheck::new(
+        &pool_ca[0],
+        edgepool_common::trust::pool_prefix("edgepool.local", "default", "p"),
+    )
+    .unwrap();
     for m in &pool.members {
         let cert = dir.join(format!("member-{}.pem", m.slot));
         std::fs::write(&cert, &m.cert_pem).unwrap();
+        let leaf = edgepool_common::tls::certs_from_pem(&m.cert_pem, "member").unwrap();
+        let identity = check
+            .server(&leaf[0], rustls::pki_types::UnixTime::now())
+            .unwrap_or_else(|e| panic!("member {} does not verify: {e}", m.slot));
+        assert!(
+            matches!(identity, edgepool_common::identity::Identity::Member { slot, .. } if slot == m.slot)
+        );
         let out = run(Command::new("openssl")
             .args(["verify", "-CAfile"])
             .arg(f.m.ca())
@@ -175,7 +201,7 @@ async fn groups_run_as_processes_on_their_nodes_and_survive_a_manager_crash() {
             .arg(dir.join("pool-ca.pem"))
             .arg(&cert));
         assert!(
-            out.ok && out.stdout.contains("OK"),
+            !out.ok && out.stderr.contains("permitted subtree violation"),
             "openssl verify slot {}: {}{}",
             m.slot,
             out.stdout,

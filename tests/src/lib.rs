@@ -1080,3 +1080,30 @@ async fn connect_etcd(url: &str, tls: Option<&EtcdTls>) -> etcd_client::Client {
     .await
     .expect("etcd client")
 }
+
+/// The memory limit of process `pid`'s cgroup in bytes (`memory.max` on
+/// cgroup v2, `memory.limit_in_bytes` on v1), if it has one it can read.
+pub fn cgroup_memory_limit(pid: u32) -> Option<u64> {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let mount_of = |kind: &str, option: Option<&str>| {
+        mounts.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[2] == kind && option.is_none_or(|o| f[3].split(',').any(|x| x == o)))
+                .then(|| f[1].to_string())
+        })
+    };
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            let root = mount_of("cgroup", Some("memory"))?;
+            let v = std::fs::read_to_string(format!("{root}{path}/memory.limit_in_bytes")).ok()?;
+            return v.trim().parse().ok();
+        }
+    }
+    let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let root = mount_of("cgroup2", None)?;
+    let v = std::fs::read_to_string(format!("{root}{path}/memory.max")).ok()?;
+    v.trim().parse().ok()
+}
