@@ -62,7 +62,7 @@ pub async fn build_until(
     config.validate()?;
     raise_fd_limit();
     let listen = config.listen;
-    let listener = TcpListener::bind(listen).await.with_context(|| {
+    let listener = tls::listen(listen).with_context(|| {
         format!("cannot listen on {listen} (is another cloud-manager running? choose another address with --listen)")
     })?;
     let local_addr = listener.local_addr()?;

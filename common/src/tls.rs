@@ -30,6 +30,26 @@ use tokio_rustls::server::TlsStream;
 use crate::gate::{Gate, GateState, Gated};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Connections the kernel completes and queues for a listener before the
+/// accept loop takes them. tokio's default (1024) overflows in a burst of
+/// thousands of connections; then Linux drops the clients' final ACKs, and
+/// an idle client stays half-open (connected on its side, unknown to us)
+/// until the SYN-ACK retries end, past any timeout of ours. The kernel caps
+/// it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener on `addr` with `LISTEN_BACKLOG`.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

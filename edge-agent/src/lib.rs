@@ -385,9 +385,7 @@ impl Agent {
 }
 
 async fn bind_peer_port(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the peer port {addr}"))
+    tls::listen(addr).with_context(|| format!("binding the peer port {addr}"))
 }
 
 /// Serves the peer port; with `lazy`, not before the node first becomes a
