@@ -131,6 +131,21 @@ mod tests {
         }
     }
 
+    /// The identity certificate of node `id` of tenant `t`, for `key`.
+    fn node_cert(ca: &Ca, key: &KeyPair, id: &str) -> crate::ca::Issued {
+        let csr = CertificateParams::default()
+            .serialize_request(key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let node = Identity::Node {
+            domain: "test.local".into(),
+            tenant: "t".into(),
+            node_id: id.into(),
+        };
+        ca.sign_node_csr(&csr, &node, Duration::days(1)).unwrap()
+    }
+
     fn der(pem: &str) -> CertificateDer<'static> {
         edgepool_common::tls::certs_from_pem(pem, "t")
             .unwrap()
@@ -310,23 +325,7 @@ mod tests {
         use rustls::client::danger::ServerCertVerifier;
         let ca = Ca::generate("test.local").unwrap();
         let pool_ca = issue_pool_ca(&ca, "t", "p").unwrap();
-        let node_key = KeyPair::generate().unwrap();
-        let csr = CertificateParams::default()
-            .serialize_request(&node_key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let node = ca
-            .sign_node_csr(
-                &csr,
-                &Identity::Node {
-                    domain: "test.local".into(),
-                    tenant: "t".into(),
-                    node_id: "n2".into(),
-                },
-                Duration::days(1),
-            )
-            .unwrap();
+        let node = node_cert(&ca, &KeyPair::generate().unwrap(), "n2");
         let old = issue_member(
             &ca,
             &pool_ca,

@@ -41,16 +41,7 @@ pub fn canonical(spec: &pb::AppSpec) -> Vec<u8> {
         put_str(&mut out, k);
         put_str(&mut out, v);
     }
-    let r = spec.resources.unwrap_or_default();
-    for v in [
-        r.cpu_millis,
-        r.memory_mb,
-        r.disk_mb,
-        r.network_mbps,
-        r.disk_io_kbps,
-    ] {
-        put_u64(&mut out, v);
-    }
+    put_resources(&mut out, spec.resources.unwrap_or_default());
     out.extend_from_slice(&spec.priority.to_le_bytes());
     out.push(u8::from(spec.offloadable));
     out.push(u8::from(spec.slot.is_some()));
@@ -58,17 +49,21 @@ pub fn canonical(spec: &pb::AppSpec) -> Vec<u8> {
     put_str(&mut out, &spec.artifact);
     out.extend_from_slice(&spec.on_disconnect.to_le_bytes());
     out.push(u8::from(spec.limits.is_some()));
-    let l = spec.limits.unwrap_or_default();
-    for v in [
-        l.cpu_millis,
-        l.memory_mb,
-        l.disk_mb,
-        l.network_mbps,
-        l.disk_io_kbps,
-    ] {
-        put_u64(&mut out, v);
-    }
+    put_resources(&mut out, spec.limits.unwrap_or_default());
     out
+}
+
+/// The five fields of a `Resources`, in field-number order.
+fn put_resources(out: &mut Vec<u8>, r: pb::Resources) {
+    for v in [
+        r.cpu_millis,
+        r.memory_mb,
+        r.disk_mb,
+        r.network_mbps,
+        r.disk_io_kbps,
+    ] {
+        put_u64(out, v);
+    }
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
