@@ -22,6 +22,7 @@ use crate::forward::FORWARDED_FOR;
 use crate::live::{Command, LiveNode};
 use crate::manager::Manager;
 use crate::model::{AppReport, Hello, Sample};
+use crate::node_key::NodeKey;
 use crate::rate_limit::RateLimit;
 use crate::registry::{EnrollError, token_well_formed};
 use edgepool_common::identity::validate_name;
@@ -181,10 +182,11 @@ impl AgentService for AgentApi {
                 ));
             }
         };
+        let node = NodeKey::new(&tenant, &node_id);
         let (conn_id, live) = self
             .manager
             .streams()
-            .open_stream(&node_id, &hello)
+            .open_stream(&node, &hello)
             .await
             .map_err(to_status)?;
 
@@ -207,7 +209,7 @@ impl AgentService for AgentApi {
         );
         let session = Session {
             manager: self.manager.clone(),
-            node_id,
+            node,
             conn_id,
             live,
             tx,
@@ -223,7 +225,7 @@ impl AgentService for AgentApi {
 /// away, falls silent, is replaced by a newer stream, or the manager stops.
 struct Session {
     manager: Arc<Manager>,
-    node_id: String,
+    node: NodeKey,
     conn_id: u64,
     live: Arc<LiveNode>,
     tx: mpsc::Sender<Result<pb::ManagerMessage, Status>>,
@@ -271,22 +273,22 @@ impl Session {
             };
             let msg = match next {
                 Err(_) => {
-                    tracing::warn!(node = %self.node_id, "agent stream silent; closing it");
+                    tracing::warn!(node = %self.node, "agent stream silent; closing it");
                     break;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(node = %self.node_id, error = %e, "agent stream error");
+                    tracing::debug!(node = %self.node, error = %e, "agent stream error");
                     break;
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(m))) => m,
             };
             if !self.live.is_current(self.conn_id) {
-                tracing::info!(node = %self.node_id, "stream replaced by a newer one");
+                tracing::info!(node = %self.node, "stream replaced by a newer one");
                 break;
             }
             let Some(up) = msg.msg else { continue };
-            match handle_up(&self.manager, &self.node_id, &self.live, up).await {
+            match handle_up(&self.manager, &self.node, &self.live, up).await {
                 Reply::Nothing => {}
                 Reply::Ack(seq) => {
                     // Acks are advisory: if the agent is not reading, drop them.
@@ -302,7 +304,7 @@ impl Session {
         }
         self.manager
             .streams()
-            .close_stream(&self.node_id, &self.live, self.conn_id);
+            .close_stream(&self.node, &self.live, self.conn_id);
     }
 }
 
@@ -317,7 +319,7 @@ pub(crate) enum Reply {
 
 /// Handles one message of an open agent stream (after its hello): the
 /// whole per-message work, shared by `Session` and the fuzz harness.
-pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode, up: Up) -> Reply {
+pub(crate) async fn handle_up(manager: &Manager, node: &NodeKey, live: &LiveNode, up: Up) -> Reply {
     match up {
         Up::Telemetry(t) => live.record_sample(Sample::from(t)),
         Up::PeerCheckResult(r) => {
@@ -325,9 +327,7 @@ pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode,
                 reachable: r.reachable,
                 error: r.error.chars().take(256).collect(),
             };
-            manager
-                .failover()
-                .answer_check(node_id, r.request_id, answer);
+            manager.failover().answer_check(node, r.request_id, answer);
         }
         Up::Pong(p) => {
             live.seen();
@@ -344,12 +344,12 @@ pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode,
                     silent_ms: p.silent_ms,
                 })
                 .collect();
-            manager.failover().record_liveness(node_id, peers);
+            manager.failover().record_liveness(node, peers);
         }
         Up::AppReport(r) => {
             manager
                 .streams()
-                .record_report(node_id, live, AppReport::from(r))
+                .record_report(node, live, AppReport::from(r))
                 .await;
         }
         Up::Heartbeat(h) => {
@@ -359,8 +359,8 @@ pub(crate) async fn handle_up(manager: &Manager, node_id: &str, live: &LiveNode,
             // as if it had reconnected. Its app reports come only when they
             // change, so this is the sign of life to look at (a look at the
             // snapshot; work only for a failed node).
-            if let Err(e) = manager.failover().fence_if_failed(node_id).await {
-                tracing::warn!(node = %node_id, error = %e, "could not fence a failed node");
+            if let Err(e) = manager.failover().fence_if_failed(node).await {
+                tracing::warn!(%node, error = %e, "could not fence a failed node");
             }
             return Reply::Ack(h.seq);
         }

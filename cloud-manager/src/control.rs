@@ -18,6 +18,7 @@ use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
 use crate::events::{Backlog, EventRecord, EventsDropped, Watch, WatchFrom};
 use crate::live::{LiveData, LiveNode};
+use crate::node_key::NodeKey;
 use crate::pool::PoolError;
 use crate::registry::{EnrollError, Registry};
 use crate::store::{Store, StoreError};
@@ -47,9 +48,9 @@ pub enum ManagerError {
     Transition(#[from] crate::node_state::InvalidTransition),
 }
 
-/// The live nodes by node id (an entry is made the first time a node is
+/// The live nodes by node key (an entry is made the first time a node is
 /// looked up, and kept).
-pub(crate) type LiveMap = HashMap<String, Arc<LiveNode>>;
+pub(crate) type LiveMap = HashMap<NodeKey, Arc<LiveNode>>;
 
 pub struct Control {
     pub(crate) config: ManagerConfig,
@@ -72,6 +73,13 @@ impl Control {
                 path: config.data_dir.join("state.redb"),
                 why: format!("could not start the store writer: {e}"),
             })?;
+        // Node rows of a version that keyed nodes by id alone move to their
+        // tenant's key, in one commit before anything else reads them.
+        let (moved, pending) = durable.prepare(true, |r| Ok::<_, ManagerError>(r.rekey_nodes()))?;
+        pending.wait()?;
+        if moved > 0 {
+            tracing::info!(nodes = moved, "node rows moved to per-tenant keys");
+        }
         Ok(Control {
             config,
             ca,
@@ -165,12 +173,12 @@ impl Control {
 
     /// The connection facts the failure detector needs (no copy of the
     /// node's samples or reports).
-    pub(crate) fn health(&self, node_id: &str) -> Result<crate::liveness::Health, ManagerError> {
+    pub(crate) fn health(&self, node: &NodeKey) -> Result<crate::liveness::Health, ManagerError> {
         Ok(self
             .live
             .read()
             .map_err(|_| ManagerError::Poisoned)?
-            .get(node_id)
+            .get(node)
             .map(|l| l.health())
             .unwrap_or_default())
     }
@@ -184,26 +192,26 @@ impl Control {
     }
 
     /// The node's live handle, made on first use.
-    pub(crate) fn live_node(&self, node_id: &str) -> Result<Arc<LiveNode>, ManagerError> {
+    pub(crate) fn live_node(&self, node: &NodeKey) -> Result<Arc<LiveNode>, ManagerError> {
         if let Some(l) = self
             .live
             .read()
             .map_err(|_| ManagerError::Poisoned)?
-            .get(node_id)
+            .get(node)
         {
             return Ok(l.clone());
         }
         let mut map = self.live.write().map_err(|_| ManagerError::Poisoned)?;
-        Ok(map.entry(node_id.to_string()).or_default().clone())
+        Ok(map.entry(node.clone()).or_default().clone())
     }
 
     /// Live data of a node (default if it never connected).
-    pub(crate) fn live_data(&self, node_id: &str) -> Result<LiveData, ManagerError> {
+    pub(crate) fn live_data(&self, node: &NodeKey) -> Result<LiveData, ManagerError> {
         Ok(self
             .live
             .read()
             .map_err(|_| ManagerError::Poisoned)?
-            .get(node_id)
+            .get(node)
             .map(|l| l.snapshot())
             .unwrap_or_default())
     }
@@ -213,5 +221,64 @@ impl Control {
     /// a time.
     pub(crate) fn live_nodes(&self) -> Result<RwLockReadGuard<'_, LiveMap>, ManagerError> {
         self.live.read().map_err(|_| ManagerError::Poisoned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ManagerConfig;
+    use crate::registry::{NodeRecord, Registry};
+    use crate::store::{RedbStore, WriteSet};
+
+    fn node(tenant: &str, id: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            tenant: tenant.into(),
+            labels: Default::default(),
+            cert_serial: "ab".into(),
+            enrolled_at_ms: 1,
+            state: crate::model::NodeState::Free,
+            peer_address: String::new(),
+            capacity: Default::default(),
+            agent_version: String::new(),
+            hostname: String::new(),
+            cert_pem: String::new(),
+            pool: String::new(),
+            slot: 0,
+        }
+    }
+
+    #[test]
+    fn node_rows_of_an_older_version_move_to_per_tenant_keys_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        // Rows as a version with global node ids stored them.
+        let store = RedbStore::open(dir.path()).unwrap();
+        let mut old = Registry::default();
+        old.nodes.insert("n1".into(), node("acme", "n1"));
+        old.nodes.insert("n2".into(), node("other", "n2"));
+        store
+            .commit(&[&WriteSet::of(&Registry::default(), &old).unwrap()])
+            .unwrap();
+        drop(store);
+
+        let config = ManagerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..ManagerConfig::default()
+        };
+        let ca = Ca::generate(&config.trust_domain).unwrap();
+        let store = RedbStore::open(dir.path()).unwrap();
+        let control = Control::new(config, ca, Box::new(store)).unwrap();
+        let r = control.registry().unwrap();
+        let keys: Vec<&str> = r.nodes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["acme/n1", "other/n2"]);
+        assert!(r.node_of_tenant("acme", "n1").is_some());
+        drop(r);
+        drop(control);
+
+        // And durably so: the store holds only the new keys.
+        let reopened = RedbStore::open(dir.path()).unwrap().load().unwrap();
+        let keys: Vec<&str> = reopened.nodes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["acme/n1", "other/n2"]);
     }
 }

@@ -15,37 +15,50 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
-#[derive(Debug, Default)]
-pub struct DeadlineQueue {
-    heap: BinaryHeap<Reverse<(Instant, String)>>,
+use crate::node_key::NodeKey;
+
+/// Deadlines of nodes named by `K` (the manager's `NodeKey`).
+#[derive(Debug)]
+pub struct DeadlineQueue<K: Ord + Hash + Clone = NodeKey> {
+    heap: BinaryHeap<Reverse<(Instant, K)>>,
     /// The live deadline of each armed node; heap entries that differ are
     /// stale and skipped.
-    armed: HashMap<String, Instant>,
+    armed: HashMap<K, Instant>,
 }
 
-impl DeadlineQueue {
+impl<K: Ord + Hash + Clone> Default for DeadlineQueue<K> {
+    fn default() -> Self {
+        DeadlineQueue {
+            heap: BinaryHeap::new(),
+            armed: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Hash + Clone> DeadlineQueue<K> {
     /// Look at `node` at `at` at the latest.
-    pub fn arm(&mut self, node: &str, at: Instant) {
+    pub fn arm(&mut self, node: &K, at: Instant) {
         match self.armed.get_mut(node) {
             Some(t) if *t <= at => {}
             Some(t) => {
                 *t = at;
-                self.heap.push(Reverse((at, node.to_string())));
+                self.heap.push(Reverse((at, node.clone())));
             }
             None => {
-                self.armed.insert(node.to_string(), at);
-                self.heap.push(Reverse((at, node.to_string())));
+                self.armed.insert(node.clone(), at);
+                self.heap.push(Reverse((at, node.clone())));
             }
         }
     }
 
     /// The nodes whose deadline is at or before `now`, disarmed.
-    pub fn pop_due(&mut self, now: Instant) -> Vec<String> {
+    pub fn pop_due(&mut self, now: Instant) -> Vec<K> {
         let mut due = Vec::new();
         while let Some(Reverse((at, _))) = self.heap.peek() {
             if *at > now {
@@ -84,10 +97,10 @@ pub struct Watchlist {
 }
 
 impl Watchlist {
-    /// Has the failure detector look at `node_id` at `at` at the latest
+    /// Has the failure detector look at `node` at `at` at the latest
     /// (at once if `at` has passed).
-    pub fn watch(&self, node_id: &str, at: Instant) {
-        self.queue().arm(node_id, at);
+    pub fn watch(&self, node: &NodeKey, at: Instant) {
+        self.queue().arm(node, at);
         if at <= Instant::now() {
             self.wake.notify_one();
         }
@@ -112,14 +125,18 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn k(s: &str) -> String {
+        s.to_string()
+    }
+
     #[test]
     fn due_nodes_come_out_once_in_deadline_order() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let mut q = DeadlineQueue::default();
-        q.arm("b", ms(20));
-        q.arm("a", ms(10));
-        q.arm("c", ms(30));
+        let mut q = DeadlineQueue::<String>::default();
+        q.arm(&k("b"), ms(20));
+        q.arm(&k("a"), ms(10));
+        q.arm(&k("c"), ms(30));
         assert_eq!(q.pop_due(ms(5)), Vec::<String>::new());
         assert_eq!(q.pop_due(ms(20)), ["a", "b"]);
         assert_eq!(q.pop_due(ms(20)), Vec::<String>::new());
@@ -130,10 +147,10 @@ mod tests {
     fn arming_earlier_moves_the_deadline_later_is_ignored() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let mut q = DeadlineQueue::default();
-        q.arm("a", ms(100));
-        q.arm("a", ms(10));
-        q.arm("a", ms(500));
+        let mut q = DeadlineQueue::<String>::default();
+        q.arm(&k("a"), ms(100));
+        q.arm(&k("a"), ms(10));
+        q.arm(&k("a"), ms(500));
         assert_eq!(q.pop_due(ms(10)), ["a"]);
         // The stale entry at 100 does not bring it back.
         assert!(q.pop_due(ms(1000)).is_empty());
@@ -143,11 +160,11 @@ mod tests {
     #[test]
     fn a_round_costs_what_is_due_not_what_is_watched() {
         let t0 = Instant::now();
-        let mut q = DeadlineQueue::default();
+        let mut q = DeadlineQueue::<String>::default();
         for i in 0..10_000 {
             q.arm(&format!("n{i}"), t0 + Duration::from_secs(3));
         }
-        q.arm("suspect", t0);
+        q.arm(&k("suspect"), t0);
         assert_eq!(q.pop_due(t0), ["suspect"]);
         assert_eq!(q.heap.len(), 10_000);
     }

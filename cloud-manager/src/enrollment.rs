@@ -11,6 +11,7 @@ use edgepool_common::identity::Identity;
 use crate::control::{Control, ManagerError};
 use crate::events::{EventKind, EventRecord};
 use crate::model::now_ms;
+use crate::node_key::NodeKey;
 use crate::pools::Pools;
 use crate::registry::{TOKEN_BYTES, TOKEN_PREFIX, TokenRecord};
 use crate::streams::Streams;
@@ -147,7 +148,7 @@ impl Enrollment {
             );
             let push = if plan.replaces {
                 self.pools
-                    .reissue_member_for_new_key(r, &plan.node_id, &issued.cert_pem, now)?
+                    .reissue_member_for_new_key(r, &plan.key(), &issued.cert_pem, now)?
             } else {
                 Vec::new()
             };
@@ -165,10 +166,10 @@ impl Enrollment {
         if replaces {
             // The old stream belongs to the replaced certificate: end it
             // before the new assignment (for the new key) goes out.
-            self.streams.end_stream(&grant.node_id)?;
+            self.streams
+                .end_stream(&NodeKey::new(&grant.tenant, &grant.node_id))?;
         }
-        self.pools
-            .push_assignments(push.iter().map(String::as_str))?;
+        self.pools.push_assignments(push)?;
         Ok(grant)
     }
 

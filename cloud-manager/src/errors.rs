@@ -16,9 +16,7 @@ pub fn to_status(e: ManagerError) -> Status {
             EnrollError::UnknownToken | EnrollError::ExpiredToken | EnrollError::UsedToken(_) => {
                 Status::unauthenticated(e.to_string())
             }
-            EnrollError::NodeExists(_) | EnrollError::NodeIdTaken(_) => {
-                Status::already_exists(e.to_string())
-            }
+            EnrollError::NodeExists(_) => Status::already_exists(e.to_string()),
         },
         ManagerError::Ca(crate::ca::CaError::BadCsr(_)) => Status::invalid_argument(e.to_string()),
         ManagerError::Pool(ref inner) => match inner {

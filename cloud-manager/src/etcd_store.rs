@@ -6,7 +6,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `PREFIX/tokens/ID` | a join token |
-//! | `PREFIX/nodes/ID` | a node |
+//! | `PREFIX/nodes/TENANT/ID` | a node (node ids are per tenant) |
 //! | `PREFIX/pools/TENANT/POOL` | a pool (with its CA key and certificates) |
 //! | `PREFIX/events/SEQ` | an event (`SEQ` zero-padded to 20 digits: key order is seq order) |
 //! | `PREFIX/events_dropped/TENANT` | the newest dropped seq of a tenant |

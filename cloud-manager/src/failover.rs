@@ -61,6 +61,7 @@ use crate::live::Command;
 use crate::liveness::LivenessBook;
 pub use crate::liveness::{CheckAnswer, Confirmation, PeerAlive, PeerView, confirmation};
 use crate::model::{NodeState, Resources, now_ms};
+use crate::node_key::NodeKey;
 use crate::node_state::NodeEvent;
 use crate::pool::{InFlight, MemberRecord, PoolRecord};
 use crate::pools::Pools;
@@ -131,7 +132,7 @@ pub fn select_spare<'a>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The slot moved to `to`; these nodes need their new assignment.
-    Moved { to: String, push: Vec<String> },
+    Moved { to: NodeKey, push: Vec<NodeKey> },
     /// No suitable spare: the pool is degraded (event recorded once).
     Degraded,
     /// The slot is no longer held by that node (already handled).
@@ -152,7 +153,7 @@ pub struct Failover {
     control: Arc<Control>,
     pools: Arc<Pools>,
     /// Open peer checks: random id -> (the node asked, where its answer goes).
-    checks: Mutex<HashMap<u64, (String, oneshot::Sender<CheckAnswer>)>>,
+    checks: Mutex<HashMap<u64, (NodeKey, oneshot::Sender<CheckAnswer>)>>,
     /// What members say of each other's liveness.
     liveness: LivenessBook,
     /// Members the detector must look at, and when (see `deadlines`):
@@ -216,13 +217,20 @@ impl Failover {
             return (0, 0);
         };
         let (mut unheard, mut members) = (0, 0);
-        for m in r.pools.values().flat_map(|p| p.members.iter()) {
+        for (p, m) in r
+            .pools
+            .values()
+            .flat_map(|p| p.members.iter().map(move |m| (p, m)))
+        {
             members += 1;
-            let heard = self.control.health(&m.node_id).is_ok_and(|h| {
-                h.connected
-                    && h.last_seen
-                        .is_some_and(|t| now.saturating_duration_since(t) < timeout)
-            });
+            let heard = self
+                .control
+                .health(&NodeKey::new(&p.tenant, &m.node_id))
+                .is_ok_and(|h| {
+                    h.connected
+                        && h.last_seen
+                            .is_some_and(|t| now.saturating_duration_since(t) < timeout)
+                });
             if !heard {
                 unheard += 1;
             }
@@ -238,19 +246,19 @@ impl Failover {
 
     /// `node_id`'s stream closed: what it said of its peers is no longer
     /// current, and a member without its stream is suspect at once.
-    pub(crate) fn stream_closed(&self, node_id: &str) {
-        self.liveness.forget_reporter(node_id);
-        self.watchlist.watch(node_id, Instant::now());
+    pub(crate) fn stream_closed(&self, node: &NodeKey) {
+        self.liveness.forget_reporter(node);
+        self.watchlist.watch(node, Instant::now());
     }
 
     /// Registers a peer check sent to `asker`, under an unguessable id.
-    fn register_check(&self, asker: &str, tx: oneshot::Sender<CheckAnswer>) -> u64 {
+    fn register_check(&self, asker: &NodeKey, tx: oneshot::Sender<CheckAnswer>) -> u64 {
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         let mut id = crate::random::u64();
         while id == 0 || checks.contains_key(&id) {
             id = crate::random::u64();
         }
-        checks.insert(id, (asker.to_string(), tx));
+        checks.insert(id, (asker.clone(), tx));
         id
     }
 
@@ -263,7 +271,7 @@ impl Failover {
 
     /// An agent's answer to a peer check. Only the node that was asked can
     /// answer it; an answer from any other node is dropped (and logged).
-    pub fn answer_check(&self, from: &str, id: u64, answer: CheckAnswer) {
+    pub fn answer_check(&self, from: &NodeKey, id: u64, answer: CheckAnswer) {
         let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         match checks.get(&id) {
             Some((asker, _)) if asker == from => {
@@ -282,26 +290,25 @@ impl Failover {
     /// anything but a current member of the reporter's own pool (another
     /// pool, another tenant, a stale slot) are dropped: a node can only
     /// speak about its own pool.
-    pub fn record_liveness(&self, reporter: &str, peers: Vec<PeerAlive>) {
+    pub fn record_liveness(&self, reporter: &NodeKey, peers: Vec<PeerAlive>) {
         let accepted: Vec<PeerAlive> = {
             let Ok(r) = self.control.registry() else {
                 return;
             };
             let Some(pool) = r
-                .nodes
-                .get(reporter)
+                .node(reporter)
                 .filter(|n| !n.pool.is_empty())
                 .and_then(|n| r.pools.get(&PoolRecord::key(&n.tenant, &n.pool)))
             else {
                 return;
             };
-            if pool.member_of(reporter).is_none() {
+            if pool.member_of(reporter.node_id()).is_none() {
                 return;
             }
             peers
                 .into_iter()
                 .filter(|p| {
-                    p.node_id != reporter
+                    p.node_id != reporter.node_id()
                         && pool
                             .members
                             .get((p.slot as usize).wrapping_sub(1))
@@ -313,16 +320,18 @@ impl Failover {
         for p in &accepted {
             self.liveness.record(reporter, p, now);
             if !p.reachable {
-                self.watchlist.watch(&p.node_id, now);
+                self.watchlist
+                    .watch(&NodeKey::new(reporter.tenant(), &p.node_id), now);
             }
         }
     }
 
-    /// Asks member `asker` whether it reaches `target` (slot, node, peer
-    /// address). `None` if the asker is not connected or does not answer.
+    /// Asks member `asker` whether it reaches `target` (slot, node id in
+    /// the asker's tenant, peer address). `None` if the asker is not
+    /// connected or does not answer.
     pub async fn check_peer(
         &self,
-        asker: &str,
+        asker: &NodeKey,
         slot: u32,
         target: &str,
         address: &str,
@@ -375,16 +384,15 @@ impl Failover {
             });
             // The tenant's nodes in id order; only free ones can be spares.
             let candidates = r
-                .nodes
-                .values()
-                .filter(|n| n.tenant == tenant)
+                .nodes_of_tenant(tenant, None)
                 .map(|n| Candidate {
                     node_id: &n.node_id,
                     free: n.state == NodeState::Free,
                     capacity: n.capacity,
                     labels: &n.labels,
                 });
-            let connected = |id: &str| self.control.health(id).is_ok_and(|h| h.connected);
+            let connected =
+                |id: &str| self.control.health(&NodeKey::new(tenant, id)).is_ok_and(|h| h.connected);
             let now = now_ms();
             let Some(target) = select_spare(candidates, need, &p.spare_labels, connected).map(str::to_string) else {
                 let p = r.pools.get_mut(&key).ok_or(ManagerError::Poisoned)?;
@@ -397,7 +405,8 @@ impl Failover {
                 r.events.push(e, now);
                 return Ok(Outcome::Degraded);
             };
-            let target_cert = r.nodes.get(&target).map(|n| n.cert_pem.clone()).unwrap_or_default();
+            let (lost, target_key) = (NodeKey::new(tenant, node_id), NodeKey::new(tenant, &target));
+            let target_cert = r.node(&target_key).map(|n| n.cert_pem.clone()).unwrap_or_default();
             let p = r.pools.get_mut(&key).ok_or(ManagerError::Poisoned)?;
             let old = p.members[slot as usize - 1].clone();
             let identity = edgepool_common::identity::Identity::Member {
@@ -426,11 +435,11 @@ impl Failover {
             });
             let group: Vec<String> = p.group(slot).iter().map(|a| a.name.clone()).collect();
             p.running.retain(|app, _| !group.contains(app));
-            let push: Vec<String> = p.members.iter().map(|m| m.node_id.clone()).chain([node_id.to_string()]).collect();
-            if let Some(n) = r.nodes.get_mut(node_id) {
+            let push: Vec<NodeKey> = p.members.iter().map(|m| NodeKey::new(tenant, &m.node_id)).chain([lost.clone()]).collect();
+            if let Some(n) = r.node_mut(&lost) {
                 n.change(NodeEvent::Fail, "", 0)?;
             }
-            if let Some(n) = r.nodes.get_mut(&target) {
+            if let Some(n) = r.node_mut(&target_key) {
                 n.change(NodeEvent::Join, pool, slot)?;
             }
             let started = EventRecord::new(tenant, pool, EventKind::FailoverStarted)
@@ -441,7 +450,7 @@ impl Failover {
                 .node(node_id, slot)
                 .message(format!("member certificate {} of {node_id} revoked (generation {})", old.cert_serial, old.generation));
             r.events.push(revoked, now);
-            Ok(Outcome::Moved { to: target, push })
+            Ok(Outcome::Moved { to: target_key, push })
         })?;
         if let Outcome::Moved { to, push } = &outcome {
             tracing::warn!(%tenant, %pool, slot, from = %node_id, %to, "failover committed");
@@ -450,29 +459,27 @@ impl Failover {
                 eprintln!("fault injection: aborting after the failover commit");
                 std::process::abort();
             }
-            self.pools
-                .push_assignments(push.iter().map(String::as_str))?;
+            self.pools.push_assignments(push.iter().cloned())?;
         }
         Ok(outcome)
     }
 
     /// A node in FAILED state connected again: fence it (its assignment is
     /// empty, so it stops its old group).
-    pub(crate) async fn fence_if_failed(&self, node_id: &str) -> Result<(), ManagerError> {
+    pub(crate) async fn fence_if_failed(&self, node: &NodeKey) -> Result<(), ManagerError> {
         let failed = self
             .control
             .registry()?
-            .nodes
-            .get(node_id)
+            .node(node)
             .is_some_and(|n| n.state == NodeState::Failed);
         if !failed {
             return Ok(());
         }
         self.control.mutate_async(|r| {
-            if let Some(n) = r.nodes.get_mut(node_id).filter(|n| n.state == NodeState::Failed) {
+            if let Some(n) = r.node_mut(node).filter(|n| n.state == NodeState::Failed) {
                 n.change(NodeEvent::Return, "", 0)?;
                 let e = EventRecord::new(&n.tenant, "", EventKind::NodeFenced)
-                    .node(node_id, 0)
+                    .node(&n.node_id, 0)
                     .message("failed node is back: told to stop its old group; FREE again once it runs nothing");
                 r.events.push(e, now_ms());
             }
@@ -482,7 +489,7 @@ impl Failover {
     }
 
     /// An app report from `node_id`, which runs `running_apps` apps.
-    pub(crate) async fn on_report(&self, node_id: &str, running_apps: usize) {
+    pub(crate) async fn on_report(&self, node_id: &NodeKey, running_apps: usize) {
         // A failed-over node heard from again on a stream that never
         // dropped (it was frozen, or cut and healed quickly) is fenced just
         // as if it had reconnected.
@@ -497,28 +504,23 @@ impl Failover {
     /// A fenced node reported that it runs nothing: it is FREE again.
     pub(crate) async fn release_fenced(
         &self,
-        node_id: &str,
+        node: &NodeKey,
         running_apps: usize,
     ) -> Result<(), ManagerError> {
         let fenced = self
             .control
             .registry()?
-            .nodes
-            .get(node_id)
+            .node(node)
             .is_some_and(|n| n.state == NodeState::Fenced);
         if !fenced || running_apps > 0 {
             return Ok(());
         }
         self.control
             .mutate_async(|r| {
-                if let Some(n) = r
-                    .nodes
-                    .get_mut(node_id)
-                    .filter(|n| n.state == NodeState::Fenced)
-                {
+                if let Some(n) = r.node_mut(node).filter(|n| n.state == NodeState::Fenced) {
                     n.change(NodeEvent::Drained, "", 0)?;
                     let e = EventRecord::new(&n.tenant, "", EventKind::NodeFreed)
-                        .node(node_id, 0)
+                        .node(&n.node_id, 0)
                         .message("fenced node stopped its old group and is FREE again");
                     r.events.push(e, now_ms());
                 }
@@ -555,10 +557,13 @@ enum Verdict {
 const STALL_SLACK: Duration = Duration::from_millis(1000);
 
 /// The pool of `node` (tenant, name, members) if it is a current member.
-fn membership<'r>(r: &'r Registry, node: &str) -> Option<(&'r str, &'r str, &'r [MemberRecord])> {
-    let n = r.nodes.get(node).filter(|n| !n.pool.is_empty())?;
+fn membership<'r>(
+    r: &'r Registry,
+    node: &NodeKey,
+) -> Option<(&'r str, &'r str, &'r [MemberRecord])> {
+    let n = r.node(node).filter(|n| !n.pool.is_empty())?;
     let p = r.pools.get(&PoolRecord::key(&n.tenant, &n.pool))?;
-    p.member_of(node)?;
+    p.member_of(node.node_id())?;
     Some((&p.tenant, &p.name, &p.members))
 }
 
@@ -575,18 +580,18 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
     let mut last_round = Instant::now();
     let startup_grace = Duration::from_millis(u64::from(cfg.startup_grace_ms));
     let startup_until = failover.started + startup_grace;
-    // Keyed by node id: the members under suspicion, what was decided
+    // Keyed by node key: the members under suspicion, what was decided
     // about them, and those being decided.
-    let mut suspects: HashSet<String> = HashSet::new();
-    let mut episodes: HashMap<String, Episode> = HashMap::new();
-    let mut deciding: HashSet<String> = HashSet::new();
-    let mut tasks: JoinSet<(String, Verdict)> = JoinSet::new();
+    let mut suspects: HashSet<NodeKey> = HashSet::new();
+    let mut episodes: HashMap<NodeKey, Episode> = HashMap::new();
+    let mut deciding: HashSet<NodeKey> = HashSet::new();
+    let mut tasks: JoinSet<(NodeKey, Verdict)> = JoinSet::new();
     // Every member once at the start; from then on only what is armed.
     if let Ok(r) = failover.control.registry() {
         let mut w = failover.watchlist.queue();
         for p in r.pools.values() {
             for m in &p.members {
-                w.arm(&m.node_id, observed_from);
+                w.arm(&NodeKey::new(&p.tenant, &m.node_id), observed_from);
             }
         }
     }
@@ -625,7 +630,7 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
         let Ok(r) = failover.control.registry() else {
             continue;
         };
-        let look: BTreeSet<String> = due.into_iter().chain(suspects.iter().cloned()).collect();
+        let look: BTreeSet<NodeKey> = due.into_iter().chain(suspects.iter().cloned()).collect();
         for node in look {
             let Some((tenant, pool, members)) = membership(&r, &node) else {
                 // No member (any more): nothing to watch until it is one
@@ -633,15 +638,20 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
                 suspects.remove(&node);
                 continue;
             };
-            let Some(m) = members.iter().find(|m| m.node_id == node) else {
+            let Some(m) = members.iter().find(|m| m.node_id == node.node_id()) else {
                 continue;
             };
             let key = node.clone();
             let Ok(h) = failover.control.health(&node) else {
                 continue;
             };
-            let names: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
-            let peers = failover.liveness.view(&node, &names, now);
+            let keys: Vec<NodeKey> = members
+                .iter()
+                .map(|m| NodeKey::new(tenant, &m.node_id))
+                .collect();
+            let peers = failover
+                .liveness
+                .view(&node, &keys.iter().collect::<Vec<_>>(), now);
             let own = suspect_since(h, observed_from, heartbeat_timeout, now);
             if own.is_none() && peers == PeerView::Fine {
                 suspects.remove(&node);
@@ -736,13 +746,14 @@ impl Decision {
     async fn run(self) -> Verdict {
         let cfg = self.failover.control.config().clone();
         let node = self.member.node_id.clone();
+        let key = NodeKey::new(&self.tenant, &node);
         if let Some(deadline) = self.peers_deadline {
             // Its peers cannot reach it. If it still answers the manager,
             // it runs: a broken peer link is not a failure. The answer
             // counts until the grace ends (a busy node answers late; a
             // frozen or cut one not at all).
             let asked = Instant::now();
-            if let Ok(live) = self.failover.control.live_node(&node) {
+            if let Ok(live) = self.failover.control.live_node(&key) {
                 let timeout = Duration::from_millis(u64::from(cfg.ping_timeout_ms))
                     .max(deadline.saturating_duration_since(asked));
                 if live.ping(timeout).await {
@@ -759,12 +770,21 @@ impl Decision {
             // manager too (any message on its stream is a sign of life: a
             // slow machine answers late, it does not stop talking)?
             let now = Instant::now();
-            let names: Vec<&str> = self.members.iter().map(|m| m.node_id.as_str()).collect();
-            if self.failover.liveness.view(&node, &names, now) == PeerView::Fine {
+            let keys: Vec<NodeKey> = self
+                .members
+                .iter()
+                .map(|m| NodeKey::new(&self.tenant, &m.node_id))
+                .collect();
+            if self
+                .failover
+                .liveness
+                .view(&key, &keys.iter().collect::<Vec<_>>(), now)
+                == PeerView::Fine
+            {
                 return Verdict::Answered;
             }
             let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));
-            if self.failover.control.health(&node).is_ok_and(|h| {
+            if self.failover.control.health(&key).is_ok_and(|h| {
                 h.connected
                     && h.last_seen
                         .is_some_and(|t| t >= asked || now.saturating_duration_since(t) < recent)
@@ -772,7 +792,15 @@ impl Decision {
                 return Verdict::Answered;
             }
         } else if cfg.peer_confirmation {
-            match confirm(&self.failover, &self.members, &self.member, &cfg).await {
+            match confirm(
+                &self.failover,
+                &self.tenant,
+                &self.members,
+                &self.member,
+                &cfg,
+            )
+            .await
+            {
                 Confirmation::Unreachable => {}
                 Confirmation::ReachedBy(by) => {
                     if self.announce {
@@ -841,28 +869,28 @@ impl Decision {
 /// Asks the other connected members whether they reach `m`.
 async fn confirm(
     failover: &Arc<Failover>,
+    tenant: &str,
     members: &[MemberRecord],
     m: &MemberRecord,
     cfg: &crate::config::ManagerConfig,
 ) -> Confirmation {
-    let Some(address) = failover
-        .control
-        .registry()
-        .ok()
-        .and_then(|r| r.nodes.get(&m.node_id).map(|n| n.peer_address.clone()))
-    else {
+    let Some(address) = failover.control.registry().ok().and_then(|r| {
+        r.node_of_tenant(tenant, &m.node_id)
+            .map(|n| n.peer_address.clone())
+    }) else {
         return Confirmation::Unknown;
     };
     let timeout = Duration::from_millis(u64::from(cfg.peer_check_timeout_ms));
     let asks = members.iter().filter(|o| o.node_id != m.node_id).map(|o| {
         let failover = failover.clone();
-        let (asker, target, address) = (o.node_id.clone(), m.node_id.clone(), address.clone());
+        let asker = NodeKey::new(tenant, &o.node_id);
+        let (target, address) = (m.node_id.clone(), address.clone());
         let slot = m.slot;
         async move {
             let answer = failover
                 .check_peer(&asker, slot, &target, &address, timeout)
                 .await;
-            (asker, answer)
+            (asker.node_id().to_string(), answer)
         }
     });
     let answers = futures::future::join_all(asks).await;

@@ -17,6 +17,7 @@ use crate::ca::Ca;
 use crate::config::ManagerConfig;
 use crate::manager::Manager;
 use crate::model::Hello;
+use crate::node_key::NodeKey;
 use crate::pool::PolicyDef;
 use crate::pools::PoolRequest;
 use crate::registry::Registry;
@@ -90,8 +91,9 @@ impl Harness {
                 ..Default::default()
             });
             rt.block_on(async {
-                let (conn, live) = manager.streams().open_stream(node, &hello).await?;
-                manager.streams().close_stream(node, &live, conn);
+                let key = NodeKey::new(TENANT, node);
+                let (conn, live) = manager.streams().open_stream(&key, &hello).await?;
+                manager.streams().close_stream(&key, &live, conn);
                 Ok::<_, crate::control::ManagerError>(())
             })
             .expect("hello");
@@ -106,7 +108,7 @@ impl Harness {
         let Some((&pick, mut rest)) = data.split_first() else {
             return;
         };
-        let node = NODES[usize::from(pick) % NODES.len()];
+        let node = &NodeKey::new(TENANT, NODES[usize::from(pick) % NODES.len()]);
         let Ok(first) = pb::AgentMessage::decode_length_delimited(&mut rest) else {
             return;
         };

@@ -23,6 +23,7 @@ pub mod live;
 pub mod liveness;
 pub mod manager;
 pub mod model;
+pub mod node_key;
 pub mod node_list;
 pub mod node_state;
 pub mod nodes;

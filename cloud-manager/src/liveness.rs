@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::node_key::NodeKey;
+
 /// What the detector knows about a member's connection (monotonic times).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Health {
@@ -50,13 +52,15 @@ pub enum PeerView {
 }
 
 /// The members' reports about each other: target -> reporter -> report.
+/// A report names its target by node id; the target is the node of that id
+/// in the reporter's tenant (members of a pool share its tenant).
 #[derive(Default)]
 pub struct LivenessBook {
-    reports: Mutex<HashMap<String, HashMap<String, Heard>>>,
+    reports: Mutex<HashMap<NodeKey, HashMap<NodeKey, Heard>>>,
 }
 
 impl LivenessBook {
-    pub fn record(&self, reporter: &str, p: &PeerAlive, now: Instant) {
+    pub fn record(&self, reporter: &NodeKey, p: &PeerAlive, now: Instant) {
         let silent = Duration::from_millis(p.silent_ms.min(3_600_000));
         let heard = Heard {
             reachable: p.reachable,
@@ -66,15 +70,15 @@ impl LivenessBook {
         self.reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(p.node_id.clone())
+            .entry(NodeKey::new(reporter.tenant(), &p.node_id))
             .or_default()
-            .insert(reporter.to_string(), heard);
+            .insert(reporter.clone(), heard);
     }
 
     /// Drops what was said about `target`: it just took a slot, and what
     /// its new peers said of it in an earlier membership (as the node that
     /// failed, perhaps in the same slot) is about another life.
-    pub fn forget_target(&self, target: &str) {
+    pub fn forget_target(&self, target: &NodeKey) {
         self.reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -82,7 +86,7 @@ impl LivenessBook {
     }
 
     /// Drops what `reporter` said (its stream closed).
-    pub fn forget_reporter(&self, reporter: &str) {
+    pub fn forget_reporter(&self, reporter: &NodeKey) {
         let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         for by in reports.values_mut() {
             by.remove(reporter);
@@ -91,15 +95,15 @@ impl LivenessBook {
     }
 
     /// What the current members `members` (other than `target`) say.
-    pub fn view(&self, target: &str, members: &[&str], now: Instant) -> PeerView {
+    pub fn view(&self, target: &NodeKey, members: &[&NodeKey], now: Instant) -> PeerView {
         let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         let Some(by) = reports.get(target) else {
             return PeerView::Fine;
         };
         judge(
             by.iter()
-                .filter(|(r, _)| r.as_str() != target && members.contains(&r.as_str()))
-                .map(|(r, h)| (r.as_str(), *h)),
+                .filter(|(r, _)| *r != target && members.contains(r))
+                .map(|(r, h)| (r.node_id(), *h)),
             now,
         )
     }
@@ -248,50 +252,59 @@ mod tests {
         );
     }
 
+    fn k(id: &str) -> NodeKey {
+        NodeKey::new("t", id)
+    }
+
     #[test]
     fn reports_are_kept_per_reporter_and_dropped_with_it() {
         let book = LivenessBook::default();
         let now = Instant::now();
+        let [n1, n2, n3] = ["n1", "n2", "n3"].map(k);
         let p = PeerAlive {
             slot: 2,
             node_id: "n2".into(),
             reachable: false,
             silent_ms: 800,
         };
-        book.record("n1", &p, now);
+        book.record(&n1, &p, now);
         assert!(matches!(
-            book.view("n2", &["n1", "n2", "n3"], now),
+            book.view(&n2, &[&n1, &n2, &n3], now),
             PeerView::Unreachable { .. }
         ));
         // Reporters outside the current membership do not count.
-        assert_eq!(book.view("n2", &["n2", "n3"], now), PeerView::Fine);
-        book.forget_reporter("n1");
-        assert_eq!(book.view("n2", &["n1", "n2", "n3"], now), PeerView::Fine);
+        assert_eq!(book.view(&n2, &[&n2, &n3], now), PeerView::Fine);
+        // Nor does it say anything of another tenant's n2.
+        let other = NodeKey::new("u", "n2");
+        assert_eq!(book.view(&other, &[&n1, &other], now), PeerView::Fine);
+        book.forget_reporter(&n1);
+        assert_eq!(book.view(&n2, &[&n1, &n2, &n3], now), PeerView::Fine);
     }
 
     #[test]
     fn a_node_that_takes_a_slot_starts_with_a_clean_record() {
         let book = LivenessBook::default();
         let now = Instant::now();
+        let [n1, n2, n3] = ["n1", "n2", "n3"].map(k);
         let p = PeerAlive {
             slot: 1,
             node_id: "n1".into(),
             reachable: false,
             silent_ms: 800,
         };
-        book.record("n2", &p, now);
+        book.record(&n2, &p, now);
         book.record(
-            "n2",
+            &n2,
             &PeerAlive {
                 node_id: "n3".into(),
                 ..p
             },
             now,
         );
-        book.forget_target("n1");
-        assert_eq!(book.view("n1", &["n1", "n2"], now), PeerView::Fine);
+        book.forget_target(&n1);
+        assert_eq!(book.view(&n1, &[&n1, &n2], now), PeerView::Fine);
         assert!(matches!(
-            book.view("n3", &["n2", "n3"], now),
+            book.view(&n3, &[&n2, &n3], now),
             PeerView::Unreachable { .. }
         ));
     }

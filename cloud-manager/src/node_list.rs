@@ -1,10 +1,10 @@
 //! Listing a tenant's nodes a page at a time and counting them by state
 //! (pure: no I/O, no tonic or prost).
 //!
-//! Pages are cut from the registry's node map, which is ordered by node id
-//! and holds every tenant's nodes: a page starts right after the last node
-//! id of the previous one (a range of the ordered map), so a page costs the nodes it
-//! walks past, not the whole fleet, and a node that enrolls while a client
+//! Pages are cut from the tenant's range of the registry's node map
+//! (`Registry::nodes_of_tenant`, ordered by node id): a page starts right
+//! after the last node id of the previous one (a range of the ordered
+//! map), so a page costs the nodes it walks past, not the whole fleet, and a node that enrolls while a client
 //! pages through is either on a later page or (if its id sorts before the
 //! cursor) not at all, never twice.
 

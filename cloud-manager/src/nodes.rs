@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::control::{Control, ManagerError};
 use crate::live::LiveData;
 use crate::model::NodeState;
+use crate::node_key::NodeKey;
 use crate::node_list::{NodeCounts, NodeQuery, shown_state};
 use crate::registry::NodeRecord;
 
@@ -44,7 +45,7 @@ impl Nodes {
     }
 
     fn view(&self, record: &NodeRecord) -> Result<NodeView, ManagerError> {
-        let live = self.control.live_data(&record.node_id)?;
+        let live = self.control.live_data(&record.key())?;
         Ok(NodeView {
             record: record.clone(),
             live,
@@ -56,9 +57,7 @@ impl Nodes {
         let records: Vec<NodeRecord> = self
             .control
             .registry()?
-            .nodes
-            .values()
-            .filter(|n| n.tenant == tenant)
+            .nodes_of_tenant(tenant, None)
             .cloned()
             .collect();
         records.iter().map(|r| self.view(r)).collect()
@@ -75,9 +74,10 @@ impl Nodes {
         // then one node's live data at a time.
         let registry = self.control.registry()?;
         let live = self.control.live_nodes()?;
-        let nodes = registry.nodes.after(query.after.as_deref());
+        let nodes = registry.nodes_of_tenant(tenant, query.after.as_deref());
         let page = crate::node_list::page(nodes, tenant, query, |id| {
-            live.get(id).is_some_and(|l| l.is_connected())
+            live.get(&NodeKey::new(tenant, id))
+                .is_some_and(|l| l.is_connected())
         });
         let nodes = page
             .nodes
@@ -85,7 +85,7 @@ impl Nodes {
             .map(|record| NodeView {
                 record: record.clone(),
                 live: live
-                    .get(&record.node_id)
+                    .get(&record.key())
                     .map(|l| l.snapshot())
                     .unwrap_or_default(),
             })
@@ -106,10 +106,13 @@ impl Nodes {
         let registry = self.control.registry()?;
         let live = self.control.live_nodes()?;
         Ok(crate::node_list::count(
-            registry.nodes.values(),
+            registry.nodes_of_tenant(tenant, None),
             tenant,
             pool,
-            |id| live.get(id).is_some_and(|l| l.is_connected()),
+            |id| {
+                live.get(&NodeKey::new(tenant, id))
+                    .is_some_and(|l| l.is_connected())
+            },
         ))
     }
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::PoolCa;
+use crate::node_key::NodeKey;
 use crate::partition::{AppRequest, partition};
 use crate::resources::Resources;
 
@@ -173,6 +174,14 @@ impl PoolRecord {
     /// Key of a pool in the registry: pool names are unique per tenant.
     pub fn key(tenant: &str, name: &str) -> String {
         format!("{tenant}/{name}")
+    }
+
+    /// The keys of the members' nodes (all of the pool's tenant), in slot
+    /// order.
+    pub fn member_keys(&self) -> impl Iterator<Item = NodeKey> + '_ {
+        self.members
+            .iter()
+            .map(|m| NodeKey::new(&self.tenant, &m.node_id))
     }
 
     pub fn member_of(&self, node_id: &str) -> Option<&MemberRecord> {

@@ -24,6 +24,7 @@ use crate::model::{
     AppReport, AppRun, AppRunState, MemberView, NodeAssignment, NodeState, PlacementView, PoolView,
     Resources, now_ms,
 };
+use crate::node_key::NodeKey;
 use crate::node_state::NodeEvent;
 use crate::pool::{
     AppDef, MemberRecord, PolicyDef, PoolError, PoolRecord, RunningApp, invalid, plan_groups,
@@ -70,7 +71,7 @@ impl Pools {
         let record = self.control.mutate(|r| {
             let record = self.build_pool(r, tenant, &req)?;
             for m in &record.members {
-                if let Some(n) = r.nodes.get_mut(&m.node_id) {
+                if let Some(n) = r.node_mut(&NodeKey::new(tenant, &m.node_id)) {
                     n.change(NodeEvent::Join, &record.name, m.slot)?;
                 }
             }
@@ -87,7 +88,7 @@ impl Pools {
             Ok(record)
         })?;
         tracing::info!(%tenant, pool = %record.name, "pool created");
-        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.push_assignments(record.member_keys())?;
         self.view_pool(&record)
     }
 
@@ -151,8 +152,7 @@ impl Pools {
         for (i, id) in req.node_ids.iter().enumerate() {
             let slot = i as u32 + 1;
             let node_cert = r
-                .nodes
-                .get(id)
+                .node_of_tenant(tenant, id)
                 .map(|n| n.cert_pem.as_str())
                 .unwrap_or_default();
             let identity = self.member_identity(tenant, &req.name, slot);
@@ -233,7 +233,7 @@ impl Pools {
                 .remove(&PoolRecord::key(tenant, name))
                 .ok_or_else(|| PoolError::NotFound(name.to_string()))?;
             for m in &record.members {
-                if let Some(n) = r.nodes.get_mut(&m.node_id)
+                if let Some(n) = r.node_mut(&NodeKey::new(tenant, &m.node_id))
                     && n.pool == record.name
                 {
                     n.change(NodeEvent::Leave, "", 0)?;
@@ -246,7 +246,7 @@ impl Pools {
             Ok(record)
         })?;
         tracing::info!(%tenant, pool = %name, "pool deleted");
-        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))
+        self.push_assignments(record.member_keys())
     }
 
     /// Replaces a pool's apps. Apps that keep their name keep their group
@@ -270,8 +270,7 @@ impl Pools {
                 .members
                 .iter()
                 .map(|m| {
-                    r.nodes
-                        .get(&m.node_id)
+                    r.node_of_tenant(tenant, &m.node_id)
                         .map(|n| n.capacity)
                         .unwrap_or_default()
                 })
@@ -307,7 +306,7 @@ impl Pools {
             r.pools.insert(key, record.clone());
             Ok(record)
         })?;
-        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.push_assignments(record.member_keys())?;
         self.view_pool(&record)
     }
 
@@ -335,20 +334,20 @@ impl Pools {
             );
             Ok(record)
         })?;
-        self.push_assignments(record.members.iter().map(|m| m.node_id.as_str()))?;
+        self.push_assignments(record.member_keys())?;
         self.view_pool(&record)
     }
 
-    /// The desired state of `node_id` (an empty pool if it is no member).
-    pub fn assignment_for(&self, node_id: &str) -> Result<NodeAssignment, ManagerError> {
+    /// The desired state of `node` (an empty pool if it is no member).
+    pub fn assignment_for(&self, node: &NodeKey) -> Result<NodeAssignment, ManagerError> {
         let r = self.control.registry()?;
-        let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
+        let Some(node) = r.node(node).filter(|n| !n.pool.is_empty()) else {
             return Ok(NodeAssignment::default());
         };
         let Some(pool) = r.pools.get(&PoolRecord::key(&node.tenant, &node.pool)) else {
             return Ok(NodeAssignment::default());
         };
-        let Some(me) = pool.member_of(node_id) else {
+        let Some(me) = pool.member_of(&node.node_id) else {
             return Ok(NodeAssignment::default());
         };
         Ok(NodeAssignment {
@@ -369,33 +368,33 @@ impl Pools {
     }
 
     /// Recomputes and pushes the desired state of each node.
-    pub(crate) fn push_assignments<'a>(
+    pub(crate) fn push_assignments(
         &self,
-        node_ids: impl IntoIterator<Item = &'a str>,
+        nodes: impl IntoIterator<Item = NodeKey>,
     ) -> Result<(), ManagerError> {
-        for id in node_ids {
-            let a = self.assignment_for(id)?;
-            self.control.live_node(id)?.set_assignment(a);
+        for node in nodes {
+            let a = self.assignment_for(&node)?;
+            self.control.live_node(&node)?.set_assignment(a);
             // Its membership may have changed: the failure detector looks
             // at it again (and starts or stops watching it).
-            self.watchlist.watch(id, std::time::Instant::now());
+            self.watchlist.watch(&node, std::time::Instant::now());
         }
         Ok(())
     }
 
-    /// Pushes the desired state to every member of `node_id`'s pool.
-    pub(crate) fn push_pool_of(&self, node_id: &str) -> Result<(), ManagerError> {
-        let members: Vec<String> = {
+    /// Pushes the desired state to every member of `node`'s pool.
+    pub(crate) fn push_pool_of(&self, node: &NodeKey) -> Result<(), ManagerError> {
+        let members: Vec<NodeKey> = {
             let r = self.control.registry()?;
-            let Some(node) = r.nodes.get(node_id).filter(|n| !n.pool.is_empty()) else {
+            let Some(node) = r.node(node).filter(|n| !n.pool.is_empty()) else {
                 return Ok(());
             };
             r.pools
                 .get(&PoolRecord::key(&node.tenant, &node.pool))
-                .map(|p| p.members.iter().map(|m| m.node_id.clone()).collect())
+                .map(|p| p.member_keys().collect())
                 .unwrap_or_default()
         };
-        self.push_assignments(members.iter().map(String::as_str))
+        self.push_assignments(members)
     }
 
     fn view_pool(&self, record: &PoolRecord) -> Result<PoolView, ManagerError> {
@@ -406,7 +405,7 @@ impl Pools {
         for m in &members {
             let report = self
                 .control
-                .live_data(&m.node_id)?
+                .live_data(&NodeKey::new(&record.tenant, &m.node_id))?
                 .report
                 .filter(|rep| rep.pool == record.name);
             reports.push((m.node_id.clone(), report));
@@ -475,10 +474,11 @@ impl Pools {
     /// APP_EXITED, offloads and FAILOVER_DONE when something changed.
     pub async fn record_report(
         &self,
-        node_id: &str,
+        node: &NodeKey,
         report: AppReport,
         previous: Option<AppReport>,
     ) {
+        let node_id = node.node_id();
         // A cheap look at the committed snapshot first, without any lock
         // (most reports change nothing), then the real work inside
         // `mutate`, computed from the registry as it is there (with every
@@ -486,14 +486,14 @@ impl Pools {
         // at once, and each must see the others' changes (no lost or
         // doubled events).
         let changed = match self.control.registry() {
-            Ok(r) => report_changes(&r, node_id, &report, previous.as_ref()).is_some(),
+            Ok(r) => report_changes(&r, node, &report, previous.as_ref()).is_some(),
             Err(_) => false,
         };
         if !changed {
             return;
         }
         let result = self.control.mutate_async(|r| {
-            let Some(c) = report_changes(r, node_id, &report, previous.as_ref()) else {
+            let Some(c) = report_changes(r, node, &report, previous.as_ref()) else {
                 return Ok(());
             };
             let (tenant, pool, slot) = (c.tenant, report.pool.clone(), c.slot);
@@ -549,7 +549,7 @@ impl Pools {
         })
         .await;
         if let Err(e) = result {
-            tracing::warn!(node = %node_id, error = %e, "could not record app events");
+            tracing::warn!(%node, error = %e, "could not record app events");
         }
     }
 
@@ -563,13 +563,13 @@ impl Pools {
     pub(crate) fn reissue_member_for_new_key(
         &self,
         r: &mut Registry,
-        node_id: &str,
+        node: &NodeKey,
         node_cert_pem: &str,
         now: u64,
-    ) -> Result<Vec<String>, ManagerError> {
+    ) -> Result<Vec<NodeKey>, ManagerError> {
+        let node_id = node.node_id();
         let Some((tenant, pool)) = r
-            .nodes
-            .get(node_id)
+            .node(node)
             .filter(|n| !n.pool.is_empty())
             .map(|n| (n.tenant.clone(), n.pool.clone()))
         else {
@@ -595,7 +595,7 @@ impl Pools {
         m.generation += 1;
         let (slot, generation) = (m.slot, m.generation);
         p.generation += 1;
-        let push = p.members.iter().map(|m| m.node_id.clone()).collect();
+        let push = p.member_keys().collect();
         let e = EventRecord::new(&tenant, &pool, EventKind::CertRenewed)
             .node(node_id, slot)
             .message(format!(
@@ -638,7 +638,7 @@ impl Pools {
                 let identity = self.member_identity(&pool.tenant, &pool.name, m.slot);
                 let node_cert = r
                     .nodes
-                    .get(&m.node_id)
+                    .get(NodeKey::new(&pool.tenant, &m.node_id).as_str())
                     .map(|n| n.cert_pem.as_str())
                     .unwrap_or_default();
                 let cert = issue_member(
@@ -654,12 +654,12 @@ impl Pools {
                 count += 1;
                 let e = EventRecord::new(&pool.tenant, &pool.name, EventKind::CertRenewed)
                     .node(&m.node_id, m.slot);
-                nodes.extend(pool.members.iter().map(|m| m.node_id.clone()));
+                nodes.extend(pool.member_keys());
                 r.events.push(e, now);
             }
             Ok((count, nodes))
         })?;
-        self.push_assignments(nodes.iter().map(String::as_str))?;
+        self.push_assignments(nodes)?;
         Ok(count)
     }
 }
@@ -740,8 +740,7 @@ fn members_view(r: &Registry, pool: &PoolRecord) -> Vec<MemberView> {
             cert_not_after_ms: m.cert_not_after_ms,
             generation: m.generation,
             peer_address: r
-                .nodes
-                .get(&m.node_id)
+                .node_of_tenant(&pool.tenant, &m.node_id)
                 .map(|n| n.peer_address.clone())
                 .unwrap_or_default(),
         })
@@ -761,11 +760,12 @@ struct ReportChanges {
 
 fn report_changes(
     r: &Registry,
-    node_id: &str,
+    node: &NodeKey,
     report: &AppReport,
     previous: Option<&AppReport>,
 ) -> Option<ReportChanges> {
-    let n = r.nodes.get(node_id)?;
+    let node_id = node.node_id();
+    let n = r.node(node)?;
     let p = r.pools.get(&PoolRecord::key(&n.tenant, &report.pool))?;
     let slot = p.member_of(node_id)?.slot;
     let apps = app_changes(node_id, report, previous, &p.running);

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::events::EventLog;
 use crate::model::{Hello, NodeState, Resources};
+use crate::node_key::NodeKey;
 use crate::node_state::{InvalidTransition, NodeEvent, transition};
 use crate::pool::PoolRecord;
 use crate::table::Table;
@@ -60,6 +61,10 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    pub fn key(&self) -> NodeKey {
+        NodeKey::new(&self.tenant, &self.node_id)
+    }
+
     /// Moves the node through its lifecycle (`node_state::transition`, the
     /// only place `state` changes): `Join` makes it the member holding
     /// `slot` of `pool`; every other event leaves it in no pool.
@@ -87,7 +92,7 @@ impl NodeRecord {
 pub struct Registry {
     /// Keyed by SHA-256 (hex) of the token: the secret itself is never stored.
     pub tokens: Table<TokenRecord>,
-    /// Keyed by node id, across all tenants.
+    /// Keyed by `tenant/node_id` (`NodeKey`): node ids are per tenant.
     pub nodes: Table<NodeRecord>,
     /// Keyed by `tenant/name`.
     pub pools: Table<PoolRecord>,
@@ -111,8 +116,6 @@ pub enum EnrollError {
         "node {0:?} is already enrolled; run join with --force to replace it (its old certificate stops working)"
     )]
     NodeExists(String),
-    #[error("node id {0:?} is taken")]
-    NodeIdTaken(String),
 }
 
 /// What a valid enrollment will do, decided before anything is signed.
@@ -123,6 +126,13 @@ pub struct EnrollPlan {
     pub node_id: String,
     pub labels: BTreeMap<String, String>,
     pub replaces: bool,
+}
+
+impl EnrollPlan {
+    /// The enrolled node's key.
+    pub fn key(&self) -> NodeKey {
+        NodeKey::new(&self.tenant, &self.node_id)
+    }
 }
 
 pub fn hash_token(token: &str) -> String {
@@ -188,12 +198,8 @@ impl Registry {
         if now_ms >= record.expires_at_ms {
             return Err(EnrollError::ExpiredToken);
         }
-        let replaces = match self.nodes.get(node_id) {
-            // A node id of another tenant is never replaced, even with force,
-            // and the answer does not say whose it is.
-            Some(n) if n.tenant != record.tenant => {
-                return Err(EnrollError::NodeIdTaken(node_id.to_string()));
-            }
+        // Node ids are per tenant: only the token's own tenant's nodes count.
+        let replaces = match self.node(&NodeKey::new(&record.tenant, node_id)) {
             Some(_) if !force => return Err(EnrollError::NodeExists(node_id.to_string())),
             Some(_) => true,
             None => false,
@@ -220,12 +226,13 @@ impl Registry {
             t.used_by = Some(plan.node_id.clone());
         }
         // A re-enrolled node keeps its pool membership (state, pool, slot).
-        let previous = self.nodes.remove(&plan.node_id);
+        let key = plan.key();
+        let previous = self.nodes.remove(key.as_str());
         let (state, pool, slot) = previous
             .map(|p| (p.state, p.pool, p.slot))
             .unwrap_or_default();
         self.nodes.insert(
-            plan.node_id.clone(),
+            key.as_str().to_string(),
             NodeRecord {
                 node_id: plan.node_id.clone(),
                 tenant: plan.tenant.clone(),
@@ -246,8 +253,8 @@ impl Registry {
 
     /// Whether `hello` differs from what is recorded for `node_id` (so the
     /// caller persists only real changes, not every reconnect).
-    pub fn hello_changes(&self, node_id: &str, hello: &Hello) -> bool {
-        self.nodes.get(node_id).is_some_and(|n| {
+    pub fn hello_changes(&self, node: &NodeKey, hello: &Hello) -> bool {
+        self.node(node).is_some_and(|n| {
             n.peer_address != hello.peer_address
                 || n.capacity != hello.capacity
                 || n.agent_version != hello.agent_version
@@ -256,8 +263,8 @@ impl Registry {
     }
 
     /// Records what an agent reported in its hello.
-    pub fn apply_hello(&mut self, node_id: &str, hello: &Hello) {
-        if let Some(n) = self.nodes.get_mut(node_id) {
+    pub fn apply_hello(&mut self, node: &NodeKey, hello: &Hello) {
+        if let Some(n) = self.node_mut(node) {
             n.peer_address = hello.peer_address.clone();
             n.capacity = hello.capacity;
             n.agent_version = hello.agent_version.clone();
@@ -265,10 +272,53 @@ impl Registry {
         }
     }
 
-    /// The node `node_id` if it belongs to `tenant`. Another tenant's node is
-    /// reported exactly like a missing one.
+    /// The node `node_id` of `tenant`: a tenant can name only its own
+    /// nodes (another tenant's node of the same id is another node).
     pub fn node_of_tenant(&self, tenant: &str, node_id: &str) -> Option<&NodeRecord> {
-        self.nodes.get(node_id).filter(|n| n.tenant == tenant)
+        self.node(&NodeKey::new(tenant, node_id))
+    }
+
+    pub fn node(&self, key: &NodeKey) -> Option<&NodeRecord> {
+        self.nodes.get(key.as_str())
+    }
+
+    /// The node, to change it (its row is written back).
+    pub fn node_mut(&mut self, key: &NodeKey) -> Option<&mut NodeRecord> {
+        self.nodes.get_mut(key.as_str())
+    }
+
+    /// `tenant`'s nodes after node id `after` (all for `None`), in id order:
+    /// one range of the table, other tenants' rows never walked.
+    pub fn nodes_of_tenant<'a>(
+        &'a self,
+        tenant: &'a str,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = &'a NodeRecord> + 'a {
+        let start = match after {
+            Some(id) => NodeKey::new(tenant, id).as_str().to_string(),
+            None => NodeKey::tenant_prefix(tenant),
+        };
+        self.nodes
+            .after_key(start)
+            .take_while(move |n| n.tenant == tenant)
+    }
+
+    /// Moves node rows stored by a version that keyed them by node id
+    /// alone to their `tenant/node_id` key. Returns how many moved.
+    pub fn rekey_nodes(&mut self) -> usize {
+        let moved: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(k, n)| k.as_str() != NodeKey::new(&n.tenant, &n.node_id).as_str())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for old in &moved {
+            if let Some(n) = self.nodes.remove(old) {
+                let key = NodeKey::new(&n.tenant, &n.node_id);
+                self.nodes.insert(key.as_str().to_string(), n);
+            }
+        }
+        moved.len()
     }
 }
 
@@ -338,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn re_enroll_needs_force_and_same_tenant() {
+    fn re_enroll_needs_force_and_ids_are_per_tenant() {
         let mut r = reg_with_token("acme", 1000);
         let plan = r.plan_enroll(T, "n1", false, 0).unwrap();
         r.apply_enroll(&plan, "aa", "", 0);
@@ -361,7 +411,7 @@ mod tests {
         let plan = r.plan_enroll(t2, "n1", true, 1).unwrap();
         assert!(plan.replaces);
         r.apply_enroll(&plan, "bb", "", 1);
-        assert_eq!(r.nodes["n1"].cert_serial, "bb");
+        assert_eq!(r.nodes["acme/n1"].cert_serial, "bb");
 
         let t3 = "ept_000000000000000000000000000000000000000000000003";
         r.add_token(
@@ -375,12 +425,54 @@ mod tests {
             },
             0,
         );
-        assert_eq!(
-            r.plan_enroll(t3, "n1", true, 1),
-            Err(EnrollError::NodeIdTaken("n1".into()))
-        );
+        // Another tenant's n1 is another node: enrolling it neither needs
+        // force nor touches acme's n1.
         assert!(r.node_of_tenant("other", "n1").is_none());
-        assert!(r.node_of_tenant("acme", "n1").is_some());
+        let plan = r.plan_enroll(t3, "n1", false, 1).unwrap();
+        assert!(!plan.replaces);
+        r.apply_enroll(&plan, "cc", "", 1);
+        assert_eq!(r.node_of_tenant("other", "n1").unwrap().cert_serial, "cc");
+        assert_eq!(r.node_of_tenant("acme", "n1").unwrap().cert_serial, "bb");
+        let ids: Vec<_> = r
+            .nodes_of_tenant("acme", None)
+            .map(|n| &n.node_id)
+            .collect();
+        assert_eq!(ids, ["n1"]);
+    }
+
+    #[test]
+    fn rows_keyed_by_node_id_alone_move_to_their_tenant_key() {
+        let mut r = Registry::default();
+        for (key, tenant, id) in [("n1", "acme", "n1"), ("other/n1", "other", "n1")] {
+            let mut n = node_row(tenant, id);
+            n.cert_serial = key.into();
+            r.nodes.insert(key.into(), n);
+        }
+        r.clear_touched();
+        assert_eq!(r.rekey_nodes(), 1);
+        let keys: Vec<_> = r.nodes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["acme/n1", "other/n1"]);
+        let touched: Vec<_> = r.nodes.touched().map(String::as_str).collect();
+        assert_eq!(touched, ["acme/n1", "n1"]);
+        assert_eq!(r.rekey_nodes(), 0);
+    }
+
+    fn node_row(tenant: &str, id: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            tenant: tenant.into(),
+            labels: BTreeMap::new(),
+            cert_serial: String::new(),
+            enrolled_at_ms: 0,
+            state: NodeState::Free,
+            peer_address: String::new(),
+            capacity: Resources::default(),
+            agent_version: String::new(),
+            hostname: String::new(),
+            cert_pem: String::new(),
+            pool: String::new(),
+            slot: 0,
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::control::{Control, ManagerError};
 use crate::failover::Failover;
 use crate::live::LiveNode;
 use crate::model::{AppReport, AppRunState, Hello};
+use crate::node_key::NodeKey;
 use crate::pools::Pools;
 
 pub struct Streams {
@@ -30,55 +31,55 @@ impl Streams {
         }
     }
 
-    /// Registers a new stream for `node_id` (replacing an older one) and
+    /// Registers a new stream for `node` (replacing an older one) and
     /// records its hello. Returns the connection id and the live handle.
     pub async fn open_stream(
         &self,
-        node_id: &str,
+        node: &NodeKey,
         hello: &Hello,
     ) -> Result<(u64, Arc<LiveNode>), ManagerError> {
-        let changed = self.control.registry()?.hello_changes(node_id, hello);
-        let live = self.control.live_node(node_id)?;
+        let changed = self.control.registry()?.hello_changes(node, hello);
+        let live = self.control.live_node(node)?;
         if changed {
             self.control
                 .mutate_async(|r| {
-                    r.apply_hello(node_id, hello);
+                    r.apply_hello(node, hello);
                     Ok(())
                 })
                 .await?;
             // Peers learn the new peer address through the membership.
-            self.pools.push_pool_of(node_id)?;
+            self.pools.push_pool_of(node)?;
         }
         // A failed node that comes back is fenced before it learns its
         // (now empty) assignment.
-        self.failover.fence_if_failed(node_id).await?;
+        self.failover.fence_if_failed(node).await?;
         // The session sends this first thing (and every later change).
-        live.set_assignment(self.pools.assignment_for(node_id)?);
+        live.set_assignment(self.pools.assignment_for(node)?);
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         // An older session of this node ends now (not at its next message).
         live.open(conn_id);
-        tracing::info!(node = %node_id, conn_id, peer = %hello.peer_address, "agent connected");
+        tracing::info!(%node, conn_id, peer = %hello.peer_address, "agent connected");
         Ok((conn_id, live))
     }
 
     /// Marks the stream closed, unless a newer one already replaced it.
-    pub fn close_stream(&self, node_id: &str, live: &LiveNode, conn_id: u64) {
+    pub fn close_stream(&self, node: &NodeKey, live: &LiveNode, conn_id: u64) {
         if live.close(conn_id) {
             // What it said of its peers is no longer current, and a member
             // without its stream is suspect at once.
-            self.failover.stream_closed(node_id);
-            tracing::info!(node = %node_id, conn_id, "agent disconnected");
+            self.failover.stream_closed(node);
+            tracing::info!(%node, conn_id, "agent disconnected");
         }
     }
 
     /// Ends the node's current stream, if it has one, at once: its session
     /// stops (`LiveNode::ended`) and the agent must connect again, which a
     /// replaced certificate no longer can.
-    pub(crate) fn end_stream(&self, node_id: &str) -> Result<(), ManagerError> {
-        let live = self.control.live_node(node_id)?;
+    pub(crate) fn end_stream(&self, node: &NodeKey) -> Result<(), ManagerError> {
+        let live = self.control.live_node(node)?;
         if let Some(conn_id) = live.current_stream() {
-            tracing::info!(node = %node_id, conn_id, "ending the stream of a re-enrolled node");
-            self.close_stream(node_id, &live, conn_id);
+            tracing::info!(%node, conn_id, "ending the stream of a re-enrolled node");
+            self.close_stream(node, &live, conn_id);
         }
         Ok(())
     }
@@ -86,14 +87,14 @@ impl Streams {
     /// Takes an agent's app report: keeps it for `GetPool`, fences or
     /// releases the node if it is FAILED or FENCED (`failover`), and
     /// records what changed in its pool (`pools`).
-    pub async fn record_report(&self, node_id: &str, live: &LiveNode, report: AppReport) {
+    pub async fn record_report(&self, node: &NodeKey, live: &LiveNode, report: AppReport) {
         let previous = live.swap_report(report.clone());
         let running_apps = report
             .apps
             .iter()
             .filter(|a| !matches!(a.state, AppRunState::Stopped))
             .count();
-        self.failover.on_report(node_id, running_apps).await;
-        self.pools.record_report(node_id, report, previous).await;
+        self.failover.on_report(node, running_apps).await;
+        self.pools.record_report(node, report, previous).await;
     }
 }

@@ -118,6 +118,14 @@ impl<V: Clone> Table<V> {
             .map(|(_, v)| v)
     }
 
+    /// The rows after key `after` (an owned key: the iterator does not
+    /// borrow it), in key order.
+    pub fn after_key(&self, after: String) -> impl Iterator<Item = &V> + '_ {
+        self.rows
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .map(|(_, v)| v)
+    }
+
     /// The keys written since `clear_touched`.
     pub fn touched(&self) -> impl Iterator<Item = &String> {
         self.touched.iter()

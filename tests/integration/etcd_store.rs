@@ -49,8 +49,8 @@ async fn a_pool_on_etcd_survives_a_manager_kill() {
     let keys = etcd.keys("/ep-test/").await;
     for want in [
         "/ep-test/pools/default/p",
-        "/ep-test/nodes/node-1",
-        "/ep-test/nodes/node-3",
+        "/ep-test/nodes/default/node-1",
+        "/ep-test/nodes/default/node-3",
         "/ep-test/owner",
         "/ep-test/meta/next_event_seq",
     ] {

@@ -1,6 +1,7 @@
 //! Hostile load: thousands of idle or slow connections, oversized
 //! requests, enrollment floods and a tenant fishing for another tenant's
-//! node ids leave the daemons serving everyone else.
+//! node ids leave the daemons serving everyone else; tenants using the same
+//! node ids never meet.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -461,6 +462,147 @@ async fn another_tenants_node_ids_are_never_revealed() {
     }
     assert!(!seen.is_empty(), "nosy-1's own enrollment is an event");
     leaked("WatchEvents", &format!("{seen:?}"));
+}
+
+/// Node ids are per tenant: another tenant enrolls the ids this one uses
+/// exactly as it would fresh ones (nothing tells it they are used), gets
+/// nodes of its own, and each tenant's pool on `node-1`/`node-2` runs and
+/// fails over on its own: a crash of the other tenant's `node-1` moves its
+/// slot to its spare and leaves this tenant's `node-1` and pool untouched.
+#[tokio::test]
+async fn tenants_may_use_the_same_node_ids_and_never_meet() {
+    let f = Fleet::start(2, &[]).await;
+    let mut other = f.m.other_tenant("twin");
+    let mut twins = Vec::new();
+    for id in ["node-1", "node-2", "node-3"] {
+        let token = create_token(&mut other, 600).await;
+        let dir = f.tmp.path().join(format!("twin-{id}"));
+        let out = join(&f.m, &dir, id, &token, &[]);
+        assert!(out.ok, "the other tenant's {id} enrolls: {}", out.stderr);
+        let agent = AgentDir {
+            dir,
+            node_id: id.to_string(),
+        };
+        let proc = start_agent(&agent, &f.m.addr, &[]);
+        twins.push((agent, proc));
+    }
+    // Its own nodes again: without force, its own id is refused as usual.
+    let token = create_token(&mut other, 600).await;
+    let again = join(
+        &f.m,
+        &f.tmp.path().join("twin-again"),
+        "node-1",
+        &token,
+        &[],
+    );
+    assert!(
+        !again.ok && again.stderr.contains("already enrolled"),
+        "{}",
+        again.stderr
+    );
+    eventually("the other tenant's three nodes connected", DEADLINE, || {
+        let mut c = other.clone();
+        async move {
+            let nodes = list_nodes(&mut c).await;
+            (nodes.len() == 3 && nodes.iter().all(|n| n.connected)).then_some(())
+        }
+    })
+    .await;
+    let mine = list_nodes(&mut f.m.tenant()).await;
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert!(mine.iter().all(|n| n.connected), "{mine:?}");
+
+    let apps = |base: u32| {
+        (0..2)
+            .map(|i| {
+                let mut a = app(&format!("t{i}"), &["sleep", &format!("{}", base + i)]);
+                a.slot = Some(i + 1);
+                a
+            })
+            .collect::<Vec<_>>()
+    };
+    create_pool(&f.m, "p", &["node-1", "node-2"], apps(731_101))
+        .await
+        .unwrap();
+    other
+        .create_pool(pb::CreatePoolRequest {
+            name: "p".into(),
+            node_ids: vec!["node-1".into(), "node-2".into()],
+            apps: apps(731_201),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = wait_running(&f.m, "p").await;
+    let theirs = |slot1: &'static str| {
+        let c = other.clone();
+        move || {
+            let mut c = c.clone();
+            async move {
+                let p = c
+                    .get_pool(pb::GetPoolRequest { name: "p".into() })
+                    .await
+                    .ok()?
+                    .into_inner();
+                let on = p.members.iter().find(|m| m.slot == 1)?.node_id.clone();
+                let running = p
+                    .placements
+                    .iter()
+                    .all(|pl| pl.state() == pb::AppState::Running && pl.pid != 0);
+                (on == slot1 && running).then_some(p)
+            }
+        }
+    };
+    eventually("the other tenant's pool runs", DEADLINE, theirs("node-1")).await;
+    // Each tenant's apps run under its own agents.
+    for pl in &before.placements {
+        let host = f.agent_pid(&pl.host_node_id) as i64;
+        assert_eq!(stat_field(pl.pid as i32, 4), Some(host), "{}", pl.app);
+    }
+
+    // The other tenant's node-1 crashes (agent and apps).
+    twins[0].1.kill();
+    let moved = eventually(
+        "the other tenant's slot 1 on its node-3",
+        Duration::from_secs(60),
+        theirs("node-3"),
+    )
+    .await;
+    assert_eq!(moved.members[0].generation, 2);
+    let twin3 = twins[2].1.pid() as i64;
+    for pl in moved.placements.iter().filter(|pl| pl.home_slot == 1) {
+        assert_eq!(stat_field(pl.pid as i32, 4), Some(twin3), "{}", pl.app);
+    }
+
+    // This tenant's pool saw nothing: same members, generations and pids,
+    // its node-1 connected and a member, no failover event.
+    let after = get_pool(&f.m, "p").await;
+    assert_eq!(after.members, before.members);
+    let pids = |p: &pb::Pool| {
+        p.placements
+            .iter()
+            .map(|pl| (pl.app.clone(), pl.pid))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(pids(&after), pids(&before));
+    let node1 = get_node(&mut f.m.tenant(), "node-1").await.unwrap();
+    assert!(
+        node1.connected && node1.state() == pb::NodeState::Member,
+        "{node1:?}"
+    );
+    let kinds: Vec<pb::EventKind> = retained_events(&f.m, "p", Duration::from_millis(500))
+        .await
+        .iter()
+        .map(|e| e.kind())
+        .collect();
+    assert!(
+        !kinds.contains(&pb::EventKind::FailoverStarted)
+            && !kinds.contains(&pb::EventKind::NodeSuspect),
+        "{kinds:?}"
+    );
+    for (_, p) in &mut twins {
+        p.kill();
+    }
 }
 
 /// Waits until `node` shows in the first tenant's listing.
