@@ -209,6 +209,8 @@ impl AgentService for AgentApi {
         );
         let session = Session {
             manager: self.manager.clone(),
+            trust: self.trust.clone(),
+            serial: caller.serial.clone(),
             node,
             conn_id,
             live,
@@ -225,6 +227,11 @@ impl AgentService for AgentApi {
 /// away, falls silent, is replaced by a newer stream, or the manager stops.
 struct Session {
     manager: Arc<Manager>,
+    /// The node certificate's rules and serial: a stream outlives its
+    /// handshake, so the serial is looked up in the revocation list again
+    /// every second (`cloud-manager node revoke` ends it).
+    trust: Trust,
+    serial: String,
     node: NodeKey,
     conn_id: u64,
     live: Arc<LiveNode>,
@@ -239,11 +246,21 @@ impl Session {
         self.live.set_commands(cmd_tx);
         // The current desired state goes out first, then every change.
         assignments.mark_changed();
+        let mut recheck = tokio::time::interval(crate::api::REVOCATION_RECHECK);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.tx.closed() => break,
                 () = self.live.ended(self.conn_id) => break,
+                _ = recheck.tick() => {
+                    if self.trust.is_revoked(&self.serial) {
+                        tracing::warn!(node = %self.node, serial = %self.serial, "node certificate revoked; ending its stream");
+                        let msg = "this node certificate has been revoked";
+                        let _ = self.tx.try_send(Err(Status::permission_denied(msg)));
+                        break;
+                    }
+                    continue;
+                }
                 changed = assignments.changed() => {
                     if changed.is_err() {
                         break;

@@ -46,7 +46,7 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 
 /// How often a running WatchEvents looks its certificate up in the
 /// revocation list.
-const REVOCATION_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const REVOCATION_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct TenantApi {
     manager: Arc<Manager>,

@@ -44,9 +44,9 @@ impl Trust {
             None,
             false,
             move |id, serial| match id {
-                Identity::Tenant { .. } if list.is_revoked(serial) => Err(format!(
-                    "tenant certificate {serial} ({id}) has been revoked"
-                )),
+                Identity::Tenant { .. } | Identity::Node { .. } if list.is_revoked(serial) => {
+                    Err(format!("certificate {serial} ({id}) has been revoked"))
+                }
                 _ => Ok(()),
             },
         );

@@ -34,6 +34,11 @@ pub enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// Node identity certificates: `node revoke`.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Run a manager and K local agents in one command, for trying things
     /// out; Ctrl-C stops every process it started.
     Dev(DevArgs),
@@ -353,12 +358,24 @@ pub enum TenantCommand {
     Revoke(TenantRevokeArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Revoke a node identity certificate (a lost or compromised edge
+    /// machine): the manager on this data dir refuses it from its next TLS
+    /// handshake on, ends the node's open stream within a second, and, if
+    /// the node is a pool member, moves its slot to a spare without
+    /// waiting for its peers' word. Adds its serial to DIR/revoked-certs.
+    /// The machine comes back only with a new `edge-agent join`.
+    Revoke(TenantRevokeArgs),
+}
+
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).args(["cert", "serial"])))]
 pub struct TenantRevokeArgs {
     #[command(flatten)]
     pub data: DataDirArg,
-    /// The certificate to revoke (PEM, e.g. ./acme.pem).
+    /// The certificate to revoke (PEM, e.g. ./acme.pem, or a node's
+    /// DATA_DIR/node.pem for `node revoke`).
     #[arg(long)]
     pub cert: Option<PathBuf>,
     /// Or its serial number, in hex (as `openssl x509 -serial` prints it).

@@ -6,7 +6,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::{self, Ca, CaFiles};
 use crate::cli::{
-    Command, FingerprintArgs, InitArgs, TenantBundleArgs, TenantCommand, TenantRevokeArgs,
+    Command, FingerprintArgs, InitArgs, NodeCommand, TenantBundleArgs, TenantCommand,
+    TenantRevokeArgs,
 };
 
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -33,7 +34,10 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::TenantBundle(args) => tenant_bundle(args),
         Command::Tenant {
             command: TenantCommand::Revoke(args),
-        } => tenant_revoke(args),
+        } => revoke(args, Revoked::Tenant),
+        Command::Node {
+            command: NodeCommand::Revoke(args),
+        } => revoke(args, Revoked::Node),
         Command::Fingerprint(args) => fingerprint(args),
         Command::Dev(args) => {
             logging::init(LogFormat::Plain, "warn,cloud_manager::dev=info");
@@ -147,7 +151,14 @@ fn tenant_bundle(args: TenantBundleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tenant_revoke(args: TenantRevokeArgs) -> anyhow::Result<()> {
+/// Which kind of certificate a `revoke` command takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Revoked {
+    Tenant,
+    Node,
+}
+
+fn revoke(args: TenantRevokeArgs, kind: Revoked) -> anyhow::Result<()> {
     use edgepool_common::identity::{Identity, cert_serial_hex};
     let dir = &args.data.dir;
     let root_path = CaFiles::new(dir).ca_cert();
@@ -166,12 +177,18 @@ fn tenant_revoke(args: TenantRevokeArgs) -> anyhow::Result<()> {
                 edgepool_common::tls::certs_from_pem(&pem, &path.display().to_string())?.remove(0);
             let identity = Identity::from_cert_der(der.as_ref())
                 .with_context(|| format!("{}: not an edgepool certificate", path.display()))?;
-            let Identity::Tenant { .. } = identity else {
-                anyhow::bail!(
-                    "{}: names {identity}, not a tenant (node certificates are replaced with `edge-agent join --force`; member certificates are revoked by failover)",
+            match (kind, &identity) {
+                (Revoked::Tenant, Identity::Tenant { .. })
+                | (Revoked::Node, Identity::Node { .. }) => {}
+                (Revoked::Tenant, _) => anyhow::bail!(
+                    "{}: names {identity}, not a tenant (node certificates: `cloud-manager node revoke`; member certificates are revoked by failover)",
                     path.display()
-                );
-            };
+                ),
+                (Revoked::Node, _) => anyhow::bail!(
+                    "{}: names {identity}, not a node (tenant certificates: `cloud-manager tenant revoke`; member certificates are revoked by failover)",
+                    path.display()
+                ),
+            }
             // Only a certificate of this data dir's CA is worth listing.
             let root = edgepool_common::tls::certs_from_pem(&root_pem, "ca.pem")?.remove(0);
             let signed_here = edgepool_common::trust::RootIssued::new(&root)?

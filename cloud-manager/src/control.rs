@@ -58,6 +58,9 @@ pub struct Control {
     /// The durable registry: committed snapshot, prepared head, writer.
     durable: Arc<Durable>,
     live: RwLock<LiveMap>,
+    /// `DATA_DIR/revoked-certs`, for the failure detector: a member whose
+    /// node certificate is revoked is failed over without its peers' word.
+    revocations: crate::revocations::Revocations,
     /// Declared last: dropping the core stops the writer after the rest.
     /// `stop_writer` stops it earlier (a graceful shutdown).
     writer: Mutex<Option<Writer>>,
@@ -81,11 +84,12 @@ impl Control {
             tracing::info!(nodes = moved, "node rows moved to per-tenant keys");
         }
         Ok(Control {
-            config,
             ca,
             durable,
             writer: Mutex::new(Some(writer)),
             live: RwLock::new(HashMap::new()),
+            revocations: crate::revocations::Revocations::new(&config.data_dir),
+            config,
         })
     }
 
@@ -214,6 +218,15 @@ impl Control {
             .get(node)
             .map(|l| l.snapshot())
             .unwrap_or_default())
+    }
+
+    /// Whether `node`'s current identity certificate has been revoked
+    /// (`cloud-manager node revoke`).
+    pub(crate) fn node_revoked(&self, node: &NodeKey) -> bool {
+        self.registry()
+            .ok()
+            .and_then(|r| r.node(node).map(|n| n.cert_serial.clone()))
+            .is_some_and(|serial| self.revocations.is_revoked(&serial))
     }
 
     /// The live map, read-locked: for walks over many nodes. Lock order as

@@ -747,7 +747,17 @@ impl Decision {
         let cfg = self.failover.control.config().clone();
         let node = self.member.node_id.clone();
         let key = NodeKey::new(&self.tenant, &node);
-        if let Some(deadline) = self.peers_deadline {
+        // An operator revoked its node certificate: it is out, whatever
+        // its peers say (they may well still reach it).
+        let revoked = self.failover.control.node_revoked(&key);
+        if revoked {
+            if self.announce {
+                self.record_suspect(format!(
+                    "{node}'s node certificate has been revoked: failing it over without asking its peers"
+                ))
+                .await;
+            }
+        } else if let Some(deadline) = self.peers_deadline {
             // Its peers cannot reach it. If it still answers the manager,
             // it runs: a broken peer link is not a failure. The answer
             // counts until the grace ends (a busy node answers late; a

@@ -1,6 +1,6 @@
-//! Revoked tenant certificates: `DATA_DIR/revoked-certs`, one certificate
-//! serial (lower-case hex) per line, `#` starts a comment. `cloud-manager
-//! tenant revoke` appends to it; the manager reads it again whenever its
+//! Revoked tenant and node certificates: `DATA_DIR/revoked-certs`, one
+//! certificate serial (lower-case hex) per line, `#` starts a comment.
+//! `cloud-manager tenant revoke` and `node revoke` append to it; the manager reads it again whenever its
 //! size or modification time changed (one `stat` per check), so a
 //! revocation holds from the next TLS handshake on, without a restart.
 //! A file that cannot be read keeps the last list read (and is logged):

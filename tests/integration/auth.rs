@@ -287,6 +287,65 @@ async fn a_tenant_sees_only_its_own_nodes() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+/// `cloud-manager node revoke`: the node's open stream ends within a
+/// second or two, it cannot connect again, and its pool slot moves to the
+/// spare although its peers still reach it.
+#[tokio::test]
+async fn a_revoked_node_certificate_ends_its_stream_and_its_slot_moves() {
+    use crate::pools::{Fleet, app, create_pool, get_pool, wait_running};
+    let f = Fleet::start(3, &[]).await;
+    let apps = vec![
+        app("r1", &["sleep", "731301"]),
+        app("r2", &["sleep", "731302"]),
+    ];
+    create_pool(&f.m, "p", &["node-1", "node-2"], apps)
+        .await
+        .unwrap();
+    wait_running(&f.m, "p").await;
+    let revoke = |args: &[&str]| {
+        run(std::process::Command::new(bin("cloud-manager"))
+            .args(["node", "revoke", "--data-dir"])
+            .arg(&f.m.dir)
+            .args(args))
+    };
+    let list_file = f.m.dir.join("revoked-certs");
+    let tenant_pem = f.m.dir.join("tenant.pem");
+    let out = revoke(&["--cert", tenant_pem.to_str().unwrap()]);
+    assert!(
+        !out.ok && out.stderr.contains("not a node"),
+        "{}",
+        out.stderr
+    );
+    assert!(!list_file.exists());
+
+    let node_pem = f.agents["node-1"].0.dir.join("node.pem");
+    let out = revoke(&["--cert", node_pem.to_str().unwrap()]);
+    assert!(out.ok, "{}", out.stderr);
+    eventually("node-1's stream ended", Duration::from_secs(5), || async {
+        let n = get_node(&mut f.m.tenant(), "node-1").await?;
+        (!n.connected).then_some(())
+    })
+    .await;
+    // Its peers still reach it, yet its slot moves: it was revoked.
+    eventually("slot 1 on node-3", Duration::from_secs(60), || async {
+        let p = get_pool(&f.m, "p").await;
+        let on = &p.members.iter().find(|m| m.slot == 1)?.node_id;
+        let running = p
+            .placements
+            .iter()
+            .filter(|pl| pl.home_slot == 1)
+            .all(|pl| pl.host_node_id == "node-3" && pl.state() == pb::AppState::Running);
+        (on == "node-3" && running).then_some(())
+    })
+    .await;
+    // It stays out: every new handshake is refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = get_node(&mut f.m.tenant(), "node-1").await.unwrap();
+    assert!(!n.connected, "{n:?}");
+    let log = f.agents["node-1"].1.log_text();
+    assert!(log.contains("revoked"), "{log}");
+}
+
 /// `cloud-manager tenant revoke`: a revoked tenant certificate is refused
 /// at the next handshake, its running WatchEvents ends, on a manager that
 /// keeps running; other certificates of the tenant keep working; bad input
