@@ -286,6 +286,8 @@ async fn start_replica(
         .args(["serve", "--new-session", "--exit-with-parent"])
         .args(["--listen", &listen.to_string(), "--data-dir"])
         .arg(&mdir)
+        // Replicas share this host: each dashboard on a free port.
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--store", "etcd", "--etcd-endpoints", etcd])
         .args(["--etcd-prefix", prefix])
         .args([
