@@ -72,11 +72,7 @@ pub async fn build_until(
     let mut dashboard = match config.http_listen.addr() {
         None => None,
         Some(addr) => {
-            let public = config
-                .server_names
-                .first()
-                .map_or("localhost", String::as_str);
-            Some(Dashboard::bind(addr, config.http_tls, public).with_context(|| {
+            Some(Dashboard::bind(addr, config.http_tls, &public_host(&config)).with_context(|| {
                 format!("cannot listen on {addr} for the dashboard (taken? choose another address with --http-listen, or --http-listen off)")
             })?)
         }
@@ -190,6 +186,24 @@ fn advertise_address(config: &ManagerConfig, local: SocketAddr) -> String {
             format!("{host}:{}", local.port())
         }
         None => local.to_string(),
+    }
+}
+
+/// The name links to the dashboard use when it listens on every address:
+/// the first of `server_names` that is not a loopback name, else this
+/// host's name.
+fn public_host(config: &ManagerConfig) -> String {
+    let local = ["localhost", "127.0.0.1", "::1"];
+    match config
+        .server_names
+        .iter()
+        .find(|n| !local.contains(&n.as_str()))
+    {
+        Some(n) if n.contains(':') => format!("[{n}]"),
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
     }
 }
 

@@ -290,8 +290,8 @@ async fn login(State(ctx): State<Arc<Ctx>>, RawQuery(query): RawQuery) -> Respon
     }
 }
 
-/// The session's tenant and expiry, or the 401 to answer.
-fn session(ctx: &Ctx, headers: &HeaderMap) -> Result<session::Claims, Response> {
+/// The session's tenant and expiry, or why there is none (answered 401).
+fn session(ctx: &Ctx, headers: &HeaderMap) -> Result<session::Claims, String> {
     let token = headers
         .get_all(header::COOKIE)
         .iter()
@@ -299,18 +299,18 @@ fn session(ctx: &Ctx, headers: &HeaderMap) -> Result<session::Claims, Response> 
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='));
     let Some(token) = token else {
-        return Err(unauthorized("no session"));
+        return Err("no session".into());
     };
     ctx.keys
         .keys
         .verify(Kind::Session, token, now_ms())
-        .map_err(|e| unauthorized(&format!("session refused ({e})")))
+        .map_err(|e| format!("session refused ({e})"))
 }
 
 async fn state(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let claims = match session(&ctx, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(why) => return unauthorized(&why),
     };
     match view::state(&ctx.manager, &claims.tenant) {
         Ok(v) => {
@@ -326,7 +326,7 @@ async fn state(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
 async fn events(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let claims = match session(&ctx, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(why) => return unauthorized(&why),
     };
     // A reconnecting browser says where it was; otherwise everything kept.
     let after = headers
