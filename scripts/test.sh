@@ -31,7 +31,7 @@ as_root() {
     echo "need root to run: $*" >&2; return 1; fi
 }
 
-# Debian packages the tests use: pkill (procps), openssl, etcd.
+# Debian packages the tests use: pkill (procps), openssl, etcd, chromium.
 missing=()
 command -v pkill >/dev/null || missing+=(procps)
 command -v openssl >/dev/null || missing+=(openssl)
@@ -41,6 +41,8 @@ ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing+=(libfaketi
 # etcd: the manager's etcd store is tested against a real server (each test
 # starts its own on free loopback ports).
 command -v etcd >/dev/null || missing+=(etcd-server)
+# chromium: the dashboard is tested in a real (headless) browser.
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq

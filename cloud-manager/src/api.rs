@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Trust, caller, tenant_caller};
 use crate::convert::{page_token, timestamp};
+use crate::dashboard::Links;
 use crate::errors::to_status;
 use crate::events::WatchFrom;
 use crate::manager::Manager;
@@ -54,6 +55,8 @@ pub struct TenantApi {
     /// Fires when the manager stops: open event streams then end with
     /// `UNAVAILABLE` instead of holding the graceful drain open.
     shutdown: CancellationToken,
+    /// Mints dashboard login links (None: the dashboard is off).
+    dashboard: Option<Arc<Links>>,
 }
 
 impl TenantApi {
@@ -62,7 +65,14 @@ impl TenantApi {
             manager,
             trust,
             shutdown,
+            dashboard: None,
         }
+    }
+
+    /// Answers `CreateDashboardLogin` with links of this dashboard.
+    pub fn with_dashboard(mut self, links: Option<Arc<Links>>) -> Self {
+        self.dashboard = links;
+        self
     }
 
     fn tenant<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -268,6 +278,28 @@ impl TenantService for TenantApi {
         .map_err(|_| Status::internal("internal error"))?
         .map_err(to_status)?;
         Ok(Response::new(pb::Pool::from(&pool)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_dashboard_login(
+        &self,
+        request: Request<pb::CreateDashboardLoginRequest>,
+    ) -> Result<Response<pb::CreateDashboardLoginResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let ttl = request.into_inner().ttl_seconds;
+        let links = self.dashboard.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "the dashboard is off on this manager (http_listen = \"off\")",
+            )
+        })?;
+        let (url, expires) = links
+            .login_url(&tenant, ttl)
+            .map_err(|why| Status::invalid_argument(format!("ttl_seconds: {why}")))?;
+        tracing::info!(%tenant, "dashboard login link created");
+        Ok(Response::new(pb::CreateDashboardLoginResponse {
+            url,
+            expires_at: Some(timestamp(expires)),
+        }))
     }
 
     type WatchEventsStream = EventStream;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use edgepool_common::logging::LogFormat;
 
-use crate::config::{ManagerConfig, StoreKind};
+use crate::config::{HttpListen, ManagerConfig, StoreKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,6 +177,13 @@ pub struct ServeArgs {
     /// listen address, or this host's name when listening on all addresses).
     #[arg(long, env = "EDGEPOOL_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
+    /// Web dashboard address, or `off` (default 127.0.0.1:7480; port 0 =
+    /// any free port). Non-loopback needs --http-tls true.
+    #[arg(long, env = "EDGEPOOL_HTTP_LISTEN", value_name = "ADDR|off")]
+    pub http_listen: Option<HttpListen>,
+    /// Serve the dashboard over TLS with the manager's server certificate.
+    #[arg(long, env = "EDGEPOOL_HTTP_TLS")]
+    pub http_tls: Option<bool>,
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -282,6 +289,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = self.http_listen {
+            c.http_listen = v;
+        }
+        if let Some(v) = self.http_tls {
+            c.http_tls = v;
         }
         c.validate()?;
         Ok(c)
@@ -404,6 +417,10 @@ pub struct DevArgs {
     /// Manager listen address.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
+    /// Web dashboard address (loopback). When it is taken, a free port on
+    /// 127.0.0.1 is used instead; the banner and DIR/dashboard.url say which.
+    #[arg(long, default_value = "127.0.0.1:7480", value_name = "ADDR")]
+    pub http_listen: SocketAddr,
     /// Peer port of the agents (agent N listens on 127.0.1.N:PORT; 0 = any free port).
     #[arg(long, default_value_t = 7444)]
     pub peer_port: u16,

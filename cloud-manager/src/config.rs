@@ -156,8 +156,53 @@ pub struct ManagerConfig {
     /// advertised address. Default: the listen address, or this host's
     /// name with the listen port when `listen` is a wildcard address.
     pub advertise_address: Option<String>,
+    /// Address of the web dashboard (HTTP; see `dashboard`), or `"off"`.
+    /// A non-loopback address needs `http_tls = true`: the dashboard's
+    /// login links and session cookies must not cross a network in clear.
+    /// Port 0 picks a free port. Default `127.0.0.1:7480`.
+    pub http_listen: HttpListen,
+    /// Serve the dashboard over TLS (HTTPS) with the manager's server
+    /// certificate. Default false.
+    pub http_tls: bool,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
+}
+
+/// Where the web dashboard listens (`http_listen`): an address, or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl HttpListen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            HttpListen::Off => None,
+            HttpListen::At(a) => Some(a),
+        }
+    }
+}
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(HttpListen::Off);
+        }
+        s.parse().map(HttpListen::At).map_err(|_| {
+            format!("expected HOST:PORT (an IP address and a port) or \"off\", got {s:?}")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for HttpListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The registry's storage backend (`store`).
@@ -212,6 +257,8 @@ impl Default for ManagerConfig {
             etcd_lease_ttl_seconds: 4,
             etcd_max_txn_ops: 128,
             advertise_address: None,
+            http_listen: HttpListen::At(crate::dashboard::DEFAULT_LISTEN),
+            http_tls: false,
             log_format: LogFormat::Plain,
         }
     }
@@ -379,6 +426,10 @@ impl ManagerConfig {
         if !(8..=100_000).contains(&self.etcd_max_txn_ops) {
             return Err(invalid("etcd_max_txn_ops", "must be between 8 and 100000"));
         }
+        if let HttpListen::At(addr) = self.http_listen {
+            crate::dashboard::check_listen(addr, self.http_tls)
+                .map_err(|why| invalid("http_listen", &why))?;
+        }
         if !(1..=MAX_EVENTS_PER_TENANT).contains(&self.events_per_tenant) {
             return Err(invalid(
                 "events_per_tenant",
@@ -416,6 +467,24 @@ mod tests {
         assert!(err.contains("advertise_address"), "{err}");
         let good = ManagerConfig::from_toml("advertise_address = \"m1.example.net:7443\"").unwrap();
         good.validate().unwrap();
+    }
+
+    #[test]
+    fn dashboard_off_loopback_or_tls_only() {
+        let off = ManagerConfig::from_toml("http_listen = \"off\"").unwrap();
+        assert_eq!(off.http_listen, HttpListen::Off);
+        off.validate().unwrap();
+        let open = ManagerConfig::from_toml("http_listen = \"0.0.0.0:7480\"").unwrap();
+        let err = open.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("http_listen") && err.contains("http_tls"),
+            "{err}"
+        );
+        let tls =
+            ManagerConfig::from_toml("http_listen = \"0.0.0.0:7480\"\nhttp_tls = true").unwrap();
+        tls.validate().unwrap();
+        let err = ManagerConfig::from_toml("http_listen = \"localhost\"").unwrap_err();
+        assert!(err.contains("http_listen"), "{err}");
     }
 
     #[test]

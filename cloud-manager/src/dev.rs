@@ -19,6 +19,7 @@
 //! `cloud-manager serve --store etcd` processes instead (`dev_replicas`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DevArgs;
-use crate::config::ManagerConfig;
+use crate::config::{HttpListen, ManagerConfig};
 use crate::manager::Manager;
 use crate::model::Resources;
 use crate::pool::{AppDef, OnDisconnect};
@@ -82,6 +83,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = ManagerConfig {
         listen: args.listen,
         data_dir: dir.clone(),
+        http_listen: HttpListen::At(dashboard_address(args.http_listen)),
         ..ManagerConfig::default()
     };
     let tenant = config.default_tenant.clone();
@@ -93,6 +95,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = crate::server::build(config).await?;
     renew_tenant_bundle(&dir, &tenant)?;
     let addr = server.local_addr();
+    let dashboard = write_dashboard_url(&dir, &server, &tenant)?;
     let manager = server.manager();
     let manager_task = tokio::spawn(server.run_with_drain(shutdown.clone(), DRAIN));
     let exe = std::env::current_exe().context("locating this executable")?;
@@ -148,7 +151,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     if result.is_ok() && !shutdown.is_cancelled() {
         let headline = format!("manager on {manager_addr}");
-        print_banner(&dir, &headline, &manager_addr, &agents, demo, "");
+        let extra = format!(
+            "The dashboard (nodes, pools, live events), logged in:\n  {dashboard}\n  \
+             (also in {}/dashboard.url; `edgectl dashboard` prints a new link)\n\n",
+            dir.display()
+        );
+        print_banner(&dir, &headline, &manager_addr, &agents, demo, &extra);
         supervise(&mut agents, &shutdown).await;
     }
     // Agents and manager stop together: the manager ends open event
@@ -159,6 +167,37 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     tracing::info!("stopped in {} ms", started.elapsed().as_millis());
     let _ = std::fs::remove_file(&pid_file);
     result
+}
+
+/// The dashboard's address: `wanted`, or a free port on 127.0.0.1 when
+/// `wanted` is taken (say, by another dev), so that a second dev still
+/// starts. (Checked by binding; a port taken in between fails the start.)
+fn dashboard_address(wanted: SocketAddr) -> SocketAddr {
+    if std::net::TcpListener::bind(wanted).is_ok() {
+        return wanted;
+    }
+    tracing::info!("{wanted} is taken: the dashboard listens on a free port of 127.0.0.1");
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// How long the login link in `DIR/dashboard.url` is good for: as long as
+/// the dev runs, in practice (its signing key dies with the process).
+const DEV_LINK_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Writes `DIR/dashboard.url` (0600: it logs in) and returns the URL.
+fn write_dashboard_url(
+    dir: &Path,
+    server: &crate::server::ManagerServer,
+    tenant: &str,
+) -> anyhow::Result<String> {
+    let links = server
+        .dashboard_links()
+        .context("internal: the dev manager has no dashboard")?;
+    let url = links.url_until(tenant, crate::model::now_ms() + DEV_LINK_TTL_MS);
+    let path = dir.join("dashboard.url");
+    edgepool_common::fsutil::write_private(&path, format!("{url}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(url)
 }
 
 /// Enrolls agent N if needed and starts it in its own session.
@@ -621,15 +660,15 @@ pub(crate) async fn stop_agents(agents: &mut [DevAgent]) {
 }
 
 /// `headline` names the manager(s) in the first line, `addr` is the one the
-/// examples dial, and `replicas` (empty without replicas) goes before the
-/// crash example.
+/// examples dial, and `extra` (the dashboard's link, or the replicas'
+/// text) goes before the crash example.
 pub(crate) fn print_banner(
     dir: &Path,
     headline: &str,
     addr: &str,
     agents: &[DevAgent],
     demo: bool,
-    replicas: &str,
+    extra: &str,
 ) {
     let d = dir.display();
     let creds = format!("-cacert {d}/ca.pem -cert {d}/tenant.pem -key {d}/tenant.key");
@@ -658,7 +697,7 @@ pub(crate) fn print_banner(
            edgectl node ls\n\
          \n\
          {demo_text}\
-         {replicas}\
+         {extra}\
          Crash a simulated machine (its agent and everything in its session), then start it again:\n  \
            pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n  \
            cloud-manager dev --data-dir {d} --restart-agent {crash}\n\

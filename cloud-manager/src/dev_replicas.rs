@@ -87,6 +87,7 @@ pub async fn run(args: DevArgs, replicas: u8, etcd: String) -> anyhow::Result<()
     let mut agents: Vec<DevAgent> = Vec::new();
     let mut demo = false;
     let mut leader_addr = String::new();
+    let mut dashboard = String::new();
     let started = async {
         for n in 1..=replicas {
             let r = start_replica(&exe, &dir, &args, &etcd, &prefix, n)
@@ -127,11 +128,20 @@ pub async fn run(args: DevArgs, replicas: u8, etcd: String) -> anyhow::Result<()
         }
         dev::write_edgectl_config(&dir, &all)?;
         dev::write_bin_scripts(&dir, &exe)?;
+        dashboard = write_dashboard_url(&dir, &mut tenant).await?;
         anyhow::Ok(())
     };
     let result = started.await;
     if result.is_ok() && !shutdown.is_cancelled() {
-        print_banner(&dir, &etcd, &prefix, &leader_addr, &managers, &agents, demo);
+        print_banner(
+            &dir,
+            &etcd,
+            &prefix,
+            (&leader_addr, &dashboard),
+            &managers,
+            &agents,
+            demo,
+        );
         tokio::join!(
             dev::supervise(&mut agents, &shutdown),
             watch_replicas(&mut managers, &shutdown)
@@ -286,6 +296,8 @@ async fn start_replica(
         .args(["serve", "--new-session", "--exit-with-parent"])
         .args(["--listen", &listen.to_string(), "--data-dir"])
         .arg(&mdir)
+        // Replicas share this host: each dashboard on a free port.
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--store", "etcd", "--etcd-endpoints", etcd])
         .args(["--etcd-prefix", prefix])
         .args([
@@ -604,11 +616,33 @@ async fn stop_replicas(managers: &mut [Replica]) {
     }
 }
 
+/// `DIR/dashboard.url` (0600): a login link to the leader's dashboard,
+/// for the longest a link may last (an hour), from `CreateDashboardLogin`.
+/// A replica that takes over signs with its own key: `edgectl dashboard`
+/// then makes a new link.
+async fn write_dashboard_url(
+    dir: &Path,
+    tenant: &mut TenantServiceClient<Channel>,
+) -> anyhow::Result<String> {
+    let url = tenant
+        .create_dashboard_login(call(pb::CreateDashboardLoginRequest {
+            ttl_seconds: crate::dashboard::LOGIN_TTL_MAX_SECONDS,
+        }))
+        .await
+        .context("CreateDashboardLogin on the leader")?
+        .into_inner()
+        .url;
+    let path = dir.join("dashboard.url");
+    edgepool_common::fsutil::write_private(&path, format!("{url}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(url)
+}
+
 fn print_banner(
     dir: &Path,
     etcd: &str,
     prefix: &str,
-    leader: &str,
+    (leader, dashboard): (&str, &str),
     managers: &[Replica],
     agents: &[DevAgent],
     demo: bool,
@@ -644,7 +678,10 @@ fn print_banner(
          Which one leads (edge.v1.Leader is SERVING on the leader, NOT_SERVING on a standby):\n  \
            grpcurl -cacert {d}/ca.pem -d '{{\"service\": \"edge.v1.Leader\"}}' {first} grpc.health.v1.Health/Check\n\
          Kill the leader: a standby leads within a few seconds and the agents follow it:\n  \
-           kill -KILL $(cat {d}/managers/{leader_name}/manager.pid)\n\n",
+           kill -KILL $(cat {d}/managers/{leader_name}/manager.pid)\n\n\
+         The leader's dashboard, logged in (the link lasts an hour and only while \
+         this leader leads; `edgectl dashboard` makes a new one):\n  {dashboard}\n  \
+         (also in {d}/dashboard.url)\n\n",
         rows = rows.concat(),
     );
     let headline = format!(

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod deadlines;
 pub mod dev;
 pub mod dev_replicas;

@@ -20,6 +20,7 @@ use crate::api::TenantApi;
 use crate::auth::Trust;
 use crate::ca::{self, Ca, CaFiles};
 use crate::config::{ManagerConfig, StoreKind};
+use crate::dashboard::{Dashboard, Links};
 use crate::etcd_store::{EtcdOptions, EtcdStore};
 use crate::forward::{self, Forwarded, LeaderLink};
 use crate::manager::Manager;
@@ -40,6 +41,8 @@ pub struct ManagerServer {
     /// Set when this manager no longer holds its etcd prefix (etcd store):
     /// it stops, so that another replica leads.
     lost: Option<Arc<AtomicBool>>,
+    /// The web dashboard, bound (`http_listen`), unless it is off.
+    dashboard: Option<Dashboard>,
 }
 
 /// Binds the listener, then opens the store and loads or creates the CA.
@@ -66,6 +69,14 @@ pub async fn build_until(
         format!("cannot listen on {listen} (is another cloud-manager running? choose another address with --listen)")
     })?;
     let local_addr = listener.local_addr()?;
+    let mut dashboard = match config.http_listen.addr() {
+        None => None,
+        Some(addr) => {
+            Some(Dashboard::bind(addr, config.http_tls, &public_host(&config)).with_context(|| {
+                format!("cannot listen on {addr} for the dashboard (taken? choose another address with --http-listen, or --http-listen off)")
+            })?)
+        }
+    };
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let etcd = config.store == StoreKind::Etcd;
@@ -93,6 +104,10 @@ pub async fn build_until(
     let ca = Ca::load(&files, &config.trust_domain)?;
     let chain = tls::read_certs(&files.server_cert())?;
     let key = tls::read_key(&files.server_key())?;
+    if let Some(d) = dashboard.as_mut().filter(|_| config.http_tls) {
+        d.set_tls(chain.clone(), key.clone_key())
+            .context("the dashboard's TLS configuration (http_tls)")?;
+    }
     // Client certificates are optional on this port (Enroll has none);
     // one given must pass `Trust`'s issuer and revocation rules.
     let trust = Trust::new(&config.trust_domain, ca.cert_pem(), &config.data_dir)?;
@@ -150,6 +165,7 @@ pub async fn build_until(
         lost,
         tls: tls_config,
         trust,
+        dashboard,
     })
 }
 
@@ -170,6 +186,24 @@ fn advertise_address(config: &ManagerConfig, local: SocketAddr) -> String {
             format!("{host}:{}", local.port())
         }
         None => local.to_string(),
+    }
+}
+
+/// The name links to the dashboard use when it listens on every address:
+/// the first of `server_names` that is not a loopback name, else this
+/// host's name.
+fn public_host(config: &ManagerConfig) -> String {
+    let local = ["localhost", "127.0.0.1", "::1"];
+    match config
+        .server_names
+        .iter()
+        .find(|n| !local.contains(&n.as_str()))
+    {
+        Some(n) if n.contains(':') => format!("[{n}]"),
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
     }
 }
 
@@ -270,6 +304,16 @@ impl ManagerServer {
         self.manager.clone()
     }
 
+    /// Where the dashboard listens (None: off).
+    pub fn dashboard_addr(&self) -> Option<SocketAddr> {
+        self.dashboard.as_ref().map(Dashboard::local_addr)
+    }
+
+    /// What mints the dashboard's login links (None: off).
+    pub fn dashboard_links(&self) -> Option<Arc<Links>> {
+        self.dashboard.as_ref().map(Dashboard::links)
+    }
+
     /// Serves until `shutdown` fires, then drains for at most 5 s.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.run_with_drain(shutdown, DRAIN_DEADLINE).await
@@ -325,11 +369,10 @@ impl ManagerServer {
         }
         let (reflection_v1, reflection_v1alpha) = edgepool_common::grpc::reflection()?;
 
-        let tenant = TenantServiceServer::new(TenantApi::new(
-            self.manager.clone(),
-            self.trust.clone(),
-            shutdown.clone(),
-        ))
+        let tenant = TenantServiceServer::new(
+            TenantApi::new(self.manager.clone(), self.trust.clone(), shutdown.clone())
+                .with_dashboard(self.dashboard.as_ref().map(Dashboard::links)),
+        )
         .max_decoding_message_size(max_request::TENANT);
         let agent = AgentServiceServer::new(AgentApi::new(
             self.manager.clone(),
@@ -339,6 +382,9 @@ impl ManagerServer {
         ))
         .max_decoding_message_size(max_request::AGENT);
         self.manager.start(&tracker, &shutdown);
+        if let Some(dashboard) = self.dashboard {
+            tracker.spawn(dashboard.run(self.manager.clone(), shutdown.clone()));
+        }
         let config = self.manager.config();
         let limits = tls::AcceptLimits::new(
             config.max_concurrent_handshakes as usize,

@@ -199,7 +199,14 @@ async fn a_second_manager_is_refused_before_writing_anything() {
     let dir = tmp.path().join("m");
     let m = Manager::start(&dir).await;
     let out = run(Command::new(bin("cloud-manager"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&dir));
     assert!(!out.ok);
     assert!(

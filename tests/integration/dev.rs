@@ -19,6 +19,7 @@ fn alive(pid: i32) -> bool {
 fn dev_command(dir: &std::path::Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("cloud-manager"));
     cmd.args(["dev", "--listen", "127.0.0.1:0", "--peer-port", "0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(extra)
         .arg("--data-dir")
         .arg(dir);
@@ -39,6 +40,48 @@ async fn dev_addr(dev: &Proc) -> std::net::SocketAddr {
     .await
 }
 
+/// `DIR/dashboard.url` (owner-only: it logs in) holds the banner's link,
+/// and opening it gives a session that reads the dev tenant's nodes.
+fn dashboard_url_logs_in(dir: &std::path::Path, banner: &str) {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("dashboard.url");
+    let url = std::fs::read_to_string(&path).expect("DIR/dashboard.url");
+    let url = url.trim();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(banner.contains(url), "the banner lacks {url}:\n{banner}");
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path_q) = rest.split_once('/').expect("path");
+    assert!(host.starts_with("127.0.0.1:"), "{url}");
+    let get = |path: &str, cookie: &str| {
+        let mut s = std::net::TcpStream::connect(host).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{cookie}\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    let login = get(&format!("/{path_q}"), "");
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("session cookie");
+    let state = get("/api/state", &format!("Cookie: {cookie}\r\n"));
+    assert!(
+        state.starts_with("HTTP/1.1 200") && state.contains("\"dev-1\""),
+        "{state}"
+    );
+}
+
 #[tokio::test]
 async fn dev_runs_a_fleet_and_stops_it_cleanly() {
     let tmp = TempDir::new().unwrap();
@@ -52,6 +95,7 @@ async fn dev_runs_a_fleet_and_stops_it_cleanly() {
     for f in ["ca.pem", "tenant.pem", "tenant.key"] {
         assert!(dir.join(f).exists(), "{f}");
     }
+    dashboard_url_logs_in(&dir, &banner);
 
     let mut pids = Vec::new();
     for n in 1..=2 {

@@ -96,6 +96,14 @@ async fn dev_replicas_run_on_etcd_and_survive_a_leader_kill() {
     let banner = dev.log_text();
     assert!(banner.contains("3 manager replicas"), "{banner}");
     assert!(banner.contains("managers/m-N/manager.pid"), "{banner}");
+    // The leader's dashboard link, in the banner and in DIR/dashboard.url.
+    let link = std::fs::read_to_string(dir.join("dashboard.url")).unwrap();
+    let link = link.trim();
+    assert!(
+        link.starts_with("http://127.0.0.1:") && link.contains("/login?token="),
+        "{link}"
+    );
+    assert!(banner.contains(link), "{banner}");
 
     // Each replica: a live session leader with its pid and address in
     // DIR/managers/m-N/, listening there.

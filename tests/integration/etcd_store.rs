@@ -115,9 +115,16 @@ async fn a_standby_replica_takes_over_when_the_leader_dies() {
     let b_dir = tmp.path().join("b");
     copy_replica_files(&a_dir, &b_dir);
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&b_dir)
-        .args(&args);
+    cmd.args([
+        "serve",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&b_dir)
+    .args(&args);
     let b_proc = Proc::spawn("standby", &mut cmd, &b_dir.join("b.log"));
     let b_addr: SocketAddr = eventually("the standby to listen", DEADLINE, || {
         let text = b_proc.log_text();
@@ -326,7 +333,14 @@ async fn a_manager_with_another_store_key_is_refused_until_it_has_the_key() {
     let second_dir = tmp.path().join("m2");
     let serve = |dir: &std::path::Path| {
         run(std::process::Command::new(bin("cloud-manager"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir)
             .args(&args))
     };
@@ -380,7 +394,14 @@ async fn etcd_over_tls_with_client_certificates() {
     args.extend(["--etcd-ca-cert".to_string(), path(&tls.ca)]);
     let serve = |extra: &[String], dir: &str| {
         run(std::process::Command::new(bin("cloud-manager"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(tmp.path().join(dir))
             .args(extra))
     };
@@ -431,9 +452,16 @@ async fn a_leader_cut_off_from_etcd_stops_before_another_leads() {
         l.local_addr().unwrap()
     };
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
-    cmd.args(["serve", "--listen", &b_addr.to_string(), "--data-dir"])
-        .arg(&b_dir)
-        .args(&b_args);
+    cmd.args([
+        "serve",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--listen",
+        &b_addr.to_string(),
+        "--data-dir",
+    ])
+    .arg(&b_dir)
+    .args(&b_args);
     let _b = Proc::spawn("standby", &mut cmd, &b_dir.join("b.log"));
     let (a_str, b_str, ca) = (a.addr.to_string(), b_addr.to_string(), a.ca());
     eventually("the standby's health", DEADLINE, || {

@@ -3,6 +3,7 @@
 mod api_docs;
 mod auth;
 mod cli;
+mod dashboard;
 mod detection;
 mod dev;
 mod dev_replicas;

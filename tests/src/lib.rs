@@ -6,6 +6,7 @@
 //! The binaries are taken from the cargo target directory next to the test
 //! executable (or `EDGEPOOL_BIN_DIR`); `scripts/test.sh` builds them first.
 
+pub mod browser;
 pub mod procstat;
 
 use std::collections::BTreeMap;
@@ -311,6 +312,22 @@ impl Manager {
 
     pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.pem")
+    }
+
+    /// The dashboard's base URL (`http://127.0.0.1:PORT`), from its log
+    /// line (`dashboard serving ... url=`).
+    pub async fn dashboard_url(&self) -> String {
+        eventually("the dashboard to listen", DEADLINE, || {
+            let url = self
+                .proc
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("dashboard serving"))
+                .find_map(|l| l.split("url=").nth(1))
+                .map(|u| u.split_whitespace().next().unwrap_or_default().to_string());
+            async move { url }
+        })
+        .await
     }
 
     /// A tenant client with the default tenant's bundle.
@@ -761,6 +778,11 @@ fn spawn_serve(dir: &Path, listen: SocketAddr, extra: &[&str], env: &[(&str, &st
         .arg(dir)
         .args(extra)
         .envs(env.iter().copied());
+    // Tests run side by side: each dashboard on a free port unless the
+    // test says where.
+    if !extra.contains(&"--http-listen") {
+        cmd.args(["--http-listen", "127.0.0.1:0"]);
+    }
     Proc::spawn("cloud-manager", &mut cmd, &log)
 }
 

@@ -11,6 +11,8 @@ mod config;
 mod poolfile;
 #[path = "edgectl/render.rs"]
 mod render;
+#[path = "edgectl/top.rs"]
+mod top;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -169,6 +171,37 @@ edgectl says so (DataLoss, naming the oldest kept SEQ) and exits with 1.
   edgectl events --pool web -f           new events of pool web until Ctrl-C
   edgectl events --after 41 -f -o json   resume after event 41, as JSON lines")]
     Events(EventsArgs),
+    /// Nodes and apps ordered by usage, redrawn every few seconds (like top)
+    #[command(long_about = "\
+Nodes and apps ordered by usage (busiest CPU first, then memory), redrawn
+every --interval seconds until Ctrl-C. Nodes from ListNodes (every page),
+apps from ListPools (where each runs now and what it uses).
+
+  edgectl top                  refresh every 2 s
+  edgectl top --once           one frame and exit (for scripts)
+  edgectl top --once -o json   {\"nodes\": [...], \"apps\": [...]}, busiest first")]
+    Top(TopArgs),
+    /// Print a login link to the manager's web dashboard (CreateDashboardLogin)
+    #[command(long_about = "\
+Print a login link to the manager's web dashboard (CreateDashboardLogin).
+Open it in a browser within --ttl seconds: it logs that browser in to this
+tenant's view (nodes, pools, live events) for 12 hours. The link is a
+secret until it expires; it works once or many times within its lifetime.")]
+    Dashboard {
+        /// How long the link may be opened, in seconds (0 = 120; at most 3600)
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        ttl: u32,
+    },
+}
+
+#[derive(Args, Debug)]
+struct TopArgs {
+    /// Print one frame and exit
+    #[arg(long)]
+    once: bool,
+    /// Seconds between frames
+    #[arg(long, value_name = "SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    interval: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -550,6 +583,67 @@ async fn dispatch(
             }
         }
         Cmd::Events(args) => events(client, args, out).await,
+        Cmd::Top(args) => top(client, args, out).await,
+        Cmd::Dashboard { ttl } => {
+            let r = client
+                .create_dashboard_login(call(pb::CreateDashboardLoginRequest { ttl_seconds: ttl }))
+                .await?
+                .into_inner();
+            match out {
+                Output::Table => {
+                    emit(&format!("{}\n", r.url))?;
+                    eprintln!(
+                        "edgectl: open it in a browser before {} (it logs in for 12 hours)",
+                        render::time_s(r.expires_at.as_ref())
+                    );
+                    Ok(())
+                }
+                Output::Json => emit_json(&serde_json::json!({
+                    "url": r.url,
+                    "expiresAt": render::ts(r.expires_at.as_ref()),
+                })),
+            }
+        }
+    }
+}
+
+/// `edgectl top`: a frame every interval until Ctrl-C (or one with --once).
+async fn top(
+    client: &mut TenantServiceClient<Channel>,
+    args: TopArgs,
+    out: Output,
+) -> anyhow::Result<()> {
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let nodes = all_nodes(
+            client,
+            NodeLsArgs {
+                state: None,
+                pool: None,
+                page_size: 0,
+            },
+        )
+        .await?;
+        let pools = client
+            .list_pools(call(pb::ListPoolsRequest {}))
+            .await?
+            .into_inner()
+            .pools;
+        let frame = top::Frame::new(nodes, pools);
+        match (out, args.once) {
+            (Output::Json, _) => emit(&format!("{}\n", frame.json()))?,
+            (Output::Table, true) => emit(&frame.table())?,
+            // Home, clear the screen, then the frame.
+            (Output::Table, false) => emit(&format!("\x1b[H\x1b[2J{}", frame.table()))?,
+        }
+        if args.once {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(args.interval)) => {}
+        }
     }
 }
 

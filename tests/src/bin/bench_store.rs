@@ -103,9 +103,16 @@ async fn measure(m: &Manager, writes: usize, concurrency: usize) -> Figures {
 /// A manager on the etcd prefix at a fixed address (leader or standby).
 fn replica(dir: &Path, addr: &str, url: &str, n: usize) -> Proc {
     let mut cmd = std::process::Command::new(bin("cloud-manager"));
-    cmd.args(["serve", "--listen", addr, "--data-dir"])
-        .arg(dir)
-        .args(["--store", "etcd", "--etcd-endpoints", url]);
+    cmd.args([
+        "serve",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--listen",
+        addr,
+        "--data-dir",
+    ])
+    .arg(dir)
+    .args(["--store", "etcd", "--etcd-endpoints", url]);
     Proc::spawn(
         "cloud-manager",
         &mut cmd,
