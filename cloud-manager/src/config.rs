@@ -156,6 +156,11 @@ pub struct ManagerConfig {
     /// advertised address. Default: the listen address, or this host's
     /// name with the listen port when `listen` is a wildcard address.
     pub advertise_address: Option<String>,
+    /// Address of the Prometheus metrics listener (plain HTTP, `GET
+    /// /metrics` in the OpenMetrics text format). No TLS and no
+    /// authentication: keep it on loopback or a network only your
+    /// monitoring reaches. Port 0 picks a free port. Default none (off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -212,6 +217,7 @@ impl Default for ManagerConfig {
             etcd_lease_ttl_seconds: 4,
             etcd_max_txn_ops: 128,
             advertise_address: None,
+            metrics_listen: None,
             log_format: LogFormat::Plain,
         }
     }

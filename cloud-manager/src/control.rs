@@ -18,6 +18,7 @@ use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
 use crate::events::{Backlog, EventRecord, EventsDropped, Watch, WatchFrom};
 use crate::live::{LiveData, LiveNode};
+use crate::metrics::Metrics;
 use crate::pool::PoolError;
 use crate::registry::{EnrollError, Registry};
 use crate::store::{Store, StoreError};
@@ -57,6 +58,8 @@ pub struct Control {
     /// The durable registry: committed snapshot, prepared head, writer.
     durable: Arc<Durable>,
     live: RwLock<LiveMap>,
+    /// The manager's metric families (`crate::metrics`).
+    pub(crate) metrics: Metrics,
     /// Declared last: dropping the core stops the writer after the rest.
     /// `stop_writer` stops it earlier (a graceful shutdown).
     writer: Mutex<Option<Writer>>,
@@ -67,8 +70,10 @@ impl Control {
     pub fn new(config: ManagerConfig, ca: Ca, store: Box<dyn Store>) -> Result<Self, ManagerError> {
         let mut registry = store.load()?;
         registry.events.set_limit(config.events_per_tenant as usize);
-        let (durable, writer) = Durable::start(registry, store, broadcast::channel(1024).0)
-            .map_err(|e| StoreError::Backend {
+        let metrics = Metrics::default();
+        let (durable, writer) =
+            Durable::start_measured(registry, store, broadcast::channel(1024).0, metrics.clone())
+                .map_err(|e| StoreError::Backend {
                 path: config.data_dir.join("state.redb"),
                 why: format!("could not start the store writer: {e}"),
             })?;
@@ -76,6 +81,7 @@ impl Control {
             config,
             ca,
             durable,
+            metrics,
             writer: Mutex::new(Some(writer)),
             live: RwLock::new(HashMap::new()),
         })
@@ -83,6 +89,11 @@ impl Control {
 
     pub fn config(&self) -> &ManagerConfig {
         &self.config
+    }
+
+    /// The manager's metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -284,7 +284,9 @@ async fn start_replica(
     };
     let mut child = Command::new(exe)
         .args(["serve", "--new-session", "--exit-with-parent"])
-        .args(["--listen", &listen.to_string(), "--data-dir"])
+        .args(["--listen", &listen.to_string()])
+        .args(["--metrics-listen", &dev::DEV_METRICS_LISTEN.to_string()])
+        .arg("--data-dir")
         .arg(&mdir)
         .args(["--store", "etcd", "--etcd-endpoints", etcd])
         .args(["--etcd-prefix", prefix])
