@@ -61,6 +61,21 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let m = Metrics::empty();
+        // Every outcome and resource from 0, so that the series exist
+        // (and `rate()` works) before the first failover or offload.
+        for outcome in ["moved", "no_spare"] {
+            let _ = m.failovers.get_or_create(&OutcomeLabels { outcome });
+        }
+        for resource in RESOURCES {
+            let _ = m.offloads.get_or_create(&ResourceLabels { resource });
+        }
+        m
+    }
+}
+
+impl Metrics {
+    fn empty() -> Self {
         Metrics {
             telemetry: Counter::default(),
             streams: Gauge::default(),
