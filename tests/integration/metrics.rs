@@ -264,16 +264,57 @@ async fn an_offload_is_counted_by_owner_host_and_manager() {
             .then_some(())
     })
     .await;
-    scrape_until(
+    let manager = scrape_until(
         "the manager to count the offload",
         &metrics_url(&f.m.dir),
         |s| {
             (s.value("edgepool_offloads_total{resource=\"cpu\"}") >= 1.0
                 && s.value("edgepool_events_total{kind=\"OFFLOAD\"}") >= 1.0)
-                .then_some(())
+                .then(|| s.clone())
         },
     )
     .await;
+
+    // Every metric the Grafana dashboard queries is one these daemons
+    // export (the owner and the host now have every agent family).
+    let scrapes = [
+        manager,
+        scrape(&agent_url(&f, "node-1")).await,
+        scrape(&agent_url(&f, "node-3")).await,
+    ];
+    let families = dashboard_families();
+    assert!(families.len() >= 20, "{families:?}");
+    for family in &families {
+        assert!(
+            scrapes.iter().any(|s| s.has_family(family)),
+            "docs/grafana/edgepool.json uses {family}, which no daemon exports"
+        );
+    }
+}
+
+/// The metric families docs/grafana/edgepool.json queries (sample names
+/// with `_total`, `_bucket`, `_count`, `_sum` taken off).
+fn dashboard_families() -> std::collections::BTreeSet<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/grafana/edgepool.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["uid"], "edgepool");
+    let mut families = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("edgepool_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        let family = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        families.insert(family.to_string());
+    }
+    families
 }
 
 #[tokio::test]
