@@ -330,3 +330,29 @@ async fn metrics_are_off_by_default_and_a_stale_url_file_goes() {
     .await;
     assert!(!m.proc.log_text().contains("metrics serving"));
 }
+
+#[tokio::test]
+async fn an_agent_counts_its_stream_reconnects() {
+    let mut f = fleet(1, &[]).await;
+    let url = agent_url(&f, "node-1");
+    assert_eq!(
+        scrape(&url)
+            .await
+            .value("edgepool_agent_stream_reconnects_total"),
+        0.0
+    );
+    // The manager goes away and comes back on the same address: the agent
+    // dials again, and its manager's new listener counts the new stream.
+    let (addr, dir) = (f.m.addr, f.m.dir.clone());
+    f.m.proc.kill();
+    f.m = Manager::start_on(&dir, addr, &METRICS).await;
+    wait_connected(&f.m, "node-1").await;
+    scrape_until("the reconnect to be counted", &url, |s| {
+        (s.value("edgepool_agent_stream_reconnects_total") >= 1.0).then_some(())
+    })
+    .await;
+    scrape_until("the new stream", &metrics_url(&f.m.dir), |s| {
+        (s.value("edgepool_agent_streams") == 1.0).then_some(())
+    })
+    .await;
+}
