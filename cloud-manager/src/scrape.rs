@@ -212,6 +212,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_exposition_parses_and_has_every_family() {
+        let harness = crate::fuzzing::Harness::new();
+        let text = edgepool_common::metrics::render(&registry(harness.manager())).unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (key, value) = line.rsplit_once(' ').unwrap();
+            assert!(key.starts_with("edgepool_"), "{line}");
+            value.parse::<f64>().unwrap();
+        }
+        for family in [
+            "edgepool_telemetry_messages counter",
+            "edgepool_agent_streams gauge",
+            // (edgepool_rpc_duration_seconds shows from the first call.)
+            "edgepool_failovers counter",
+            "edgepool_failover_duration_seconds histogram",
+            "edgepool_offloads counter",
+            "edgepool_events counter",
+            "edgepool_store_commit_duration_seconds histogram",
+            "edgepool_nodes gauge",
+            "edgepool_certificates_expiring gauge",
+            "edgepool_certificate_soonest_expiry_seconds gauge",
+            "edgepool_event_log_events gauge",
+            "edgepool_pools gauge",
+            "edgepool_pool_degraded_slots gauge",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family}:\n{text}"
+            );
+        }
+        // The harness enrolled three nodes, none connected now.
+        for sample in [
+            "edgepool_nodes{state=\"free\"} 3",
+            "edgepool_certificates_expiring{kind=\"node\",within_days=\"+Inf\"} 3",
+            "edgepool_certificates_expiring{kind=\"root_ca\",within_days=\"+Inf\"} 1",
+            "edgepool_failovers_total{outcome=\"moved\"} 0",
+            "edgepool_events_total{kind=\"NODE_ENROLLED\"} 3",
+        ] {
+            assert!(text.contains(sample), "{sample}:\n{text}");
+        }
+    }
+
+    #[test]
     fn expiries_are_cumulative() {
         let mut e = Expiries::default();
         e.add(0, 3600);
