@@ -208,6 +208,7 @@ impl AgentService for AgentApi {
             ) * u64::from(SILENT_INTERVALS),
         );
         let session = Session {
+            _open: self.manager.control().metrics.stream_opened(),
             manager: self.manager.clone(),
             trust: self.trust.clone(),
             serial: caller.serial.clone(),
@@ -226,6 +227,8 @@ impl AgentService for AgentApi {
 /// One agent's open stream, driven by a tracked task until the agent goes
 /// away, falls silent, is replaced by a newer stream, or the manager stops.
 struct Session {
+    /// Counts this stream in `edgepool_agent_streams` while it lives.
+    _open: crate::metrics::StreamGuard,
     manager: Arc<Manager>,
     /// The node certificate's rules and serial: a stream outlives its
     /// handshake, so the serial is looked up in the revocation list again
@@ -338,7 +341,10 @@ pub(crate) enum Reply {
 /// whole per-message work, shared by `Session` and the fuzz harness.
 pub(crate) async fn handle_up(manager: &Manager, node: &NodeKey, live: &LiveNode, up: Up) -> Reply {
     match up {
-        Up::Telemetry(t) => live.record_sample(Sample::from(t)),
+        Up::Telemetry(t) => {
+            manager.control().metrics.telemetry.inc();
+            live.record_sample(Sample::from(t))
+        }
         Up::PeerCheckResult(r) => {
             let answer = crate::liveness::CheckAnswer {
                 reachable: r.reachable,

@@ -187,6 +187,11 @@ pub struct ServeArgs {
     /// Log format: plain or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGEPOOL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address
+    /// (default: off; no TLS or authentication, so keep it on loopback or a
+    /// monitoring network; port 0 = any free port).
+    #[arg(long, env = "EDGEPOOL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Start a new process session (used by `cloud-manager dev --replicas`,
     /// so that each replica is a process session of its own).
     #[arg(long, hide = true)]
@@ -295,6 +300,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.http_tls {
             c.http_tls = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = Some(v);
         }
         c.validate()?;
         Ok(c)

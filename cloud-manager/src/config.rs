@@ -164,6 +164,11 @@ pub struct ManagerConfig {
     /// Serve the dashboard over TLS (HTTPS) with the manager's server
     /// certificate. Default false.
     pub http_tls: bool,
+    /// Address of the Prometheus metrics listener (plain HTTP, `GET
+    /// /metrics` in the OpenMetrics text format). No TLS and no
+    /// authentication: keep it on loopback or a network only your
+    /// monitoring reaches. Port 0 picks a free port. Default none (off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -259,6 +264,7 @@ impl Default for ManagerConfig {
             advertise_address: None,
             http_listen: HttpListen::At(crate::dashboard::DEFAULT_LISTEN),
             http_tls: false,
+            metrics_listen: None,
             log_format: LogFormat::Plain,
         }
     }

@@ -18,6 +18,7 @@ use crate::ca::{Ca, CaError};
 use crate::config::ManagerConfig;
 use crate::events::{Backlog, EventRecord, EventsDropped, Watch, WatchFrom};
 use crate::live::{LiveData, LiveNode};
+use crate::metrics::Metrics;
 use crate::node_key::NodeKey;
 use crate::pool::PoolError;
 use crate::registry::{EnrollError, Registry};
@@ -61,6 +62,8 @@ pub struct Control {
     /// `DATA_DIR/revoked-certs`, for the failure detector: a member whose
     /// node certificate is revoked is failed over without its peers' word.
     revocations: crate::revocations::Revocations,
+    /// The manager's metric families (`crate::metrics`).
+    pub(crate) metrics: Metrics,
     /// Declared last: dropping the core stops the writer after the rest.
     /// `stop_writer` stops it earlier (a graceful shutdown).
     writer: Mutex<Option<Writer>>,
@@ -71,8 +74,10 @@ impl Control {
     pub fn new(config: ManagerConfig, ca: Ca, store: Box<dyn Store>) -> Result<Self, ManagerError> {
         let mut registry = store.load()?;
         registry.events.set_limit(config.events_per_tenant as usize);
-        let (durable, writer) = Durable::start(registry, store, broadcast::channel(1024).0)
-            .map_err(|e| StoreError::Backend {
+        let metrics = Metrics::default();
+        let (durable, writer) =
+            Durable::start_measured(registry, store, broadcast::channel(1024).0, metrics.clone())
+                .map_err(|e| StoreError::Backend {
                 path: config.data_dir.join("state.redb"),
                 why: format!("could not start the store writer: {e}"),
             })?;
@@ -86,6 +91,7 @@ impl Control {
         Ok(Control {
             ca,
             durable,
+            metrics,
             writer: Mutex::new(Some(writer)),
             live: RwLock::new(HashMap::new()),
             revocations: crate::revocations::Revocations::new(&config.data_dir),
@@ -95,6 +101,11 @@ impl Control {
 
     pub fn config(&self) -> &ManagerConfig {
         &self.config
+    }
+
+    /// The manager's metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn trust_domain(&self) -> &str {

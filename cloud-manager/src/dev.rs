@@ -53,6 +53,10 @@ const RESTART_DEADLINE: Duration = Duration::from_secs(10);
 /// answer the supervisor writes back.
 const RESTART_REQUEST: &str = "restart.request";
 const RESTART_ANSWER: &str = "restart.answer";
+/// Where the dev manager and agents serve their metrics: loopback, any
+/// free port (each writes its URL to `metrics.url` in its data dir).
+pub(crate) const DEV_METRICS_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 /// How long start-up waits for every agent to connect.
 pub(crate) const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -84,6 +88,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir: dir.clone(),
         http_listen: HttpListen::At(dashboard_address(args.http_listen)),
+        // Metrics on: `DIR/metrics.url` tells where.
+        metrics_listen: Some(DEV_METRICS_LISTEN),
         ..ManagerConfig::default()
     };
     let tenant = config.default_tenant.clone();
@@ -156,7 +162,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
              (also in {}/dashboard.url; `edgectl dashboard` prints a new link)\n\n",
             dir.display()
         );
-        print_banner(&dir, &headline, &manager_addr, &agents, demo, &extra);
+        print_banner(&dir, &headline, &manager_addr, &agents, demo, &extra, false);
         supervise(&mut agents, &shutdown).await;
     }
     // Agents and manager stop together: the manager ends open event
@@ -311,6 +317,8 @@ pub(crate) fn spawn_agent(launch: &Launch, agent_dir: &Path) -> anyhow::Result<C
         // per app so one agent's traffic does not count against the others.
         .args(["--network-accounting", "process"])
         .args(["--peer-listen", &launch.peer_listen])
+        .arg("--metrics-listen")
+        .arg(DEV_METRICS_LISTEN.to_string())
         .args(&launch.extra)
         .arg("--pid-file")
         .arg(agent_dir.join("agent.pid"))
@@ -669,6 +677,7 @@ pub(crate) fn print_banner(
     agents: &[DevAgent],
     demo: bool,
     extra: &str,
+    replicas: bool,
 ) {
     let d = dir.display();
     let creds = format!("-cacert {d}/ca.pem -cert {d}/tenant.pem -key {d}/tenant.key");
@@ -701,9 +710,15 @@ pub(crate) fn print_banner(
          Crash a simulated machine (its agent and everything in its session), then start it again:\n  \
            pkill -KILL -s $(cat {d}/agents/{crash}/agent.pid)\n  \
            cloud-manager dev --data-dir {d} --restart-agent {crash}\n\
+         Prometheus metrics: curl $(cat {d}/{metrics_url}) (agents: {d}/agents/dev-N/metrics.url)\n\
          Agent logs: {d}/agents/dev-N/agent.log\n\
          Stop everything: Ctrl-C\n",
         n = agents.len(),
+        metrics_url = if !replicas {
+            "metrics.url"
+        } else {
+            "managers/m-1/metrics.url"
+        },
         demo_text = if demo {
             format!(
                 "The demo pool (dev-1..dev-3 run its apps, dev-4 is the spare):\n  \

@@ -294,7 +294,9 @@ async fn start_replica(
     };
     let mut child = Command::new(exe)
         .args(["serve", "--new-session", "--exit-with-parent"])
-        .args(["--listen", &listen.to_string(), "--data-dir"])
+        .args(["--listen", &listen.to_string()])
+        .args(["--metrics-listen", &dev::DEV_METRICS_LISTEN.to_string()])
+        .arg("--data-dir")
         .arg(&mdir)
         // Replicas share this host: each dashboard on a free port.
         .args(["--http-listen", "127.0.0.1:0"])
@@ -688,5 +690,5 @@ fn print_banner(
         "{} manager replicas (leader {leader_name} on {leader})",
         managers.len()
     );
-    dev::print_banner(dir, &headline, leader, agents, demo, &text);
+    dev::print_banner(dir, &headline, leader, agents, demo, &text, true);
 }

@@ -41,6 +41,31 @@ pub enum EventKind {
     PolicyUpdated,
 }
 
+impl EventKind {
+    /// The kind's name as the API shows it (`FAILOVER_STARTED`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::PoolCreated => "POOL_CREATED",
+            EventKind::PoolDeleted => "POOL_DELETED",
+            EventKind::AppStarted => "APP_STARTED",
+            EventKind::AppStopped => "APP_STOPPED",
+            EventKind::AppExited => "APP_EXITED",
+            EventKind::AppsUpdated => "APPS_UPDATED",
+            EventKind::NodeEnrolled => "NODE_ENROLLED",
+            EventKind::CertRenewed => "CERT_RENEWED",
+            EventKind::NodeSuspect => "NODE_SUSPECT",
+            EventKind::FailoverStarted => "FAILOVER_STARTED",
+            EventKind::FailoverDone => "FAILOVER_DONE",
+            EventKind::CertRevoked => "CERT_REVOKED",
+            EventKind::PoolDegraded => "POOL_DEGRADED",
+            EventKind::NodeFenced => "NODE_FENCED",
+            EventKind::NodeFreed => "NODE_FREED",
+            EventKind::Offload => "OFFLOAD",
+            EventKind::PolicyUpdated => "POLICY_UPDATED",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
     pub seq: u64,

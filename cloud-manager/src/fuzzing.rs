@@ -101,6 +101,11 @@ impl Harness {
         Harness { rt, manager }
     }
 
+    /// The manager (unit tests look at it after the harness made it).
+    pub fn manager(&self) -> Arc<Manager> {
+        self.manager.clone()
+    }
+
     /// One agent stream: `data` is a sequence of length-delimited
     /// `AgentMessage`s, the first of which must be the hello; its first
     /// byte picks which enrolled node speaks.

@@ -492,9 +492,12 @@ impl Pools {
         if !changed {
             return;
         }
+        // What the metrics count once the change is committed: the
+        // offloads' resources and a finished failover's duration.
         let result = self.control.mutate_async(|r| {
+            let mut counted: (Vec<String>, Option<u64>) = (Vec::new(), None);
             let Some(c) = report_changes(r, node, &report, previous.as_ref()) else {
-                return Ok(());
+                return Ok(counted);
             };
             let (tenant, pool, slot) = (c.tenant, report.pool.clone(), c.slot);
             let now = now_ms();
@@ -531,6 +534,7 @@ impl Pools {
                         .app(&o.app)
                         .message(message);
                     r.events.push(e, now);
+                    counted.0.push(o.resource.clone());
                     let newest = p.offloads_seen.entry(node_id.to_string()).or_default();
                     *newest = (*newest).max(o.triggered_at_ms);
                 }
@@ -543,13 +547,25 @@ impl Pools {
                             now.saturating_sub(*lost_at)
                         ));
                     r.events.push(e, now);
+                    counted.1 = Some(now.saturating_sub(*lost_at));
                 }
             }
-            Ok(())
+            Ok(counted)
         })
         .await;
-        if let Err(e) = result {
-            tracing::warn!(%node, error = %e, "could not record app events");
+        match result {
+            Ok((offloads, done)) => {
+                let metrics = &self.control.metrics;
+                for resource in &offloads {
+                    metrics.offload(resource);
+                }
+                if let Some(ms) = done {
+                    metrics.failover_done(ms);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "could not record app events")
+            }
         }
     }
 

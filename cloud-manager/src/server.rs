@@ -43,6 +43,8 @@ pub struct ManagerServer {
     lost: Option<Arc<AtomicBool>>,
     /// The web dashboard, bound (`http_listen`), unless it is off.
     dashboard: Option<Dashboard>,
+    /// The Prometheus metrics listener (`metrics_listen`), bound.
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 /// Binds the listener, then opens the store and loads or creates the CA.
@@ -76,6 +78,18 @@ pub async fn build_until(
                 format!("cannot listen on {addr} for the dashboard (taken? choose another address with --http-listen, or --http-listen off)")
             })?)
         }
+    };
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let l = edgepool_common::metrics::bind(addr)
+                .await
+                .with_context(|| {
+                    format!("cannot listen for metrics on {addr} (--metrics-listen)")
+                })?;
+            let bound = l.local_addr()?;
+            Some((l, bound))
+        }
+        None => None,
     };
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -163,6 +177,7 @@ pub async fn build_until(
         listener,
         local_addr,
         lost,
+        metrics,
         tls: tls_config,
         trust,
         dashboard,
@@ -314,6 +329,11 @@ impl ManagerServer {
         self.dashboard.as_ref().map(Dashboard::links)
     }
 
+    /// Where the metrics are served (`metrics_listen`), if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
+    }
+
     /// Serves until `shutdown` fires, then drains for at most 5 s.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.run_with_drain(shutdown, DRAIN_DEADLINE).await
@@ -386,6 +406,22 @@ impl ManagerServer {
             tracker.spawn(dashboard.run(self.manager.clone(), shutdown.clone()));
         }
         let config = self.manager.config();
+        // `DATA_DIR/metrics.url` says where the metrics are (a stale one
+        // goes when they are off).
+        let metrics_addr = self.metrics.as_ref().map(|(_, a)| *a);
+        if let Err(e) = edgepool_common::metrics::write_url_file(&config.data_dir, metrics_addr) {
+            tracing::warn!(error = %e, "could not write {}", edgepool_common::metrics::URL_FILE);
+        }
+        if let Some((listener, addr)) = self.metrics {
+            let registry = Arc::new(crate::scrape::registry(self.manager.clone()));
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = edgepool_common::metrics::serve(listener, registry, stop).await {
+                    tracing::warn!(error = %e, "metrics listener stopped");
+                }
+            });
+            tracing::info!(addr = %addr, url = %edgepool_common::metrics::url(addr), "metrics serving");
+        }
         let limits = tls::AcceptLimits::new(
             config.max_concurrent_handshakes as usize,
             Duration::from_millis(u64::from(config.handshake_timeout_ms)),
@@ -400,6 +436,9 @@ impl ManagerServer {
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(edgepool_common::metrics::RpcLayer::new(
+                self.manager.control().metrics.rpc.clone(),
+            ))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

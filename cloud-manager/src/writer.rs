@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::events::EventRecord;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, WriteSet};
 
@@ -48,6 +49,9 @@ pub struct Durable {
     publish: Mutex<()>,
     head: Mutex<Head>,
     events: broadcast::Sender<Arc<EventRecord>>,
+    /// Commit durations and committed events (recorded by the writer
+    /// thread, after each commit).
+    metrics: Metrics,
 }
 
 struct Head {
@@ -153,6 +157,16 @@ impl Durable {
         store: Box<dyn Store>,
         events: broadcast::Sender<Arc<EventRecord>>,
     ) -> std::io::Result<(Arc<Durable>, Writer)> {
+        Self::start_measured(registry, store, events, Metrics::default())
+    }
+
+    /// `start`, recording into `metrics`.
+    pub fn start_measured(
+        registry: Registry,
+        store: Box<dyn Store>,
+        events: broadcast::Sender<Arc<EventRecord>>,
+        metrics: Metrics,
+    ) -> std::io::Result<(Arc<Durable>, Writer)> {
         let (tx, rx) = std_mpsc::channel();
         let durable = Arc::new(Durable {
             committed: ArcSwap::from_pointee(registry.clone()),
@@ -164,6 +178,7 @@ impl Durable {
                 jobs: Some(tx),
             }),
             events,
+            metrics,
         });
         let d = durable.clone();
         let thread = std::thread::Builder::new()
@@ -284,7 +299,13 @@ fn write_loop(durable: &Durable, store: &dyn Store, jobs: &std_mpsc::Receiver<Jo
             continue;
         };
         let writes: Vec<&WriteSet> = batch.iter().map(|j| &j.writes).collect();
-        match store.commit(&writes) {
+        let started = std::time::Instant::now();
+        let committed = store.commit(&writes);
+        durable
+            .metrics
+            .store_commit
+            .observe(started.elapsed().as_secs_f64());
+        match committed {
             Ok(()) => {
                 let publish = durable.publish.lock().unwrap_or_else(|p| p.into_inner());
                 durable.committed.store(newest);
@@ -293,6 +314,9 @@ fn write_loop(durable: &Durable, store: &dyn Store, jobs: &std_mpsc::Receiver<Jo
                 for e in batch.iter().flat_map(|j| &j.events) {
                     // No subscribers is fine: events are also kept.
                     let _ = durable.events.send(e.clone());
+                }
+                for e in batch.iter().flat_map(|j| &j.events) {
+                    durable.metrics.event_committed(e);
                 }
                 drop(publish);
                 for j in batch {

@@ -8,6 +8,7 @@ pub mod gate;
 pub mod grpc;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod tls;
 pub mod trust;
 

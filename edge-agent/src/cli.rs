@@ -180,6 +180,12 @@ pub struct RunArgs {
     /// Log format: plain (default) or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics (plain HTTP, GET /metrics) on this address
+    /// (default: off; no TLS or authentication, so keep it on loopback or a
+    /// monitoring network; port 0 = any free port). The URL is written to
+    /// DATA_DIR/metrics.url.
+    #[arg(long, env = "EDGE_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Write the agent's pid here once it runs.
     #[arg(long, env = "EDGE_AGENT_PID_FILE")]
     pub pid_file: Option<PathBuf>,
@@ -281,6 +287,9 @@ impl RunArgs {
         }
         if let Some(v) = self.log_format {
             c.log_format = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            c.metrics_listen = Some(v);
         }
         c.validate()?;
         Ok(c)

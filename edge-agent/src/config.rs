@@ -97,6 +97,12 @@ pub struct AgentConfig {
     /// What the node keeps for itself, added to the group's need before it
     /// is compared with the thresholds. Default all 0.
     pub reserve: CapacityConfig,
+    /// Address of the Prometheus metrics listener (plain HTTP, `GET
+    /// /metrics` in the OpenMetrics text format); its URL is written to
+    /// `DATA_DIR/metrics.url`. No TLS and no authentication: keep it on
+    /// loopback or a network only your monitoring reaches. Port 0 picks a
+    /// free port. Default none (off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Log output: `plain` or `json`. Default `plain`.
     pub log_format: LogFormat,
 }
@@ -159,6 +165,7 @@ impl Default for AgentConfig {
             max_guest_percent_per_member: 90,
             network_accounting: NetworkAccounting::Interface,
             reserve: CapacityConfig::default(),
+            metrics_listen: None,
             log_format: LogFormat::Plain,
         }
     }

@@ -12,6 +12,7 @@ pub mod heard;
 pub mod join;
 pub mod liveness;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod offload;
 pub mod offload_state;
@@ -63,6 +64,14 @@ pub struct Agent {
     measurer: telemetry::Measurer,
     /// Asks the measurer for a measurement (and app report) now.
     measure_now: Arc<tokio::sync::Notify>,
+    /// The metrics listener (`metrics_listen`), bound, and the registry it
+    /// serves.
+    metrics: Option<(
+        TcpListener,
+        SocketAddr,
+        Arc<prometheus_client::registry::Registry>,
+    )>,
+    data_dir: std::path::PathBuf,
 }
 
 /// The machine under an agent. `Machine::default()` is the real one, what
@@ -230,6 +239,22 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         .with_peer_gate(machine.peer_gate),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = edgepool_common::metrics::bind(addr)
+                .await
+                .with_context(|| {
+                    format!("cannot listen for metrics on {addr} (--metrics-listen)")
+                })?;
+            let bound = listener.local_addr()?;
+            let reader = measurements.reader();
+            let latest: metrics::LatestReport =
+                Arc::new(move || reader.borrow().as_ref().map(|m| m.report.clone()));
+            let registry = Arc::new(shared.metrics.registry(latest));
+            Some((listener, bound, registry))
+        }
+        None => None,
+    };
     let measure_now = measurements.asker();
     // An app that starts, runs or exits is reported at once.
     apps.on_change(measure_now.clone());
@@ -279,6 +304,8 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
         network_accounting: config.network_accounting,
         measurer,
         measure_now,
+        metrics,
+        data_dir: config.data_dir.clone(),
         reserve: [
             config.reserve.cpu_millis,
             config.reserve.memory_mb,
@@ -298,6 +325,11 @@ impl Agent {
         self.peer_addr
     }
 
+    /// Where the metrics are served (`metrics_listen`), if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a, _)| *a)
+    }
+
     /// Watches whether the stream to the manager is up.
     pub fn link(&self) -> watch::Receiver<LinkState> {
         self.link.clone()
@@ -313,6 +345,21 @@ impl Agent {
             "agent running"
         );
         let shared = self.shared.clone();
+        // `DATA_DIR/metrics.url` says where the metrics are (a stale one
+        // goes when they are off).
+        let metrics_addr = self.metrics.as_ref().map(|(_, a, _)| *a);
+        if let Err(e) = edgepool_common::metrics::write_url_file(&self.data_dir, metrics_addr) {
+            tracing::warn!(error = %e, "could not write {}", edgepool_common::metrics::URL_FILE);
+        }
+        if let Some((listener, addr, registry)) = self.metrics {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = edgepool_common::metrics::serve(listener, registry, stop).await {
+                    tracing::warn!(error = %e, "metrics listener stopped");
+                }
+            });
+            tracing::info!(addr = %addr, url = %edgepool_common::metrics::url(addr), "metrics serving");
+        }
         // The saved assignment first: apps and membership come back even
         // when the manager is unreachable.
         if let Some(saved) = shared.load_saved()

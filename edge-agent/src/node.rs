@@ -105,6 +105,8 @@ pub struct Shared {
     /// The switch on every peer connection (edgepool-swarm only; see
     /// `edgepool_common::gate`).
     peer_gate: Option<edgepool_common::gate::Gate>,
+    /// The agent's metric families (`crate::metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -172,6 +174,7 @@ impl Shared {
             interface_kbps: Mutex::new(0),
             sync: tokio::sync::Mutex::new(()),
             peer_gate: None,
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 

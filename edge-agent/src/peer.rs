@@ -212,6 +212,8 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
             continue;
         };
         let mut results = Vec::new();
+        // (slot, round trip of an answered probe) for the metrics.
+        let mut rtts: Vec<(u32, Option<f64>)> = Vec::new();
         for peer in m.others() {
             let key = (
                 peer.slot,
@@ -234,8 +236,10 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
                 }
             }
             if let Some(client) = clients.get_mut(&key) {
+                let sent = std::time::Instant::now();
                 match tokio::time::timeout(PROBE_TIMEOUT, client.probe(pb::ProbeRequest {})).await {
                     Ok(Ok(answer)) => {
+                        rtts.push((peer.slot, Some(sent.elapsed().as_secs_f64())));
                         let a = answer.into_inner();
                         let amounts = |r: Option<pb::Resources>| {
                             let r = r.unwrap_or_default();
@@ -257,8 +261,12 @@ pub async fn probe_loop(shared: Arc<Shared>, every: Duration, shutdown: Cancella
                 }
             }
             status.last_ok_ms = last_ok.get(&peer.slot).copied().unwrap_or(0);
+            if !status.reachable {
+                rtts.push((peer.slot, None));
+            }
             results.push(status);
         }
+        shared.metrics.probed(&rtts);
         let accepted = results.iter().any(|r| r.reachable);
         shared.set_peers(results);
         if accepted {

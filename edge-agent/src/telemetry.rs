@@ -269,6 +269,12 @@ impl Measurements {
         self.ask.clone()
     }
 
+    /// A reader of the newest measurement, apart from this handle's own
+    /// (the metrics read the apps' figures from it at scrape time).
+    pub fn reader(&self) -> watch::Receiver<Option<Arc<Measured>>> {
+        self.latest.clone()
+    }
+
     /// The next new measurement (None once the measuring task is gone).
     pub async fn next(&mut self) -> Option<Arc<Measured>> {
         self.latest.changed().await.ok()?;

@@ -128,6 +128,7 @@ impl Uplink {
                 None => self.backoff.next_delay(),
             };
             tracing::info!(?delay, "reconnecting");
+            self.shared.metrics.reconnects.inc();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}

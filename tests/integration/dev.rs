@@ -118,6 +118,26 @@ async fn dev_runs_a_fleet_and_stops_it_cleanly() {
     let nodes = list_nodes(&mut tenant).await;
     let ids: Vec<&str> = nodes.iter().map(|n| n.node_id.as_str()).collect();
     assert_eq!(ids, ["dev-1", "dev-2"]);
+
+    // Metrics are on: DIR/metrics.url and DIR/agents/dev-N/metrics.url
+    // hold URLs that scrape.
+    assert!(banner.contains("metrics.url"), "{banner}");
+    let murl = metrics_url(&dir);
+    assert!(murl.starts_with("http://127.0.0.1:"), "{murl}");
+    scrape_until("both dev agents' streams", &murl, |s| {
+        (s.value("edgepool_agent_streams") == 2.0).then_some(())
+    })
+    .await;
+    for n in 1..=2 {
+        let url = metrics_url(&dir.join(format!("agents/dev-{n}")));
+        let s = scrape(&url).await;
+        assert!(s.has_family("edgepool_apps"), "dev-{n}: {}", s.text);
+        assert!(
+            s.has_family("edgepool_agent_stream_reconnects"),
+            "dev-{n}: {}",
+            s.text
+        );
+    }
     assert!(nodes.iter().all(|n| n.connected));
     assert_eq!(nodes[1].peer_address.split(':').next(), Some("127.0.1.2"));
 

@@ -18,6 +18,7 @@ mod guests;
 mod hostile;
 mod install;
 mod manager_list;
+mod metrics;
 mod node_list;
 mod offload;
 mod offload_faults;

@@ -13,7 +13,7 @@ use crate::pools::{Fleet, get_pool, wait_running};
 
 /// Capacities small enough for a test's load to cross thresholds; the
 /// resources a test does not exercise get large capacities.
-fn agent_args(cpu: u64, mem: u64, disk: u64, net: u64) -> Vec<String> {
+pub(crate) fn agent_args(cpu: u64, mem: u64, disk: u64, net: u64) -> Vec<String> {
     [
         ("--cpu-millis", cpu),
         ("--memory-mb", mem),

@@ -1129,3 +1129,131 @@ pub fn cgroup_memory_limit(pid: u32) -> Option<u64> {
     let v = std::fs::read_to_string(format!("{root}{path}/memory.max")).ok()?;
     v.trim().parse().ok()
 }
+
+/// The samples of one scrape of a metrics listener: `name{labels}` (as the
+/// exposition writes it) -> value.
+#[derive(Clone, Debug, Default)]
+pub struct Scrape {
+    pub samples: BTreeMap<String, f64>,
+    pub text: String,
+}
+
+impl Scrape {
+    /// The sample `key` (`name` or `name{a="b",...}`), 0 when absent.
+    pub fn value(&self, key: &str) -> f64 {
+        self.samples.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// Whether a metric family of this name is declared (`# TYPE name ...`).
+    pub fn has_family(&self, name: &str) -> bool {
+        self.text
+            .lines()
+            .any(|l| l.strip_prefix("# TYPE ").and_then(|r| r.split(' ').next()) == Some(name))
+    }
+}
+
+/// The URL in `DIR/metrics.url` (written by a daemon with metrics on).
+pub fn metrics_url(dir: &Path) -> String {
+    let path = dir.join("metrics.url");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// Parses an OpenMetrics text exposition; panics on a line that is not a
+/// comment or `NAME[{LABELS}] VALUE`, or without the final `# EOF`.
+pub fn parse_openmetrics(text: &str) -> BTreeMap<String, f64> {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "no # EOF at the end:\n{text}"
+    );
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in: {line}"));
+        let name = key.split('{').next().unwrap_or_default();
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in: {line}"
+        );
+        assert!(
+            !key.contains('{') || key.ends_with('}'),
+            "bad labels in: {line}"
+        );
+        samples.insert(key.to_string(), value);
+    }
+    samples
+}
+
+/// `GET URL` (plain `http://HOST:PORT/PATH`): the status code and the
+/// body, or None when the listener cannot be reached.
+pub async fn http_get(url: &str) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(host))
+            .await
+            .ok()?
+            .ok()?;
+    let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, head.to_string(), body.to_string()))
+}
+
+/// Scrapes a metrics listener; panics unless it answers 200 with a valid
+/// OpenMetrics text exposition.
+pub async fn scrape(url: &str) -> Scrape {
+    let (code, head, body) = http_get(url)
+        .await
+        .unwrap_or_else(|| panic!("no answer from {url}"));
+    assert_eq!(code, 200, "{url}: {head}\n{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{url}: {head}"
+    );
+    Scrape {
+        samples: parse_openmetrics(&body),
+        text: body,
+    }
+}
+
+/// Scrapes `url` until `check` finds what it wants in a scrape.
+pub async fn scrape_until<T>(
+    what: &str,
+    url: &str,
+    mut check: impl FnMut(&Scrape) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let s = scrape(url).await;
+        if let Some(v) = check(&s) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last scrape of {url}:\n{}",
+            s.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -103,8 +103,13 @@ pub async fn admit(
     let app = req.app.as_ref().map(|a| a.name.clone()).unwrap_or_default();
     let offer_id = req.offer_id.clone();
     let renew = req.renew;
+    let reason = crate::metrics::resource_label(&req.reason);
     let answer = offer(shared, caller_slot, req).await;
     if let Err(e) = &answer {
+        // Not the pool's app as the catalog has it, or not from a member.
+        if !renew && e.code() == tonic::Code::PermissionDenied {
+            shared.metrics.admission(reason, "denied");
+        }
         // The caller chose the name and the id: logged escaped.
         tracing::warn!(app = ?app, caller_slot, offer_id = ?offer_id, renew, code = ?e.code(), reason = e.message(), "offer refused");
     }
@@ -213,6 +218,17 @@ async fn offer(
             },
         );
     });
+    let reason = crate::metrics::resource_label(&req.reason);
+    let metrics = &shared.metrics;
+    match &admission {
+        Admission::Refused(over) => {
+            metrics.admission(crate::metrics::resource_label(over.name()), "refused")
+        }
+        Admission::OverMember(_) => metrics.admission("guest_bound", "refused"),
+        Admission::Taken(_) => metrics.admission(reason, "taken"),
+        Admission::Repeated => {}
+        Admission::Admitted => metrics.admission(reason, "admitted"),
+    }
     match admission {
         Admission::Refused(over) => {
             return Err(tonic::Status::resource_exhausted(format!(

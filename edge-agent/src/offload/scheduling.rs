@@ -157,6 +157,9 @@ async fn offload(
             utilisation = trigger.utilisation,
             "over the threshold but no peer can take an app"
         );
+        shared
+            .metrics
+            .decision(trigger.resource.name(), "no_peer_fits");
         return 0;
     }
     let lease_ms = shared.offload_settings().lease_ms();
@@ -170,6 +173,7 @@ async fn offload(
         // load changed since its last probe refuses, and we try the next.
         let mut order = vec![mv.to_slot];
         order.extend(peers.iter().map(|p| p.slot).filter(|s| *s != mv.to_slot));
+        let before = moved;
         for slot in order {
             // A peer that may still run an earlier copy is not offered the
             // app again before it confirms it stopped that one.
@@ -253,6 +257,12 @@ async fn offload(
                 }
             }
         }
+        let outcome = if moved > before {
+            "moved"
+        } else {
+            "no_peer_took_it"
+        };
+        shared.metrics.decision(trigger.resource.name(), outcome);
     }
     moved
 }
