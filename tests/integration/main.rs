@@ -2,6 +2,7 @@
 
 mod api_docs;
 mod auth;
+mod autonomy;
 mod cli;
 mod detection;
 mod dev;
