@@ -163,6 +163,20 @@ async fn main() {
         cut.as_secs(),
         restart_at.as_secs()
     );
+    // node-1 owns the burners: its log says each move and each return.
+    let moves = |agents: &BTreeMap<String, (AgentDir, Proc)>| {
+        let text = agents
+            .get("node-1")
+            .map(|(_, p)| p.log_text())
+            .unwrap_or_default();
+        let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+        (
+            count(" offloaded "),
+            count(" returned home"),
+            count("taken back from the host"),
+        )
+    };
+    let moves_before = moves(&agents);
     proxy.blackhole();
     let cut_at = Instant::now();
     let mut restarted = None;
@@ -211,6 +225,7 @@ async fn main() {
         println!("node-3 confirmed by a peer during the cut: {confirmed}");
     }
 
+    let moves_in_cut = moves(&agents);
     proxy.restore();
     let healed_at = now_ms();
     let heal = Instant::now();
@@ -274,7 +289,13 @@ async fn main() {
         count(pb::EventKind::AppExited)
     );
     println!(
-        "offloads reported after the heal: {offloads} moves, {returns} returns home; CERT_RENEWED events: {}",
+        "offloads during the cut (node-1's log): {} moves, {} returns home, {} taken back after a failed renewal",
+        moves_in_cut.0 - moves_before.0,
+        moves_in_cut.1 - moves_before.1,
+        moves_in_cut.2 - moves_before.2
+    );
+    println!(
+        "OFFLOAD events since the cut began (reported after the heal; an agent keeps its last 50 records): {offloads} moves, {returns} returns home; CERT_RENEWED events: {}",
         count(pb::EventKind::CertRenewed)
     );
     println!(
