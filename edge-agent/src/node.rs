@@ -15,7 +15,15 @@
 //!   group; apps still running from before are left alone until then.
 //! - *isolated*: cut off from the manager and from every peer for longer
 //!   than the isolation lease, apps whose `on_disconnect` is STOP are
-//!   stopped (and started again when the node is back in touch).
+//!   stopped (and started again when the node is back in touch: a peer
+//!   accepting us or an assignment from the manager ends it at once).
+//!
+//! While the node has no stream to the manager, its member checks (peer
+//! server and dialing client) apply the offline grace: a peer's expired
+//! member certificate with the serial our membership holds passes for up
+//! to the autonomy window after its expiry (`trust::OfflineGrace`), so the
+//! pool keeps working through a cloud outage longer than its
+//! certificates live, and a restarted agent is confirmed by its peers.
 //!
 //! Layering: the workers (the uplink, the peer server and prober, the
 //! liveness loop, the offload loops, the measurer) depend on this module;
