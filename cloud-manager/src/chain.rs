@@ -357,4 +357,92 @@ mod tests {
         assert!(stale.to_string().contains("replaced or revoked"), "{stale}");
         assert!(dial(member(3), &new.serial_hex, &new).is_err());
     }
+
+    /// The offline grace (issue 14): an expired member certificate passes
+    /// both sides of the handshake only while the checking member is cut
+    /// off from the manager, only within the window after its expiry, and
+    /// only with the serial the held membership lists for its slot.
+    #[test]
+    fn an_expired_member_certificate_passes_only_offline_within_the_window() {
+        use edgepool_common::trust::{
+            IssuerVerifier, MemberCheck, MemberServerVerifier, OfflineGrace, RootIssued,
+        };
+        use rustls::client::danger::ServerCertVerifier;
+        let ca = Ca::generate("test.local").unwrap();
+        let pool_ca = issue_pool_ca(&ca, "t", "p").unwrap();
+        let other_ca = issue_pool_ca(&ca, "t", "p").unwrap();
+        let node = node_cert(&ca, &KeyPair::generate().unwrap(), "n2");
+        let issue = || {
+            issue_member(
+                &ca,
+                &pool_ca,
+                &member(2),
+                &node.cert_pem,
+                Duration::hours(1),
+            )
+            .unwrap()
+        };
+        let (held, replaced) = (issue(), issue());
+        let grace = OfflineGrace::new(std::time::Duration::from_secs(3 * 3600));
+        let check = |ca_pem: &str| {
+            MemberCheck::new(&der(ca_pem), pool_prefix("test.local", "t", "p"))
+                .unwrap()
+                .with_grace(grace.clone())
+        };
+        let at = |hours: u64| {
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                UnixTime::now().as_secs() + hours * 3600,
+            ))
+        };
+        let name = rustls::pki_types::ServerName::try_from("peer").unwrap();
+        let dial = |ca_pem: &str, slot: u32, cert: &MemberCert, hours: u64| {
+            MemberServerVerifier::new(check(ca_pem), member(slot), held.serial_hex.clone())
+                .verify_server_cert(&der(&cert.cert_pem), &[], &name, &[], at(hours))
+                .map(|_| ())
+        };
+        let held_serial = held.serial_hex.clone();
+        let root = RootIssued::new(&der(ca.cert_pem())).unwrap();
+        let server = |ca_pem: &str| {
+            let held_serial = held_serial.clone();
+            IssuerVerifier::new(
+                root.clone(),
+                Some(check(ca_pem)),
+                true,
+                move |id, serial| match id {
+                    Identity::Member { slot: 2, .. } if serial == held_serial => Ok(()),
+                    _ => Err(format!(
+                        "{id} with serial {serial} is not in the membership"
+                    )),
+                },
+            )
+        };
+        let accept = |ca_pem: &str, cert: &MemberCert, hours: u64| {
+            server(ca_pem)
+                .check(&der(&cert.cert_pem), at(hours))
+                .map(|_| ())
+        };
+        let pool = pool_ca.cert_pem.clone();
+        // Connected to the manager: expired is expired, on both sides.
+        assert!(dial(&pool, 2, &held, 2).is_err());
+        assert!(accept(&pool, &held, 2).is_err());
+        grace.set_offline(true);
+        // Cut off: the held serial passes an hour after its expiry, on both
+        // sides, and while still valid as before.
+        assert!(dial(&pool, 2, &held, 0).is_ok());
+        assert!(dial(&pool, 2, &held, 2).is_ok());
+        assert!(accept(&pool, &held, 2).is_ok());
+        // Past the window (3 h after the expiry): refused.
+        assert!(dial(&pool, 2, &held, 5).is_err());
+        assert!(accept(&pool, &held, 5).is_err());
+        // A replaced serial, a wrong slot, another pool CA: refused.
+        assert!(dial(&pool, 2, &replaced, 2).is_err());
+        assert!(accept(&pool, &replaced, 2).is_err());
+        assert!(dial(&pool, 3, &held, 2).is_err());
+        assert!(dial(&other_ca.cert_pem, 2, &held, 2).is_err());
+        assert!(accept(&other_ca.cert_pem, &held, 2).is_err());
+        // Back in touch with the manager: refused again.
+        grace.set_offline(false);
+        assert!(dial(&pool, 2, &held, 2).is_err());
+        assert!(accept(&pool, &held, 2).is_err());
+    }
 }

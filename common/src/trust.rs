@@ -22,6 +22,8 @@
 //! member certificates, and only for the pool it was given.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -126,6 +128,64 @@ impl RootIssued {
     }
 }
 
+/// The offline grace for expired member certificates: while `offline` is
+/// set (the member holding it has no stream to the manager), a member
+/// certificate that expired at most `window` ago is verified as of its own
+/// `notAfter` instead of now. Everything else is still checked: the pool
+/// CA's signature and validity, the pool's name prefix, and (by the caller,
+/// which always does it) the slot and the serial of the held membership.
+/// Connected to the manager, or past the window, an expired certificate is
+/// refused as usual.
+#[derive(Clone, Debug)]
+pub struct OfflineGrace {
+    offline: Arc<AtomicBool>,
+    window: Duration,
+}
+
+impl OfflineGrace {
+    /// A grace of `window`, off until `set_offline(true)`.
+    pub fn new(window: Duration) -> Self {
+        OfflineGrace {
+            offline: Arc::new(AtomicBool::new(false)),
+            window,
+        }
+    }
+
+    /// Turns the grace on (cut off from the manager) or off. Every
+    /// `MemberCheck` holding a clone of this grace follows at once.
+    pub fn set_offline(&self, offline: bool) {
+        self.offline.store(offline, Ordering::Relaxed);
+    }
+
+    pub fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::Relaxed)
+    }
+
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The time to verify `leaf` at: `now`, or the certificate's own
+    /// `notAfter` if it expired within the window while offline.
+    pub fn verify_time(&self, leaf: &CertificateDer<'_>, now: UnixTime) -> UnixTime {
+        if !self.is_offline() {
+            return now;
+        }
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+            return now;
+        };
+        let Ok(not_after) = u64::try_from(cert.validity().not_after.timestamp()) else {
+            return now;
+        };
+        let now_secs = now.as_secs();
+        if now_secs > not_after && now_secs - not_after <= self.window.as_secs() {
+            UnixTime::since_unix_epoch(Duration::from_secs(not_after))
+        } else {
+            now
+        }
+    }
+}
+
 /// Checks that a member certificate was issued by one pool's CA and names
 /// a member of that pool.
 #[derive(Clone, Debug)]
@@ -133,6 +193,7 @@ pub struct MemberCheck {
     client: Arc<dyn ClientCertVerifier>,
     roots: Arc<RootCertStore>,
     prefix: String,
+    grace: Option<OfflineGrace>,
 }
 
 impl MemberCheck {
@@ -155,7 +216,24 @@ impl MemberCheck {
             client,
             roots,
             prefix,
+            grace: None,
         })
+    }
+
+    /// The same check with an offline grace for expired certificates. Only
+    /// for checks whose caller then requires the serial of the held
+    /// membership (`IssuerVerifier` with the membership as `admit`,
+    /// `MemberServerVerifier`): the grace is for members we already know.
+    pub fn with_grace(mut self, grace: OfflineGrace) -> Self {
+        self.grace = Some(grace);
+        self
+    }
+
+    fn at(&self, leaf: &CertificateDer<'_>, now: UnixTime) -> UnixTime {
+        match &self.grace {
+            Some(g) => g.verify_time(leaf, now),
+            None => now,
+        }
     }
 
     /// The member identity of `leaf`, a client certificate, if the pool CA
@@ -165,7 +243,8 @@ impl MemberCheck {
         leaf: &CertificateDer<'_>,
         now: UnixTime,
     ) -> Result<Identity, rustls::Error> {
-        self.client.verify_client_cert(leaf, &[], now)?;
+        self.client
+            .verify_client_cert(leaf, &[], self.at(leaf, now))?;
         self.identity(leaf)
     }
 
@@ -181,7 +260,7 @@ impl MemberCheck {
             &parsed,
             &self.roots,
             &[],
-            now,
+            self.at(leaf, now),
             provider().signature_verification_algorithms.all,
         )?;
         self.identity(leaf)

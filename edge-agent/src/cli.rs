@@ -177,6 +177,10 @@ pub struct RunArgs {
     /// Isolation lease in ms (default 10000; see agent.example.toml).
     #[arg(long, env = "EDGE_AGENT_ISOLATION_LEASE_MS")]
     pub isolation_lease_ms: Option<u64>,
+    /// Autonomy window in seconds (default 259200, 72 h; see
+    /// agent.example.toml).
+    #[arg(long, env = "EDGE_AGENT_AUTONOMY_WINDOW_SECS")]
+    pub autonomy_window_secs: Option<u64>,
     /// Log format: plain (default) or json (RUST_LOG sets the filter).
     #[arg(long, env = "EDGE_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -269,6 +273,9 @@ impl RunArgs {
         }
         if let Some(v) = self.isolation_lease_ms {
             c.isolation_lease_ms = v;
+        }
+        if let Some(v) = self.autonomy_window_secs {
+            c.autonomy_window_secs = v;
         }
         if let Some(v) = self.scheduler_interval_ms {
             c.scheduler_interval_ms = v;

@@ -74,6 +74,12 @@ pub struct AgentConfig {
     /// A member cut off from the manager and from every peer for longer
     /// than this stops its apps whose `on_disconnect` is STOP. Default 10000.
     pub isolation_lease_ms: u64,
+    /// The autonomy window (s): while this member has no stream to the
+    /// manager, it still accepts a peer's member certificate that expired
+    /// at most this long ago, if its serial is the one the held membership
+    /// lists for that slot (see SECURITY.md, "Offline grace"). 0 turns the
+    /// grace off; at most 2592000 (30 days). Default 259200 (72 h).
+    pub autonomy_window_secs: u64,
     /// How often the threshold policy is evaluated (ms). Default 1000.
     pub scheduler_interval_ms: u64,
     /// The offload reconciliation interval (ms): the lease an offloaded app
@@ -159,6 +165,7 @@ impl Default for AgentConfig {
             peer_suspect_ms: 600,
             stop_apps_on_exit: true,
             isolation_lease_ms: 10_000,
+            autonomy_window_secs: 259_200,
             scheduler_interval_ms: 1000,
             offload_lease_ms: 6000,
             max_guests_per_member: 16,
@@ -183,6 +190,9 @@ pub enum ConfigError {
     #[error("config field `{field}`: {why}")]
     Invalid { field: &'static str, why: String },
 }
+
+/// The longest autonomy window an agent accepts (30 days).
+pub const MAX_AUTONOMY_WINDOW_SECS: u64 = 2_592_000;
 
 /// The user the edge-agent package makes for apps.
 pub const DEFAULT_RUN_AS: &str = "edgepool-app";
@@ -253,6 +263,12 @@ impl AgentConfig {
             return Err(invalid(
                 "peer_suspect_ms",
                 "must be at least twice peer_liveness_interval_ms and at most 600000",
+            ));
+        }
+        if self.autonomy_window_secs > MAX_AUTONOMY_WINDOW_SECS {
+            return Err(invalid(
+                "autonomy_window_secs",
+                "must be at most 2592000 (30 days): the grace must stay bounded",
             ));
         }
         if self.scheduler_interval_ms < 50 {
@@ -348,6 +364,23 @@ mod tests {
         let c = AgentConfig::from_toml(include_str!("../agent.example.toml")).unwrap();
         assert_eq!(c, AgentConfig::default());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_autonomy_window_is_bounded() {
+        let c = AgentConfig {
+            autonomy_window_secs: MAX_AUTONOMY_WINDOW_SECS + 1,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("autonomy_window_secs"), "{err}");
+        for ok in [0, 259_200, MAX_AUTONOMY_WINDOW_SECS] {
+            let c = AgentConfig {
+                autonomy_window_secs: ok,
+                ..Default::default()
+            };
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -236,7 +236,8 @@ pub async fn build_on(config: AgentConfig, machine: Machine) -> anyhow::Result<A
                     percent: config.max_guest_percent_per_member,
                 }),
         )
-        .with_peer_gate(machine.peer_gate),
+        .with_peer_gate(machine.peer_gate)
+        .with_autonomy_window(Duration::from_secs(config.autonomy_window_secs)),
     );
     let (measurer, measurements) = telemetry::measurer(sampler, shared.clone());
     let metrics = match config.metrics_listen {
@@ -516,6 +517,7 @@ async fn isolation_loop(
             (LinkState::Disconnected, None) => Some(t),
             (LinkState::Disconnected, since) => since,
         };
+        shared.set_offline(down_since.is_some());
         let member = shared.membership().is_some();
         let iso = member
             && node::isolated(

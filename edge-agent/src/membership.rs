@@ -6,7 +6,9 @@
 //! anchor, `trust::MemberCheck`) for a name of the pool, for a slot that is
 //! in the current membership with exactly that certificate serial (so a
 //! replaced or revoked certificate stops working as soon as the new
-//! membership arrives). Both ends check this during the handshake.
+//! membership arrives). Both ends check this during the handshake. An
+//! expired certificate counts as valid only under the offline grace
+//! (`trust::OfflineGrace`, set on `check` by `node`).
 
 use edgepool_common::identity::{Identity, cert_serial_hex};
 use edgepool_common::proto as pb;

@@ -15,7 +15,15 @@
 //!   group; apps still running from before are left alone until then.
 //! - *isolated*: cut off from the manager and from every peer for longer
 //!   than the isolation lease, apps whose `on_disconnect` is STOP are
-//!   stopped (and started again when the node is back in touch).
+//!   stopped (and started again when the node is back in touch: a peer
+//!   accepting us or an assignment from the manager ends it at once).
+//!
+//! While the node has no stream to the manager, its member checks (peer
+//! server and dialing client) apply the offline grace: a peer's expired
+//! member certificate with the serial our membership holds passes for up
+//! to the autonomy window after its expiry (`trust::OfflineGrace`), so the
+//! pool keeps working through a cloud outage longer than its
+//! certificates live, and a restarted agent is confirmed by its peers.
 //!
 //! Layering: the workers (the uplink, the peer server and prober, the
 //! liveness loop, the offload loops, the measurer) depend on this module;
@@ -29,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use edgepool_common::identity::Identity;
 use edgepool_common::proto as pb;
 use edgepool_common::tls;
-use edgepool_common::trust::{IssuerVerifier, RootIssued};
+use edgepool_common::trust::{IssuerVerifier, OfflineGrace, RootIssued};
 use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -107,6 +115,9 @@ pub struct Shared {
     peer_gate: Option<edgepool_common::gate::Gate>,
     /// The agent's metric families (`crate::metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The offline grace every member check of ours applies (on while we
+    /// have no stream to the manager: `set_offline`).
+    grace: OfflineGrace,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -175,7 +186,33 @@ impl Shared {
             sync: tokio::sync::Mutex::new(()),
             peer_gate: None,
             metrics: crate::metrics::Metrics::default(),
+            grace: offline_grace(DEFAULT_AUTONOMY_WINDOW),
         })
+    }
+
+    /// Sets the autonomy window (before the agent runs; see
+    /// `AgentConfig::autonomy_window_secs`).
+    pub fn with_autonomy_window(mut self, window: std::time::Duration) -> Self {
+        self.grace = offline_grace(window);
+        self
+    }
+
+    pub fn autonomy_window(&self) -> std::time::Duration {
+        self.grace.window()
+    }
+
+    /// Whether we have a stream to the manager: without one, peers' member
+    /// certificates get the offline grace (`OfflineGrace`).
+    pub fn set_offline(&self, offline: bool) {
+        if self.grace.is_offline() != offline {
+            tracing::info!(
+                offline,
+                window_secs = self.grace.window().as_secs(),
+                "offline grace for expired member certificates of the held membership {}",
+                if offline { "on" } else { "off" }
+            );
+        }
+        self.grace.set_offline(offline);
     }
 
     pub fn membership(&self) -> Option<Arc<Membership>> {
@@ -450,8 +487,20 @@ impl Shared {
                 *lock(&self.saved) = Some(bytes);
             }
         }
-        lock(&self.gates).held = source == Source::Saved && membership.is_some();
-        let membership = membership.map(Arc::new);
+        {
+            let mut gates = lock(&self.gates);
+            gates.held = source == Source::Saved && membership.is_some();
+            // An assignment from the manager: we are in touch, whatever the
+            // isolation loop saw last (it catches up within its tick).
+            if source == Source::Manager {
+                gates.isolated = false;
+            }
+        }
+        let grace = self.grace.clone();
+        let membership = membership.map(|mut m| {
+            m.check = m.check.with_grace(grace);
+            Arc::new(m)
+        });
         let chain = match &membership {
             Some(m) => m.chain.clone(),
             None => self.node_chain.clone(),
@@ -526,10 +575,22 @@ impl Shared {
 
     /// A peer accepted our member certificate: a held saved assignment is
     /// still current, so its apps may run.
+    ///
+    /// It also ends isolation at once: a peer reached us, and a reconcile
+    /// that still saw the node isolated would stop (and the next one
+    /// restart) the apps whose `on_disconnect` is STOP.
     pub async fn confirm_membership(&self) {
-        let was_held = std::mem::replace(&mut lock(&self.gates).held, false);
+        let (was_held, was_isolated) = {
+            let mut gates = lock(&self.gates);
+            (
+                std::mem::replace(&mut gates.held, false),
+                std::mem::replace(&mut gates.isolated, false),
+            )
+        };
         if was_held {
             tracing::info!("a peer accepted our member certificate: starting the saved group");
+        }
+        if was_held || was_isolated {
             if let Err(e) = self.sync_apps().await {
                 tracing::warn!(error = %e, "could not start the saved group");
             }
@@ -618,6 +679,17 @@ impl Shared {
                 .collect(),
         }
     }
+}
+
+/// The default autonomy window: 72 h.
+pub const DEFAULT_AUTONOMY_WINDOW: std::time::Duration = std::time::Duration::from_secs(259_200);
+
+/// A grace of `window`, on from the start: an agent has no stream to the
+/// manager until its uplink connects.
+fn offline_grace(window: std::time::Duration) -> OfflineGrace {
+    let grace = OfflineGrace::new(window);
+    grace.set_offline(true);
+    grace
 }
 
 fn ts(ms: u64) -> prost_types::Timestamp {

@@ -2,6 +2,7 @@
 
 mod api_docs;
 mod auth;
+mod autonomy;
 mod cli;
 mod dashboard;
 mod detection;

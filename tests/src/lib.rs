@@ -793,6 +793,15 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
+/// Wall-clock milliseconds since the Unix epoch (to compare with the
+/// timestamps the manager shows).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The number after flag `name` on the command line (benchmark programs).
 pub fn number_arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
