@@ -221,6 +221,25 @@ pub enum StoreKind {
     Etcd,
 }
 
+/// Where the dashboard listens unless configured otherwise.
+pub const DEFAULT_HTTP_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7480);
+
+/// Why `http_listen` is refused: the dashboard's login links and session
+/// cookies are credentials, so it listens beyond loopback only over TLS.
+pub fn check_http_listen(addr: SocketAddr, tls: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() || tls {
+        return Ok(());
+    }
+    Err(format!(
+        "{addr} is not a loopback address, and the dashboard's login links and session \
+         cookies must not cross a network in clear: set http_tls = true (--http-tls true) \
+         to serve it over TLS with the manager's server certificate, or keep it on \
+         127.0.0.1 (and reach it through an SSH tunnel or a TLS proxy), or turn it off \
+         with http_listen = \"off\""
+    ))
+}
+
 impl Default for ManagerConfig {
     fn default() -> Self {
         ManagerConfig {
@@ -262,7 +281,7 @@ impl Default for ManagerConfig {
             etcd_lease_ttl_seconds: 4,
             etcd_max_txn_ops: 128,
             advertise_address: None,
-            http_listen: HttpListen::At(crate::dashboard::DEFAULT_LISTEN),
+            http_listen: HttpListen::At(DEFAULT_HTTP_LISTEN),
             http_tls: false,
             metrics_listen: None,
             log_format: LogFormat::Plain,
@@ -433,8 +452,7 @@ impl ManagerConfig {
             return Err(invalid("etcd_max_txn_ops", "must be between 8 and 100000"));
         }
         if let HttpListen::At(addr) = self.http_listen {
-            crate::dashboard::check_listen(addr, self.http_tls)
-                .map_err(|why| invalid("http_listen", &why))?;
+            check_http_listen(addr, self.http_tls).map_err(|why| invalid("http_listen", &why))?;
         }
         if !(1..=MAX_EVENTS_PER_TENANT).contains(&self.events_per_tenant) {
             return Err(invalid(

@@ -18,7 +18,7 @@
 //! The tokens are in `session`. A non-loopback address is refused unless
 //! the dashboard is served over TLS (`http_tls`, the manager's own server
 //! certificate): the link and the cookie are credentials (see
-//! `check_listen`).
+//! `config::check_http_listen`).
 
 pub mod session;
 mod view;
@@ -42,9 +42,6 @@ use crate::manager::Manager;
 use crate::model::now_ms;
 use session::{Keys, Kind};
 
-/// Where the dashboard listens unless configured otherwise.
-pub const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7480);
 /// A login link's lifetime when the request does not say (seconds).
 pub const LOGIN_TTL_DEFAULT_SECONDS: u32 = 120;
 /// The longest lifetime a login link may ask for (seconds).
@@ -55,20 +52,6 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const COOKIE: &str = "edgepool_session";
 /// The page: HTML, CSS and JS in one file, no build step.
 const PAGE: &str = include_str!("page.html");
-
-/// Why `http_listen` is refused (config validation).
-pub fn check_listen(addr: SocketAddr, tls: bool) -> Result<(), String> {
-    if addr.ip().is_loopback() || tls {
-        return Ok(());
-    }
-    Err(format!(
-        "{addr} is not a loopback address, and the dashboard's login links and session \
-         cookies must not cross a network in clear: set http_tls = true (--http-tls true) \
-         to serve it over TLS with the manager's server certificate, or keep it on \
-         127.0.0.1 (and reach it through an SSH tunnel or a TLS proxy), or turn it off \
-         with http_listen = \"off\""
-    ))
-}
 
 /// Mints login links for the tenant API (`CreateDashboardLogin`).
 pub struct Links {
