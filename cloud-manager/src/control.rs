@@ -257,19 +257,9 @@ mod tests {
 
     fn node(tenant: &str, id: &str) -> NodeRecord {
         NodeRecord {
-            node_id: id.into(),
-            tenant: tenant.into(),
-            labels: Default::default(),
             cert_serial: "ab".into(),
             enrolled_at_ms: 1,
-            state: crate::model::NodeState::Free,
-            peer_address: String::new(),
-            capacity: Default::default(),
-            agent_version: String::new(),
-            hostname: String::new(),
-            cert_pem: String::new(),
-            pool: String::new(),
-            slot: 0,
+            ..NodeRecord::free_for_tests(tenant, id)
         }
     }
 

@@ -649,9 +649,7 @@ async fn detector_worker(failover: Arc<Failover>, shutdown: CancellationToken) {
                 .iter()
                 .map(|m| NodeKey::new(tenant, &m.node_id))
                 .collect();
-            let peers = failover
-                .liveness
-                .view(&node, &keys.iter().collect::<Vec<_>>(), now);
+            let peers = failover.liveness.view(&node, &keys, now);
             let own = suspect_since(h, observed_from, heartbeat_timeout, now);
             if own.is_none() && peers == PeerView::Fine {
                 suspects.remove(&node);
@@ -785,12 +783,7 @@ impl Decision {
                 .iter()
                 .map(|m| NodeKey::new(&self.tenant, &m.node_id))
                 .collect();
-            if self
-                .failover
-                .liveness
-                .view(&key, &keys.iter().collect::<Vec<_>>(), now)
-                == PeerView::Fine
-            {
+            if self.failover.liveness.view(&key, &keys, now) == PeerView::Fine {
                 return Verdict::Answered;
             }
             let recent = Duration::from_millis(u64::from(cfg.ping_timeout_ms));

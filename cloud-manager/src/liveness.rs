@@ -95,14 +95,19 @@ impl LivenessBook {
     }
 
     /// What the current members `members` (other than `target`) say.
-    pub fn view(&self, target: &NodeKey, members: &[&NodeKey], now: Instant) -> PeerView {
+    pub fn view<K: std::borrow::Borrow<NodeKey>>(
+        &self,
+        target: &NodeKey,
+        members: &[K],
+        now: Instant,
+    ) -> PeerView {
         let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         let Some(by) = reports.get(target) else {
             return PeerView::Fine;
         };
         judge(
             by.iter()
-                .filter(|(r, _)| *r != target && members.contains(r))
+                .filter(|(r, _)| *r != target && members.iter().any(|m| m.borrow() == *r))
                 .map(|(r, h)| (r.node_id(), *h)),
             now,
         )

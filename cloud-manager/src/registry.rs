@@ -61,6 +61,26 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// A FREE node with nothing reported yet (unit tests).
+    #[cfg(test)]
+    pub(crate) fn free_for_tests(tenant: &str, node_id: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: node_id.into(),
+            tenant: tenant.into(),
+            labels: BTreeMap::new(),
+            cert_serial: String::new(),
+            enrolled_at_ms: 0,
+            state: NodeState::Free,
+            peer_address: String::new(),
+            capacity: Resources::default(),
+            agent_version: String::new(),
+            hostname: String::new(),
+            cert_pem: String::new(),
+            pool: String::new(),
+            slot: 0,
+        }
+    }
+
     pub fn key(&self) -> NodeKey {
         NodeKey::new(&self.tenant, &self.node_id)
     }
@@ -444,7 +464,7 @@ mod tests {
     fn rows_keyed_by_node_id_alone_move_to_their_tenant_key() {
         let mut r = Registry::default();
         for (key, tenant, id) in [("n1", "acme", "n1"), ("other/n1", "other", "n1")] {
-            let mut n = node_row(tenant, id);
+            let mut n = NodeRecord::free_for_tests(tenant, id);
             n.cert_serial = key.into();
             r.nodes.insert(key.into(), n);
         }
@@ -455,24 +475,6 @@ mod tests {
         let touched: Vec<_> = r.nodes.touched().map(String::as_str).collect();
         assert_eq!(touched, ["acme/n1", "n1"]);
         assert_eq!(r.rekey_nodes(), 0);
-    }
-
-    fn node_row(tenant: &str, id: &str) -> NodeRecord {
-        NodeRecord {
-            node_id: id.into(),
-            tenant: tenant.into(),
-            labels: BTreeMap::new(),
-            cert_serial: String::new(),
-            enrolled_at_ms: 0,
-            state: NodeState::Free,
-            peer_address: String::new(),
-            capacity: Resources::default(),
-            agent_version: String::new(),
-            hostname: String::new(),
-            cert_pem: String::new(),
-            pool: String::new(),
-            slot: 0,
-        }
     }
 
     #[test]
